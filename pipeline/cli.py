@@ -1,0 +1,84 @@
+"""The ``clasp`` command line: one verb per stage.
+
+This is the one module that knows every stage. Stage code is imported inside each command so
+``clasp --help`` stays fast. Every command takes ``--config FILE`` plus dotted ``key=value``
+overrides; user mistakes (ClaspError) print one line and exit with status 2.
+
+Each stage section below belongs to that stage's maintainer; keep commands thin: parse options,
+build the stage's config, call one function of the stage.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    name="clasp",
+    help="CLIP-guided pre-training for human-centric vision: synth, ingest, label, audit, pretrain, transfer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML experiment file (overrides the defaults).")
+OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=1e-4 model.moe.enabled=false")
+
+
+@app.callback()
+def _root() -> None:
+    """CLASP: label a person corpus with CLIP once, pre-train one backbone, transfer it to every human-centric task."""
+
+
+# --- foundation: synthetic world -------------------------------------------------------------
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory for the synthetic world."),
+    identities: int = typer.Option(None, "--identities", "-n", help="Number of identities."),
+    seed: int = typer.Option(None, "--seed", help="Random seed (output is deterministic for a seed)."),
+    preview: bool = typer.Option(False, "--preview", help="Also write preview.png (masks + keypoints)."),
+    config: Path = CONFIG_OPT,
+    overrides: list[str] = OVERRIDES_ARG,
+) -> None:
+    """Generate synthetic pedestrians with ground truth in LUPerson/Market-1501/PA-100K layouts."""
+    from pipeline.config import load_config
+    from pipeline.synth import SynthConfig, write_world
+
+    overrides = list(overrides or [])
+    if identities is not None:
+        overrides.append(f"identities={identities}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    if preview:
+        overrides.append("preview=true")
+    cfg = load_config(SynthConfig, config, overrides)
+    write_world(cfg, out)
+
+
+# --- stage 0: ingest -------------------------------------------------------------------------
+
+# --- stage 1: labeling -----------------------------------------------------------------------
+
+# --- stage 1b: audit -------------------------------------------------------------------------
+
+# --- stage 2: pre-training -------------------------------------------------------------------
+
+# --- stage 3: transfer -----------------------------------------------------------------------
+
+# --- orchestration: demo, ablation -----------------------------------------------------------
+
+
+def main() -> None:
+    from pipeline.errors import ClaspError
+
+    try:
+        app()
+    except ClaspError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

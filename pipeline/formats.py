@@ -1,0 +1,143 @@
+"""On-disk contracts between stages (DESIGN.md section 2): paths, names, schemas, atomic writes.
+
+Layout under a data root ``ROOT``::
+
+    ROOT/<corpus>/images/<corpus>-NNNNNN.tar          WebDataset shards: <key>.jpg (original bytes) + <key>.json
+    ROOT/<corpus>/images/manifest.parquet             one row per image (MANIFEST_COLUMNS)
+    ROOT/<corpus>/images/sizes.json                   {"<corpus>-NNNNNN.tar": count, ...}
+    ROOT/<corpus>/images/rejects.csv                  unreadable inputs: source, reason
+    ROOT/<corpus>/labels/<labelset>/<corpus>-NNNNNN.parquet   one label file per image shard, same rows/order
+    ROOT/<corpus>/labels/<labelset>/labelset.json      vocabularies, model identity, grid, counts, failures
+
+Label shard columns (pyarrow types; readable by DuckDB and pyarrow with no project code):
+
+    key            string                       same value and row order as the image shard
+    attr_prob      fixed_size_list<uint8>[A]    P(attribute) * 255, rounded; order = labelset.json "attributes"
+    part_map       binary (grid_h*grid_w bytes) row-major uint8 part class ids, 0 = background
+    part_conf      binary (grid_h*grid_w bytes) row-major uint8 confidence * 255 of the part_map class
+    fg_ratio       float32                      share of the crop estimated to be person (0..1)
+    area_<part>    uint8                        share of grid cells of that part class * 255 (not for background)
+    row_<part>     uint8, null if absent        mean row of that class's cells, 0 = top .. 255 = bottom
+    clip_embed     binary, optional             image embedding, float16 little-endian bytes
+
+``grid`` ([grid_h, grid_w]) and the part/attribute names are recorded in labelset.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+
+SHARD_DIGITS = 6
+MANIFEST_COLUMNS = ("key", "shard", "index", "width", "height", "n_bytes", "content_hash", "source")
+LABELSET_FILE = "labelset.json"
+SIZES_FILE = "sizes.json"
+MANIFEST_FILE = "manifest.parquet"
+REJECTS_FILE = "rejects.csv"
+
+
+def shard_stem(corpus: str, index: int) -> str:
+    """``<corpus>-NNNNNN``: the shared stem of an image shard and its label shard."""
+    return f"{corpus}-{index:0{SHARD_DIGITS}d}"
+
+
+def images_dir(root: str | Path, corpus: str) -> Path:
+    return Path(root) / corpus / "images"
+
+
+def labels_dir(root: str | Path, corpus: str, labelset: str | None = None) -> Path:
+    base = Path(root) / corpus / "labels"
+    return base / labelset if labelset else base
+
+
+def image_shard_path(root: str | Path, corpus: str, index: int) -> Path:
+    return images_dir(root, corpus) / f"{shard_stem(corpus, index)}.tar"
+
+
+def label_shard_path(root: str | Path, corpus: str, labelset: str, index: int) -> Path:
+    return labels_dir(root, corpus, labelset) / f"{shard_stem(corpus, index)}.parquet"
+
+
+def shard_index(path: str | Path) -> int:
+    """Shard number from a shard file name (``luperson-000012.tar`` -> 12)."""
+    stem = Path(path).name.split(".")[0]
+    try:
+        return int(stem.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"{path}: not a shard file name of the form <corpus>-{'N' * SHARD_DIGITS}.<ext>") from None
+
+
+def read_sizes(root: str | Path, corpus: str) -> dict[str, int]:
+    """``sizes.json`` of an ingested corpus: shard file name -> image count (sorted by name)."""
+    path = images_dir(root, corpus) / SIZES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: corpus '{corpus}' has not been ingested under {root} (run `clasp ingest`)"
+        )
+    sizes = json.loads(path.read_text())
+    return dict(sorted(sizes.items()))
+
+
+def read_labelset(root: str | Path, corpus: str, labelset: str) -> dict:
+    path = labels_dir(root, corpus, labelset) / LABELSET_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: label set '{labelset}' is missing or incomplete (run `clasp label`)")
+    return json.loads(path.read_text())
+
+
+def latest_labelset(root: str | Path, corpus: str) -> str:
+    """Id of the most recently completed label set of a corpus (one with a labelset.json)."""
+    base = labels_dir(root, corpus)
+    done = [p.parent for p in base.glob(f"*/{LABELSET_FILE}")] if base.is_dir() else []
+    if not done:
+        raise FileNotFoundError(f"no completed label set under {base} (run `clasp label --corpus {corpus}`)")
+    return max(done, key=lambda p: (p / LABELSET_FILE).stat().st_mtime).name
+
+
+def label_schema(num_attributes: int, part_names: list[str], with_embed: bool = False) -> pa.Schema:
+    """Arrow schema of a label shard; ``part_names[0]`` is the background class."""
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("attr_prob", pa.list_(pa.uint8(), num_attributes), nullable=False),
+        pa.field("part_map", pa.binary(), nullable=False),
+        pa.field("part_conf", pa.binary(), nullable=False),
+        pa.field("fg_ratio", pa.float32(), nullable=False),
+    ]
+    for name in part_names[1:]:
+        fields.append(pa.field(f"area_{name}", pa.uint8(), nullable=False))
+    for name in part_names[1:]:
+        fields.append(pa.field(f"row_{name}", pa.uint8(), nullable=True))
+    if with_embed:
+        fields.append(pa.field("clip_embed", pa.binary(), nullable=True))
+    return pa.schema(fields)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it is fsynced and renamed onto ``path``.
+
+    A crash leaves only ``*.tmp-<pid>`` files, which readers ignore, so a partial output is never
+    mistaken for a complete one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: str | Path, obj: object) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    return Path(path)
