@@ -86,7 +86,9 @@ def read_sizes(root: str | Path, corpus: str) -> dict[str, int]:
 def read_labelset(root: str | Path, corpus: str, labelset: str) -> dict:
     path = labels_dir(root, corpus, labelset) / LABELSET_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: label set '{labelset}' is missing or incomplete (run `clasp label`)")
+        raise FileNotFoundError(
+            f"{path} not found: label set '{labelset}' is missing or incomplete (run `clasp label`)"
+        )
     return json.loads(path.read_text())
 
 
