@@ -1,0 +1,159 @@
+"""Turn CLIP image features into attribute and part pseudo-labels (DESIGN.md section 3.1).
+
+Everything here is batched tensor math on the labeling device: the per-image Python work of a
+batch is nil, so the GPU never waits for the host.
+
+- Attributes: p(attr) = softmax over the (positive, negative) logits, logit = CLIP's temperature x
+  cosine(image, prompt ensemble). Attributes of a mutually exclusive ``group`` (age band, view,
+  sleeve, lower garment) optionally share one softmax over the members' positive logits.
+- Parts: patch-text logits are averaged onto the label grid, softmax over the part classes; each
+  cell takes the most likely non-background class with its probability as confidence, unless the
+  foreground estimate says the cell is background (class 0), where confidence is P(background).
+- Foreground: P(person) per cell, the mean of two estimates: person-vs-background prompts and
+  1 - P(background class of the part vocabulary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.vocab import AttributeVocab, PartVocab
+
+
+@dataclass(frozen=True)
+class LabelBatch:
+    """Labels of one batch, on the CPU; arrays are row-aligned with the batch."""
+
+    attr_prob: torch.Tensor  # (B, A) float in [0, 1]
+    part_map: torch.Tensor  # (B, gh, gw) uint8 class ids, 0 = background
+    part_conf: torch.Tensor  # (B, gh, gw) float in [0, 1]
+    fg_ratio: torch.Tensor  # (B,) float
+    area: torch.Tensor  # (B, K-1) share of cells of each non-background class
+    row: torch.Tensor  # (B, K-1) mean row in [0, 1] of each class, NaN when absent
+
+
+def exclusive_groups(vocab: AttributeVocab) -> list[list[int]]:
+    """Indices of attributes sharing a non-null ``group``, groups of two or more only."""
+    groups: dict[str, list[int]] = {}
+    for i, attr in enumerate(vocab.attributes):
+        if attr.group:
+            groups.setdefault(attr.group, []).append(i)
+    return [idx for idx in groups.values() if len(idx) > 1]
+
+
+class Labeler(nn.Module):
+    """Holds the text embeddings (computed once) and maps (global, patch) features to labels."""
+
+    def __init__(
+        self,
+        *,
+        attr_pos: torch.Tensor,
+        attr_neg: torch.Tensor,
+        part_text: torch.Tensor,
+        person_text: torch.Tensor,
+        background_text: torch.Tensor,
+        logit_scale: float,
+        groups: list[list[int]],
+        label_grid: tuple[int, int],
+        group_softmax: bool = True,
+        fg_threshold: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("attr_pos", attr_pos.float())
+        self.register_buffer("attr_neg", attr_neg.float())
+        self.register_buffer("part_text", part_text.float())
+        self.register_buffer("fg_text", torch.stack([person_text.float(), background_text.float()]))
+        self.logit_scale = float(logit_scale)
+        self.groups = [list(g) for g in groups] if group_softmax else []
+        self.label_grid = tuple(label_grid)
+        self.fg_threshold = fg_threshold
+
+    def attributes(self, image: torch.Tensor) -> torch.Tensor:
+        pos = self.logit_scale * image @ self.attr_pos.T
+        neg = self.logit_scale * image @ self.attr_neg.T
+        prob = torch.sigmoid(pos - neg)  # == softmax over the (positive, negative) pair
+        for idx in self.groups:
+            prob[:, idx] = pos[:, idx].softmax(-1)
+        return prob
+
+    def _cell_logits(self, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(B, gh, gw, E) x (K, E) -> (B, K, label_h, label_w) logits averaged over each label cell."""
+        logits = (self.logit_scale * patches @ text.T).permute(0, 3, 1, 2)
+        if tuple(logits.shape[-2:]) != self.label_grid:
+            logits = F.adaptive_avg_pool2d(logits, self.label_grid)
+        return logits
+
+    def parts(self, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        prob = self._cell_logits(patches, self.part_text).softmax(1)
+        person = self._cell_logits(patches, self.fg_text).softmax(1)[:, 0]
+        fg_prob = 0.5 * (person + (1.0 - prob[:, 0]))
+        fg_cls_prob = prob[:, 1:] / prob[:, 1:].sum(1, keepdim=True).clamp_min(1e-12)
+        conf, cls = fg_cls_prob.max(1)
+        is_fg = fg_prob >= self.fg_threshold
+        part_map = torch.where(is_fg, cls + 1, torch.zeros_like(cls)).to(torch.uint8)
+        part_conf = torch.where(is_fg, conf * fg_prob, 1.0 - fg_prob)
+        return part_map, part_conf, is_fg.float().mean((1, 2))
+
+    def summaries(self, part_map: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per non-background class: share of cells, and mean row (0 = top, 1 = bottom; NaN if absent)."""
+        b, gh, gw = part_map.shape
+        onehot = F.one_hot(part_map.long(), num_classes)[..., 1:].float()  # (B, gh, gw, K-1)
+        count = onehot.sum((1, 2))
+        rows = torch.linspace(0.0, 1.0, gh, device=part_map.device) if gh > 1 else part_map.new_zeros(1).float()
+        row_sum = (onehot.sum(2) * rows[None, :, None]).sum(1)
+        mean_row = torch.where(count > 0, row_sum / count.clamp_min(1), torch.full_like(count, float("nan")))
+        return count / (gh * gw), mean_row
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor, patches: torch.Tensor) -> LabelBatch:
+        attr_prob = self.attributes(image.float())
+        part_map, part_conf, fg_ratio = self.parts(patches.float())
+        area, row = self.summaries(part_map, self.part_text.shape[0])
+        return LabelBatch(
+            attr_prob=attr_prob.cpu(),
+            part_map=part_map.cpu(),
+            part_conf=part_conf.cpu(),
+            fg_ratio=fg_ratio.cpu(),
+            area=area.cpu(),
+            row=row.cpu(),
+        )
+
+
+def build_labeler(
+    loaded,  # labeling.clip_model.LoadedClip
+    attributes: AttributeVocab,
+    parts: PartVocab,
+    *,
+    label_grid: tuple[int, int],
+    group_softmax: bool = True,
+    fg_threshold: float = 0.5,
+    device: str | torch.device = "cpu",
+) -> Labeler:
+    """Embed every prompt ensemble once and return a Labeler on ``device``."""
+    from labeling.clip_model import text_embeddings
+
+    templates = list(attributes.templates)
+    pos = text_embeddings(loaded, [list(a.positive) for a in attributes.attributes], templates, device)
+    neg = text_embeddings(loaded, [list(a.negative) for a in attributes.attributes], templates, device)
+    part_templates = list(parts.templates)
+    part_text = text_embeddings(loaded, [list(p) for p in parts.prompts], part_templates, device)
+    person = parts.person_prompts or ("a person",)
+    background = parts.background_prompts or parts.prompts[0]
+    fg_text = text_embeddings(loaded, [list(person), list(background)], part_templates, device)
+    scale = float(loaded.model.logit_scale.detach().exp().clamp(max=100.0))
+    return Labeler(
+        attr_pos=pos,
+        attr_neg=neg,
+        part_text=part_text,
+        person_text=fg_text[0],
+        background_text=fg_text[1],
+        logit_scale=scale,
+        groups=exclusive_groups(attributes),
+        label_grid=label_grid,
+        group_softmax=group_softmax,
+        fg_threshold=fg_threshold,
+    ).to(device)
