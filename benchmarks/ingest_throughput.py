@@ -1,0 +1,137 @@
+"""Ingest throughput (images/s per core) and peak RSS at two corpus sizes, on LUPerson-like JPEG crops.
+
+    .venv/bin/python benchmarks/ingest_throughput.py [--small 4000 --large 20000]
+
+The corpus is a folder ``country/city/video/frame.jpg`` of JPEG crops with LUPerson-like sizes (height
+96-384 px, width/height 0.30-0.55, quality 95 as OpenCV writes them) and smooth, photo-like content. To
+keep corpus creation cheap, a pool of encoded crops is reused and each file is made unique by a JPEG
+comment segment (COM, FFFE) after the start-of-image marker, so every file has distinct bytes and a valid
+structure. Each corpus is ingested with ``workers=1`` in a fresh subprocess (whole run: listing, shuffle,
+validation, hashing, tar writing, manifest, duplicates), from a warm page cache; the figure is stored
+images per second of wall time on one core. Last line: one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _encode_pool(n: int, seed: int) -> list[bytes]:
+    from PIL import Image, ImageFilter
+
+    rng = random.Random(seed)
+    pool = []
+    for _ in range(n):
+        h = rng.randint(96, 384)
+        w = max(32, int(h * rng.uniform(0.30, 0.55)))
+        # Low-resolution noise, upscaled and blurred: compresses like a real crop, unlike white noise.
+        small = Image.frombytes(
+            "RGB", (max(2, w // 8), max(2, h // 8)), rng.randbytes(3 * max(2, w // 8) * max(2, h // 8))
+        )
+        im = small.resize((w, h), Image.BILINEAR).filter(ImageFilter.GaussianBlur(1.5))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=95)
+        pool.append(buf.getvalue())
+    return pool
+
+
+def _unique(jpeg: bytes, tag: str) -> bytes:
+    comment = tag.encode()
+    return jpeg[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + jpeg[2:]
+
+
+def build_corpus(root: Path, n_images: int, pool: list[bytes], frames_per_video: int = 50) -> int:
+    """Write ``n_images`` unique JPEG files under ``root``; returns their total size in bytes."""
+    total = 0
+    for i in range(n_images):
+        video, frame = divmod(i, frames_per_video)
+        d = root / f"c{video % 7:02d}" / f"city{video % 3}" / f"v{video:06d}"
+        if frame == 0:
+            d.mkdir(parents=True, exist_ok=True)
+        data = _unique(pool[i % len(pool)], f"clasp-bench-{i}")
+        (d / f"{frame:08d}.jpg").write_bytes(data)
+        total += len(data)
+    return total
+
+
+def _child(source: str, root: str) -> None:
+    """Run one ingest in this (fresh) process and print its figures as JSON."""
+    from pipeline.ingest import IngestConfig, ingest
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    summary = ingest(
+        IngestConfig(
+            source=source, format="folder", corpus="bench", root=root, images_per_shard=2000, workers=1, quiet=True
+        )
+    )
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"images": summary.images, "rejects": summary.rejects, "seconds": seconds,
+                      "rss_after_imports_mb": rss_before, "peak_rss_mb": peak}))  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", type=int, default=4000)
+    ap.add_argument("--large", type=int, default=20000)
+    ap.add_argument("--pool", type=int, default=256, help="distinct encoded crops reused across the corpus")
+    ap.add_argument("--workdir", type=Path, default=None, help="where to build the corpora (default: a temp dir)")
+    ap.add_argument("--child", nargs=2, metavar=("SOURCE", "ROOT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child(*args.child)
+        return
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        pool = _encode_pool(args.pool, seed=0)
+        print(f"pool: {len(pool)} crops, mean {sum(map(len, pool)) / len(pool) / 1024:.1f} KiB")
+        results = {}
+        for name, n in (("small", args.small), ("large", args.large)):
+            src = Path(tmp) / f"corpus_{name}"
+            size = build_corpus(src, n, pool)
+            run = subprocess.run(
+                [sys.executable, __file__, "--child", str(src), str(Path(tmp) / f"root_{name}")],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            res = json.loads(run.stdout.strip().splitlines()[-1])
+            res["mb"] = size / 2**20
+            results[name] = res
+            print(
+                f"{name}: {res['images']} images ({res['mb']:.0f} MiB) in {res['seconds']:.2f} s on 1 core = "
+                f"{res['images'] / res['seconds']:.0f} images/s; peak RSS {res['peak_rss_mb']:.0f} MiB "
+                f"(after imports {res['rss_after_imports_mb']:.0f} MiB)"
+            )
+    rate = results["large"]["images"] / results["large"]["seconds"]
+    growth = results["large"]["peak_rss_mb"] - results["small"]["peak_rss_mb"]
+    extra = results["large"]["images"] - results["small"]["images"]
+    print(f"peak RSS growth {growth:.1f} MiB for {extra} more images ({growth * 2**20 / max(extra, 1):.0f} B/image)")
+    print(
+        json.dumps(
+            {
+                "ingest_images_per_s_per_core": round(rate, 1),
+                "ingest_images_per_s_per_core_small": round(
+                    results["small"]["images"] / results["small"]["seconds"], 1
+                ),
+                "peak_rss_mb_small": round(results["small"]["peak_rss_mb"], 1),
+                "peak_rss_mb_large": round(results["large"]["peak_rss_mb"], 1),
+                "images_small": results["small"]["images"],
+                "images_large": results["large"]["images"],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
