@@ -58,6 +58,34 @@ def synth(
 
 
 # --- stage 0: ingest -------------------------------------------------------------------------
+@app.command()
+def ingest(
+    source: str = typer.Option(None, "--source", "-s", help="Image folder, LMDB (dir or .mdb), or list file."),
+    fmt: str = typer.Option(None, "--format", "-f", help="Source format: folder | lmdb | list (default folder)."),
+    corpus: str = typer.Option(None, "--corpus", help="Corpus name: writes ROOT/<corpus>/images/."),
+    root: str = typer.Option(None, "--root", help="Data root (default: data)."),
+    images_per_shard: int = typer.Option(None, "--images-per-shard", help="Images per tar shard (default 10000)."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the global shuffle (default 0)."),
+    workers: int = typer.Option(None, "--workers", "-j", help="Processes; 0 = all cores (default)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an ingest made with other settings."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    config: Path = CONFIG_OPT,
+    overrides: list[str] = OVERRIDES_ARG,
+) -> None:
+    """Pack an image corpus into shuffled, keyed WebDataset shards with a manifest (stage 0)."""
+    import dataclasses
+
+    from pipeline.config import load_config
+    from pipeline.ingest import IngestConfig
+    from pipeline.ingest import ingest as run_ingest
+
+    cfg = load_config(IngestConfig, config, overrides)
+    given = {
+        "source": source, "format": fmt, "corpus": corpus, "root": root, "images_per_shard": images_per_shard,
+        "seed": seed, "workers": workers, "overwrite": overwrite or None, "quiet": quiet or None,
+    }  # fmt: skip
+    run_ingest(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
+
 
 # --- stage 1: labeling -----------------------------------------------------------------------
 

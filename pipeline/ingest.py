@@ -415,7 +415,9 @@ def _run_tasks(tasks: list[_ShardTask], cfg: IngestConfig, total: int, done: int
     if not tasks:
         return
     workers = _resolve_workers(cfg.workers, len(tasks))
-    bar = tqdm(total=total, initial=done, unit="img", unit_scale=True, disable=cfg.quiet, desc=f"ingest {cfg.corpus}")
+    bar = tqdm(
+        total=total, initial=done, unit="img", unit_scale=total >= 10000, disable=cfg.quiet, desc=f"ingest {cfg.corpus}"
+    )
     try:
         if workers == 1:
             for task in tasks:
