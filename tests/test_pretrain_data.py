@@ -1,0 +1,281 @@
+"""The pre-training stream: labels reach the right image, part maps follow the crop, ranks read disjoint data.
+
+The corpora here are built by hand: image shards whose pixels encode the image's key and label
+shards whose values encode the same key (or each cell's own position), so misalignment shows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import formats
+from pipeline.config import load_config
+from pretrain.augment import IGNORE_PART, CropBox, MultiCrop, crop_part_map
+from pretrain.config import PretrainConfig
+from pretrain.data import LabelMismatchError, build_stream, make_units
+
+PARTS = ["background", "head", "left_arm", "right_arm", "legs"]
+ATTRS = ["a0", "a1", "a2"]
+GRID = (8, 4)
+LABELSET = "testset0001"
+
+
+def image_colour(shard: int, i: int) -> tuple[int, int, int]:
+    """Solid colour that identifies an image (survives JPEG within a few levels)."""
+    return (40 + 50 * shard, 20 + 25 * i, 200)
+
+
+def write_corpus(
+    root: Path,
+    *,
+    corpus: str = "toy",
+    shards: int = 4,
+    per_shard: int = 8,
+    image_hw: tuple[int, int] = (64, 32),
+    scramble_shard: int | None = None,
+) -> Path:
+    """Image shards (<key>.jpg + <key>.json, sizes.json) and a label set whose rows encode their key.
+
+    ``attr_prob`` = (shard, index, 7); the part map cell values are the cell's own index (row-major).
+    ``scramble_shard`` writes that label shard's rows in a different order (a broken label set).
+    """
+    img_dir = formats.images_dir(root, corpus)
+    lab_dir = formats.labels_dir(root, corpus, LABELSET)
+    img_dir.mkdir(parents=True, exist_ok=True)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    schema = formats.label_schema(len(ATTRS), PARTS)
+    cells = GRID[0] * GRID[1]
+    sizes = {}
+    for s in range(shards):
+        tar_path = formats.image_shard_path(root, corpus, s)
+        keys = [f"img_{s:02d}_{i:03d}" for i in range(per_shard)]
+        with tarfile.open(tar_path, "w") as tar:
+            for i, key in enumerate(keys):
+                buf = io.BytesIO()
+                Image.new("RGB", (image_hw[1], image_hw[0]), image_colour(s, i)).save(buf, "JPEG", quality=95)
+                meta = json.dumps({"width": image_hw[1], "height": image_hw[0], "source": key}).encode()
+                for name, data in ((f"{key}.jpg", buf.getvalue()), (f"{key}.json", meta)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        sizes[tar_path.name] = per_shard
+        rows = list(range(per_shard))
+        if s == scramble_shard:
+            rows = rows[1:] + rows[:1]
+        columns = {
+            "key": [keys[i] for i in rows],
+            "attr_prob": [[s, i, 7] for i in rows],
+            "part_map": [bytes(range(cells)) for _ in rows],
+            "part_conf": [bytes([255] * cells) for _ in rows],
+            "fg_ratio": [0.5 for _ in rows],
+        }
+        for name in PARTS[1:]:
+            columns[f"area_{name}"] = [0 for _ in rows]
+            columns[f"row_{name}"] = [None for _ in rows]
+        pq.write_table(pa.table(columns, schema=schema), formats.label_shard_path(root, corpus, LABELSET, s))
+    (img_dir / formats.SIZES_FILE).write_text(json.dumps(sizes))
+    labelset = {"labelset": LABELSET, "grid": list(GRID), "attributes": {"names": ATTRS}, "parts": {"names": PARTS}}
+    (lab_dir / formats.LABELSET_FILE).write_text(json.dumps(labelset))
+    return root
+
+
+def tiny_config(root: Path, *overrides: str) -> PretrainConfig:
+    return load_config(
+        PretrainConfig,
+        overrides=[
+            f"data.root={root}",
+            "data.corpus=toy",
+            "data.batch_size=4",
+            "data.workers=0",
+            "data.num_local_crops=2",
+            "data.photometric=false",
+            "data.shuffle_buffer=4",
+            "model.img_size=[32,16]",
+            "model.patch_size=8",
+            *overrides,
+        ],
+    )
+
+
+def stream_for(cfg: PretrainConfig, rank: int = 0, world_size: int = 1):
+    return build_stream(
+        cfg.data,
+        global_hw=tuple(cfg.model.img_size),
+        patch_size=cfg.model.patch_size,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_labels_arrive_with_their_image(tmp_path: Path, workers: int) -> None:
+    root = write_corpus(tmp_path)
+    cfg = tiny_config(root, f"data.workers={workers}")
+    stream = stream_for(cfg)
+    assert stream.labelset.labelset == LABELSET and stream.num_images == 32
+    seen = []
+    batches = stream.segment(epoch=0, start_step=0)
+    for _ in range(8):
+        batch = next(batches)
+        assert batch["global_crops"].shape == (4, 2, 3, 32, 16) and batch["global_crops"].dtype == torch.uint8
+        assert batch["local_crops"].shape == (4, 2, 3, 16, 8)
+        assert batch["part_map"].shape == (4, 2, 4, 2) and batch["part_conf"].shape == (4, 2, 4, 2)
+        for b, key in enumerate(batch["key"]):
+            s, i = int(key[4:6]), int(key[7:10])
+            # the label row encodes its key ...
+            assert np.allclose(batch["attr_prob"][b].numpy() * 255, [s, i, 7], atol=1e-3)
+            # ... and the image pixels encode the same key
+            colour = batch["global_crops"][b].float().mean(dim=(0, 2, 3)).numpy()
+            assert np.abs(colour - np.array(image_colour(s, i))).max() < 6, (key, colour)
+            seen.append(key)
+    assert len(set(seen)) == 32  # one epoch covers the corpus exactly once
+
+
+def test_label_rows_out_of_order_is_a_hard_error(tmp_path: Path) -> None:
+    root = write_corpus(tmp_path, shards=2, scramble_shard=1)
+    stream = stream_for(tiny_config(root))
+    with pytest.raises(LabelMismatchError) as err:
+        batches = stream.segment(epoch=0, start_step=0)
+        for _ in range(8):
+            next(batches)
+    message = str(err.value)
+    assert "toy-000001.tar" in message and "toy-000001.parquet" in message
+
+
+def test_missing_label_shard_is_named(tmp_path: Path) -> None:
+    root = write_corpus(tmp_path, shards=2)
+    formats.label_shard_path(root, "toy", LABELSET, 1).unlink()
+    with pytest.raises(Exception, match="toy-000001.parquet"):
+        stream_for(tiny_config(root))
+
+
+@pytest.mark.parametrize("shards,per_shard", [(4, 8), (2, 16)])  # whole shards; sample-stride slices
+def test_ranks_and_workers_read_disjoint_data_within_an_epoch(tmp_path: Path, shards: int, per_shard: int) -> None:
+    root = write_corpus(tmp_path, shards=shards, per_shard=per_shard)
+    per_rank = []
+    for rank in range(2):
+        stream = stream_for(tiny_config(root, "data.workers=2"), rank=rank, world_size=2)
+        batches = stream.segment(epoch=0, start_step=0)
+        keys = [k for _ in range(4) for k in next(batches)["key"]]  # one epoch: 4 steps x 4 images x 2 ranks
+        assert len(set(keys)) == len(keys) == 16
+        per_rank.append(set(keys))
+    assert not per_rank[0] & per_rank[1]
+    assert len(per_rank[0] | per_rank[1]) == 32
+
+
+def test_segments_replay_exactly_and_epochs_differ(tmp_path: Path) -> None:
+    root = write_corpus(tmp_path, shards=2)
+    cfg = tiny_config(root, "data.photometric=true")
+    stream = stream_for(cfg)
+
+    def take(epoch: int, start: int) -> list:
+        it = stream.segment(epoch=epoch, start_step=start)
+        return [next(it) for _ in range(2)]
+
+    a, b, c = take(0, 0), take(0, 0), take(1, 4)
+    for x, y in zip(a, b, strict=True):
+        assert x["key"] == y["key"] and (x["global_crops"] == y["global_crops"]).all()
+        assert (x["local_crops"] == y["local_crops"]).all() and (x["part_map"] == y["part_map"]).all()
+    assert [x["key"] for x in a] != [x["key"] for x in c]
+
+
+def test_make_units_balances_small_corpora() -> None:
+    pairs = [(f"t{i}", f"l{i}") for i in range(3)]
+    units = make_units(pairs, readers=4)
+    assert len(units) % 4 == 0 and {u.stride for u in units} == {4}
+    assert len(make_units(pairs, readers=2)) == 3
+
+
+# --- geometry ---------------------------------------------------------------------------------
+
+
+def position_image(h: int, w: int) -> Image.Image:
+    """R encodes x, G encodes y (pixel centres), so a crop's pixels say where they came from."""
+    ys, xs = np.mgrid[0:h, 0:w]
+    rgb = np.stack([(xs + 0.5) * 255 / w, (ys + 0.5) * 255 / h, np.zeros_like(xs)], -1)
+    return Image.fromarray(np.round(rgb).astype(np.uint8))
+
+
+def decoded_cells(view: np.ndarray, token_hw: tuple[int, int], img_hw: tuple[int, int], grid: tuple[int, int]):
+    """Label cell (row, col) under each token centre, read from the crop's own pixels."""
+    th, tw = token_hw
+    ph, pw = view.shape[0] // th, view.shape[1] // tw
+    centre = view[ph // 2 :: ph, pw // 2 :: pw][:th, :tw].astype(np.float64)
+    # average the 2x2 pixels around the token centre to sit exactly on it
+    centre = (
+        centre
+        + view[ph // 2 - 1 :: ph, pw // 2 :: pw][:th, :tw]
+        + view[ph // 2 :: ph, pw // 2 - 1 :: pw][:th, :tw]
+        + view[ph // 2 - 1 :: ph, pw // 2 - 1 :: pw][:th, :tw]
+    ) / 4
+    x = centre[..., 0] / 255 * img_hw[1]
+    y = centre[..., 1] / 255 * img_hw[0]
+    return y * grid[0] / img_hw[0], x * grid[1] / img_hw[1]
+
+
+@pytest.mark.parametrize("flip_p", [0.0, 1.0])
+def test_part_map_follows_crop_resize_and_flip(flip_p: float) -> None:
+    img_hw, grid = (320, 160), (16, 8)
+    image = position_image(*img_hw)
+    part_map = np.arange(grid[0] * grid[1], dtype=np.uint8).reshape(grid)  # each cell names itself
+    conf = np.full(grid, 1.0, np.float32)
+    crop = MultiCrop(
+        global_hw=(128, 64), local_hw=(64, 32), patch_size=8, num_local=0, global_scale=(0.2, 0.9),
+        flip_p=flip_p, photometric=False,
+    )  # fmt: skip
+    rng = random.Random(3)
+    checked = 0
+    for _ in range(10):
+        out = crop(image, part_map, conf, rng)
+        for g in range(2):
+            view = out["global_crops"][g].permute(1, 2, 0).numpy()
+            cells = out["part_map"][g].numpy()
+            rows_f, cols_f = decoded_cells(view, (16, 8), img_hw, grid)
+            labelled_row, labelled_col = np.divmod(cells, grid[1])
+            # the pixel under each token lies in the label cell that token got (within 0.15 cell of an edge)
+            assert (cells >= 0).all()
+            assert np.all((rows_f > labelled_row - 0.15) & (rows_f < labelled_row + 1.15))
+            assert np.all((cols_f > labelled_col - 0.15) & (cols_f < labelled_col + 1.15))
+            # the check can fail: the same labels mirrored disagree with the pixels
+            mirrored_col = labelled_col[:, ::-1]
+            assert not np.all((cols_f > mirrored_col - 0.15) & (cols_f < mirrored_col + 1.15))
+            checked += cells.size
+    assert checked == 10 * 2 * 128
+
+
+def test_cells_outside_the_image_are_ignored_and_flip_swaps_sides() -> None:
+    grid = (4, 2)
+    part_map = np.array([[1, 1], [2, 3], [2, 3], [4, 4]], dtype=np.uint8)  # left_arm=2 left, right_arm=3 right
+    conf = np.full(grid, 0.5, np.float32)
+    # a box hanging half off the right edge of a 40x20 image
+    box = CropBox(top=0, left=10, height=40, width=20, flip=False)
+    classes, confs = crop_part_map(part_map, conf, box, (40, 20), (4, 2))
+    assert (classes[:, 1] == IGNORE_PART).all() and (confs[:, 1] == 0).all()
+    assert (classes[:, 0] == [1, 3, 3, 4]).all() and (confs[:, 0] == 0.5).all()
+    # whole image mirrored, with and without the left/right class swap
+    full = CropBox(top=0, left=0, height=40, width=20, flip=True)
+    plain, _ = crop_part_map(part_map, conf, full, (40, 20), (4, 2))
+    assert (plain == part_map[:, ::-1]).all()
+    swap = np.array([0, 1, 3, 2, 4])
+    swapped, _ = crop_part_map(part_map, conf, full, (40, 20), (4, 2), flip_map=swap)
+    assert (swapped[1:3] == [[2, 3], [2, 3]]).all()  # left arm is on the left again, as in a real mirror image
+
+
+def test_flip_pairs_from_config_reach_the_crop(tmp_path: Path) -> None:
+    root = write_corpus(tmp_path, shards=1)
+    stream = stream_for(tiny_config(root, "data.part_flip={left_arm: right_arm}"))
+    assert stream.labelset.flip_map == (0, 1, 3, 2, 4)
+    with pytest.raises(Exception, match="left_leg"):
+        stream_for(tiny_config(root, "data.part_flip={left_leg: right_leg}"))
