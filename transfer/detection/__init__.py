@@ -1,0 +1,1 @@
+"""Pedestrian detection transfer (CityPersons): metrics here; reader, head and fine-tune loop alongside."""
