@@ -1,0 +1,231 @@
+"""The backbone every transfer task fine-tunes, built from one spec string.
+
+Spec forms (``backbone.spec`` / ``--backbone``):
+
+- ``PATH`` or ``clasp:PATH`` — a released CLASP backbone folder (``model.safetensors`` + ``config.json``)
+  loaded with ``pretrain.export.load_backbone``; with the prompt-controlled MoE its
+  ``forward_features(x, prompt)`` takes a prompt name or a weight vector over its prompts;
+- ``timm:NAME`` — timm weights (``pretrained=True``; needs the network or the Hugging Face cache),
+  ``timm:NAME@FILE`` loads the weights from a local file instead;
+- ``random:ARCH`` — a timm architecture with random weights (the from-scratch baseline).
+
+Prompt choice (MoE backbones only; ignored with a note for plain ViTs when left at ``learned``):
+``prompt: instance|part|attribute`` (one fixed prompt), ``prompt: mix`` with fixed ``prompt_mix``
+weights, or ``prompt: learned`` — a softmax over learnable logits, initialised from ``prompt_mix``,
+fine-tuned with the task.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from pipeline.errors import ClaspError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_PROMPTS = ("instance", "part", "attribute")
+_UNLISTED_PROMPT_WEIGHT = 0.01  # learned mixes start every prompt above zero so all stay trainable
+
+
+@dataclass
+class BackboneConfig:
+    spec: str = "random:vit_small_patch16_224"
+    prompt: str = "learned"  # learned | mix | a prompt name (instance, part, attribute)
+    prompt_mix: dict[str, float] = field(default_factory=dict)  # fixed weights (mix) or initial weights (learned)
+    pool: Literal["cls", "avg"] = "cls"  # class token (TransReID/SOLIDER ViT) or mean of patch tokens
+    drop_path_rate: float = 0.1
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args, e.g. depth: 2
+
+
+class FeatureBackbone(nn.Module):
+    """Uniform wrapper: ``forward(images) -> (B, num_features)`` pooled features under the chosen prompt."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        source: str,
+        prompt_names: tuple[str, ...],
+        prompt_mode: str,
+        prompt_weights: torch.Tensor | None,
+        pool: str,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.source = source
+        self.prompt_names = prompt_names
+        self.prompt_mode = prompt_mode  # none | fixed | mix | learned
+        self.pool = pool
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.num_features = int(getattr(model, "num_features", 0) or getattr(model, "embed_dim", 0))
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        if prompt_mode == "learned":
+            self.prompt_logits = nn.Parameter(torch.log(prompt_weights))
+        elif prompt_mode == "mix":
+            self.register_buffer("prompt_fixed", prompt_weights, persistent=True)
+
+    def current_prompt(self) -> str | torch.Tensor | None:
+        if self.prompt_mode == "fixed":
+            return self.prompt_names[0]
+        if self.prompt_mode == "mix":
+            return self.prompt_fixed
+        if self.prompt_mode == "learned":
+            return torch.softmax(self.prompt_logits, dim=0)
+        return None
+
+    def describe_prompt(self) -> str:
+        prompt = self.current_prompt()
+        if prompt is None:
+            return "none (backbone has no prompt-controlled MoE)"
+        if isinstance(prompt, str):
+            return f"fixed: {prompt}"
+        weights = ", ".join(f"{n} {w:.3f}" for n, w in zip(self.prompt_names, prompt.tolist(), strict=True))
+        return f"{self.prompt_mode} mix: {weights}"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        prompt = self.current_prompt()
+        tokens = self.model.forward_features(images) if prompt is None else self.model.forward_features(images, prompt)
+        if tokens.ndim == 4:  # CNN feature map (B, C, H, W)
+            return tokens.mean(dim=(2, 3))
+        if self.pool == "cls":
+            return tokens[:, 0]
+        return tokens[:, self.num_prefix_tokens :].mean(dim=1)
+
+    def no_weight_decay(self) -> set[str]:
+        inner = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        names = {f"model.{n}" for n in inner}
+        if self.prompt_mode == "learned":
+            names.add("prompt_logits")
+        return names
+
+
+def build_backbone(cfg: BackboneConfig, img_size: tuple[int, int]) -> FeatureBackbone:
+    """Create the backbone named by ``cfg.spec`` at input size ``img_size`` (height, width)."""
+    spec = cfg.spec.strip()
+    if spec.startswith("random:"):
+        model = _create_timm(spec[len("random:") :], False, img_size, cfg)
+        source, file_cfg = f"{spec} (random init)", {}
+    elif spec.startswith("timm:"):
+        name, _, weights_file = spec[len("timm:") :].partition("@")
+        model = _create_timm(name, True, img_size, cfg, weights_file or None)
+        source, file_cfg = spec, {}
+    else:
+        path = Path(spec[len("clasp:") :] if spec.startswith("clasp:") else spec)
+        model, file_cfg = _load_clasp(path, img_size)
+        source = f"CLASP export {path}"
+    names, mode, weights = _resolve_prompt(model, file_cfg, cfg)
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = file_cfg.get("mean") or pretrained_cfg.get("mean") or IMAGENET_MEAN
+    std = file_cfg.get("std") or pretrained_cfg.get("std") or IMAGENET_STD
+    return FeatureBackbone(
+        model,
+        source=source,
+        prompt_names=names,
+        prompt_mode=mode,
+        prompt_weights=weights,
+        pool=cfg.pool,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def _create_timm(
+    name: str, pretrained: bool, img_size: tuple[int, int], cfg: BackboneConfig, weights_file: str | None = None
+) -> nn.Module:
+    import timm
+
+    if not name:
+        raise ClaspError(f"backbone spec '{cfg.spec}' names no architecture (e.g. random:vit_small_patch16_224)")
+    kwargs: dict[str, Any] = {"num_classes": 0, "drop_path_rate": cfg.drop_path_rate, **cfg.timm_kwargs}
+    if weights_file:
+        if not Path(weights_file).is_file():
+            raise ClaspError(f"backbone weights file {weights_file} (from '{cfg.spec}') does not exist")
+        kwargs["pretrained_cfg_overlay"] = {"file": weights_file}
+    try:
+        try:
+            return timm.create_model(name, pretrained=pretrained, img_size=tuple(img_size), **kwargs)
+        except TypeError as exc:  # CNNs take no img_size
+            if "img_size" not in str(exc):
+                raise
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ClaspError(f"backbone '{cfg.spec}': timm has no model '{name}' (see timm.list_models())") from None
+        raise
+    except (OSError, ValueError) as exc:
+        if not pretrained:
+            raise
+        raise ClaspError(
+            f"could not load pretrained timm weights for '{name}' ({type(exc).__name__}: {exc}); without network "
+            f"access pass a local file as timm:{name}@/path/to/weights.safetensors, or use random:{name}"
+        ) from None
+
+
+def _load_clasp(path: Path, img_size: tuple[int, int]) -> tuple[nn.Module, dict[str, Any]]:
+    if not path.is_dir():
+        raise ClaspError(
+            f"backbone '{path}' is not a folder; use a CLASP export folder (model.safetensors + config.json), "
+            "timm:NAME, timm:NAME@FILE or random:ARCH"
+        )
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ClaspError(f"{config_path} not found: '{path}' is not a CLASP backbone export (run `clasp export`)")
+    try:
+        file_cfg = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ClaspError(f"{config_path} is not valid JSON: {exc}") from None
+    from pretrain.export import load_backbone
+
+    return load_backbone(path, img_size=tuple(img_size)), file_cfg  # resamples position embeddings if needed
+
+
+def _resolve_prompt(
+    model: nn.Module, file_cfg: dict[str, Any], cfg: BackboneConfig
+) -> tuple[tuple[str, ...], str, torch.Tensor | None]:
+    """(prompt names, mode, initial weights) for the requested prompt choice on this model."""
+    # stock timm ViTs (CLASP exports with the MoE off) have no prompt argument; ClaspViT reports has_moe
+    takes_prompt = "prompt" in inspect.signature(model.forward_features).parameters and getattr(model, "has_moe", True)
+    names = tuple(getattr(model, "prompt_names", None) or _file_prompt_names(file_cfg) or DEFAULT_PROMPTS)
+    choice = cfg.prompt.strip().lower()
+    unknown = sorted(set(cfg.prompt_mix) - set(names))
+    if unknown:
+        raise ClaspError(f"backbone.prompt_mix names unknown prompts {unknown}; this backbone has {list(names)}")
+    if not takes_prompt:
+        if choice == "learned":
+            return (), "none", None
+        raise ClaspError(
+            f"backbone.prompt={cfg.prompt} but '{cfg.spec}' has no prompt-controlled MoE; "
+            "use backbone.prompt=learned (ignored for plain backbones) or a MoE export"
+        )
+    if choice in names:
+        return (choice,), "fixed", None
+    if choice == "mix":
+        weights = torch.tensor([float(cfg.prompt_mix.get(n, 0.0)) for n in names])
+        if not cfg.prompt_mix or weights.sum() <= 0 or (weights < 0).any():
+            raise ClaspError("backbone.prompt=mix needs non-negative backbone.prompt_mix weights, e.g. {instance: 0.8}")
+        return names, "mix", weights / weights.sum()
+    if choice == "learned":
+        init = [max(float(cfg.prompt_mix.get(n, 0.0)), _UNLISTED_PROMPT_WEIGHT) for n in names]
+        if not cfg.prompt_mix:
+            init = [1.0] * len(names)
+        total = math.fsum(init)
+        return names, "learned", torch.tensor([w / total for w in init])
+    raise ClaspError(f"backbone.prompt '{cfg.prompt}' is not one of learned, mix, {', '.join(names)}")
+
+
+def _file_prompt_names(file_cfg: dict[str, Any]) -> list[str] | None:
+    for holder in (file_cfg, file_cfg.get("moe") or {}):
+        names = holder.get("prompt_names") or holder.get("prompts")
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            return names
+    return None
