@@ -95,6 +95,28 @@ def ingest(
 
 # --- stage 3: transfer -----------------------------------------------------------------------
 
+
+@app.command()
+def transfer(
+    task: str = typer.Argument(..., help="Downstream task: reid or attributes (see transfer.common.TASKS)."),
+    data: Path = typer.Option(None, "--data", "-d", help="Dataset folder in its official layout."),
+    dataset: str = typer.Option(None, "--dataset", help="e.g. market1501, msmt17, pa100k, peta_zs, rap_zs."),
+    backbone: str = typer.Option(None, "--backbone", "-b", help="CLASP export folder, timm:NAME or random:ARCH."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (results.json, results.md, weights)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    config: Path = CONFIG_OPT,
+    overrides: list[str] = OVERRIDES_ARG,
+) -> None:
+    """Fine-tune a backbone on a downstream task and evaluate it with the field's protocol."""
+    from pipeline.config import load_config
+    from transfer.common import task_entry
+
+    config_cls, run_task = task_entry(task)
+    options = {"data_dir": data, "dataset": dataset, "backbone.spec": backbone, "out_dir": out, "quiet": quiet or None}
+    extra = [f"{key}={value}" for key, value in options.items() if value is not None]
+    run_task(load_config(config_cls, config, list(overrides or []) + extra))
+
+
 # --- orchestration: demo, ablation -----------------------------------------------------------
 
 

@@ -1,0 +1,286 @@
+"""Pedestrian attribute fine-tuning and evaluation (Rethinking_of_PAR's strong baseline protocol).
+
+    clasp transfer attributes --data data/PA100k --dataset pa100k --backbone runs/demo/backbone --out runs/pa100k
+    clasp transfer attributes --data data/PETA --dataset peta_zs --backbone ... --out runs/peta_zs
+
+Recipe: pooled backbone feature -> linear classifier (one logit per evaluated attribute); binary
+cross-entropy weighted per attribute by the training positive ratio r (exp(1 - r) on positives,
+exp(r) on negatives; Li et al. TIP 2020, as Rethinking_of_PAR's ``bceloss`` with
+``SAMPLE_WEIGHT: weight``), summed over attributes and averaged over images; resize to 256x192,
+10 px pad + crop, random flip; train on ``trainval``, evaluate the final model on ``test`` with
+``attribute_metrics`` (no model selection on the test set). Resumes from ``out/checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import ClaspError
+from transfer.attributes import metrics as attr_metrics
+from transfer.attributes.datasets import AttrData, load_attr_dataset
+from transfer.backbone import BackboneConfig, FeatureBackbone, build_backbone
+from transfer.common import (
+    ImageDataset,
+    OptimConfig,
+    build_optimizer,
+    finished_results,
+    load_checkpoint,
+    pct,
+    progress,
+    save_checkpoint,
+    seed_everything,
+    write_results,
+)
+
+
+@dataclass
+class AttrDataConfig:
+    img_size: tuple[int, int] = (256, 192)  # (height, width), Rethinking_of_PAR; SOLIDER used 256x128
+    batch_size: int = 64
+    workers: int = 8
+    flip_prob: float = 0.5
+    padding_px: int = 10
+    train_split: str = "trainval"
+    test_split: str = "test"
+    pickle_file: str = ""  # PETA/RAP: another Rethinking_of_PAR pickle, e.g. dataset_zs_run1.pkl
+    partition: int = 0  # which of the 5 random partitions of PETA/RAP dataset_all.pkl
+
+
+@dataclass
+class AttrConfig:
+    data_dir: str = ""
+    dataset: str = "pa100k"
+    out_dir: str = ""
+    backbone: BackboneConfig = field(
+        default_factory=lambda: BackboneConfig(prompt="learned", prompt_mix={"attribute": 0.8, "instance": 0.2})
+    )
+    data: AttrDataConfig = field(default_factory=AttrDataConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(name="adamw", lr=1e-4, weight_decay=5e-4, warmup_epochs=1.0)
+    )
+    weighted_loss: bool = True
+    threshold: float = 0.5
+    epochs: int = 30
+    max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    quiet: bool = False
+
+
+CONFIG = AttrConfig
+
+
+class AttrModel(nn.Module):
+    def __init__(self, backbone: FeatureBackbone, num_attributes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.num_features, num_attributes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(images))
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+
+def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, pos_ratio: torch.Tensor | None) -> torch.Tensor:
+    """BCE summed over attributes, mean over images; positives weighted exp(1 - r), negatives exp(r)."""
+    loss = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
+    if pos_ratio is not None:
+        weight = torch.exp(targets * (1 - pos_ratio) + (1 - targets) * pos_ratio)
+        loss = loss * weight
+    return loss.sum(dim=1).mean()
+
+
+def transforms(backbone: FeatureBackbone, cfg: AttrDataConfig, *, train: bool) -> Any:
+    import torchvision.transforms as T
+
+    size = tuple(cfg.img_size)
+    ops: list[Any] = [T.Resize(size)]
+    if train:
+        ops += [T.Pad(cfg.padding_px), T.RandomCrop(size), T.RandomHorizontalFlip(cfg.flip_prob)]
+    ops += [T.ToTensor(), T.Normalize(backbone.mean, backbone.std)]
+    return T.Compose(ops)
+
+
+def run(cfg: AttrConfig) -> dict[str, Any]:
+    """Fine-tune on ``cfg.dataset`` and write results.json / results.md / model.safetensors to ``cfg.out_dir``."""
+    from accelerate import Accelerator
+
+    from pipeline.guards import resolve_device
+
+    if not cfg.data_dir or not cfg.out_dir:
+        raise ClaspError("transfer attributes needs --data (dataset folder) and --out (output folder)")
+    out = Path(cfg.out_dir)
+    finished = finished_results(out, cfg)
+    if finished is not None:
+        return finished
+    data = load_attr_dataset(cfg.dataset, cfg.data_dir, pickle_file=cfg.data.pickle_file, partition=cfg.data.partition)
+    device = resolve_device(cfg.device)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
+    seed_everything(cfg.seed + accelerator.process_index)
+    quiet = cfg.quiet or not accelerator.is_main_process
+
+    backbone = build_backbone(cfg.backbone, tuple(cfg.data.img_size))
+    model = AttrModel(backbone, len(data.attr_names))
+    train_paths, train_labels = data.split(cfg.data.train_split)
+    targets = train_labels.astype(np.float32)
+    pos_ratio = torch.from_numpy(targets.mean(axis=0)) if cfg.weighted_loss else None
+    train_set = ImageDataset(train_paths, list(targets), transforms(backbone, cfg.data, train=True))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > cfg.data.batch_size,
+        num_workers=cfg.data.workers,
+        generator=generator,
+    )
+    steps_per_epoch = max(1, len(loader) // accelerator.num_processes)
+    if cfg.max_steps_per_epoch > 0:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    optimizer, schedule = build_optimizer(model, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if pos_ratio is not None:
+        pos_ratio = pos_ratio.to(accelerator.device)
+
+    start_epoch, step, history = 0, 0, []
+    state = load_checkpoint(out)
+    if state is not None:
+        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        if not quiet:
+            print(f"resuming {out / 'checkpoint.pt'} at epoch {start_epoch}")
+
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        generator.manual_seed(cfg.seed * 1000 + epoch)  # same shuffles after a resume
+        model.train()
+        total, done, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
+        with progress(steps_per_epoch, f"attr epoch {epoch + 1}/{cfg.epochs}", quiet=quiet, unit="step") as advance:
+            for images, labels, _ in loader:
+                if done == steps_per_epoch:
+                    break
+                schedule.step_update(num_updates=step)
+                with accelerator.autocast():
+                    logits = model(images)
+                loss = weighted_bce(logits, labels.float(), pos_ratio)
+                if not torch.isfinite(loss):
+                    raise ClaspError(f"attribute loss became {loss.item()} at epoch {epoch + 1}; lower optim.lr")
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                if cfg.optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                step, done, seen = step + 1, done + 1, seen + images.shape[0]
+                total += accelerator.reduce(loss.detach(), reduction="mean").item()
+                advance(1, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+        elapsed = time.perf_counter() - t_epoch
+        history.append({"epoch": epoch + 1, "loss": total / max(1, done), "images_per_s": seen / elapsed})
+        if accelerator.is_main_process:
+            save_checkpoint(
+                out,
+                {
+                    "model": accelerator.unwrap_model(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "history": history,
+                },
+            )
+        accelerator.wait_for_everyone()
+    train_s = time.perf_counter() - t0
+
+    gt, probs = predict(accelerator.unwrap_model(model), data, cfg, accelerator)
+    scores = attr_metrics.attribute_metrics(gt, probs, threshold=cfg.threshold)
+    record: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        record = _write(out, cfg, data, accelerator.unwrap_model(model), scores, history, step, train_s, device)
+    accelerator.wait_for_everyone()
+    return record
+
+
+@torch.no_grad()
+def predict(model: AttrModel, data: AttrData, cfg: AttrConfig, accelerator: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(ground truth, sigmoid probabilities) on the test split, in dataset order."""
+    paths, labels = data.split(cfg.data.test_split)
+    dataset = ImageDataset(paths, list(range(len(paths))), transforms(model.backbone, cfg.data, train=False))
+    loader = accelerator.prepare(
+        torch.utils.data.DataLoader(dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.workers)
+    )
+    model.eval()
+    probs, order = [], []
+    for images, _, index in loader:
+        with accelerator.autocast():
+            logits = model(images)
+        probs.append(accelerator.gather_for_metrics(torch.sigmoid(logits.float())).cpu())
+        order.append(accelerator.gather_for_metrics(index).cpu())
+    prob = torch.cat(probs)[torch.argsort(torch.cat(order))].numpy()
+    return labels, prob
+
+
+def _write(
+    out: Path,
+    cfg: AttrConfig,
+    data: AttrData,
+    model: AttrModel,
+    scores: dict[str, Any],
+    history: list,
+    steps: int,
+    train_s: float,
+    device: str,
+) -> dict[str, Any]:
+    from safetensors.torch import save_model
+
+    from pipeline.formats import atomic_path
+
+    h, w = cfg.data.img_size
+    protocol = (
+        f"{attr_metrics.PROTOCOL.replace('threshold 0.5', f'threshold {cfg.threshold}')}; "
+        f"trained on '{cfg.data.train_split}', final model evaluated on '{cfg.data.test_split}'; input {h}x{w}"
+    )
+    summary = {k: float(scores[k]) for k in ("mA", "accuracy", "precision", "recall", "f1")}
+    per_attribute = {
+        name: {"mA": float(ma), "pos_recall": float(p), "neg_recall": float(n)}
+        for name, ma, p, n in zip(
+            data.attr_names, scores["label_mA"], scores["label_pos_recall"], scores["label_neg_recall"], strict=True
+        )
+    }
+    record = {
+        "task": "attributes",
+        "dataset": data.name,
+        "layout": data.layout,
+        "protocol": protocol,
+        "backbone": model.backbone.source,
+        "prompt": model.backbone.describe_prompt(),
+        "metrics": summary,
+        "per_attribute": per_attribute,
+        "data": data.summary(),
+        "training": {
+            "epochs": cfg.epochs,
+            "steps": steps,
+            "wall_s": round(train_s, 1),
+            "device": device,
+            "final_loss": round(history[-1]["loss"], 4) if history else None,
+        },
+        "history": history,
+    }
+    table = [
+        (name, pct(summary[key]))
+        for name, key in (("mA", "mA"), ("Acc", "accuracy"), ("Prec", "precision"), ("Rec", "recall"), ("F1", "f1"))
+    ]
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_model(model, str(tmp))
+    record = write_results(out, cfg, record, title=f"Attribute transfer: {data.name}", table=table)
+    (out / "checkpoint.pt").unlink(missing_ok=True)  # model.safetensors holds the final weights
+    return record
