@@ -1,0 +1,211 @@
+"""Release a pre-trained backbone (DESIGN.md §2.3) and load it back for transfer.
+
+``export_backbone(checkpoint, out_dir, card=...)`` reads a training-state checkpoint written by the
+trainer and writes the **teacher** backbone only::
+
+    out_dir/model.safetensors   timm key layout (MoE off: loads strict into stock timm)
+    out_dir/config.json         arch, timm_name, timm_kwargs, img_size, patch_size, mean/std,
+                                num_features, moe settings, prompt names, step
+    out_dir/README.md           model card: data, label set, steps, settings, how to load
+
+The checkpoint is a ``torch.save``'d dict with at least::
+
+    "model"   ClaspMetaArch.state_dict()  (keys "teacher.backbone.*", ...; a "module." or
+              "_orig_mod." prefix from DDP / torch.compile is accepted)
+    "config"  the resolved pre-training config as a plain dict with a "model" section
+              (pretrain.model_config.ModelConfig) and optionally "data" with "mean"/"std"
+    "step"    optimizer steps done (int)
+
+``load_backbone(path)`` returns a stock ``timm`` VisionTransformer when the MoE was off and a
+``ClaspViT`` otherwise, loaded with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# _from_dict: the validated dict -> dataclass step of load_config, for configs stored inside files
+from pipeline.config import ConfigError, _from_dict, to_dict
+from pipeline.errors import ClaspError
+from pretrain.backbone import arch_spec, create_backbone, timm_kwargs
+from pretrain.model_config import TASK_PROMPTS, ModelConfig, MoEConfig
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _teacher_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = "teacher.backbone."
+    out = {}
+    for key, value in model_state.items():
+        for wrapper in _WRAPPER_PREFIXES:
+            key = key.removeprefix(wrapper)
+        if key.startswith(prefix):
+            out[key[len(prefix) :]] = value
+    return out
+
+
+def export_backbone(checkpoint: Path | str, out_dir: Path, *, card: dict[str, Any]) -> Path:
+    """Write the teacher backbone of a training checkpoint as a release directory; returns ``out_dir``.
+
+    ``card`` holds free-form facts for the model card (e.g. ``corpus``, ``labelset_id``, ``images``,
+    ``notes``). The directory appears complete or not at all (written beside it, then renamed).
+    """
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not checkpoint.is_file():
+        raise ClaspError(
+            f"checkpoint {checkpoint} does not exist (pass a training checkpoint file written by the trainer)"
+        )
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    missing = [k for k in ("model", "config") if k not in state]
+    if missing:
+        raise ClaspError(f"{checkpoint} is not a CLASP training checkpoint: it has no {missing} entries")
+    try:
+        model_cfg = _from_dict(ModelConfig, state["config"]["model"], prefix="model.")
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise ClaspError(f"{checkpoint}: its config has no valid 'model' section ({exc})") from None
+    weights = _teacher_state(state["model"])
+    if not weights:
+        raise ClaspError(f"{checkpoint}: its model state has no 'teacher.backbone.*' weights")
+
+    # rebuild the backbone and load strict: the export is checked against its own architecture
+    backbone = create_backbone(
+        model_cfg.arch, img_size=model_cfg.img_size, patch_size=model_cfg.patch_size, moe=model_cfg.moe
+    )
+    backbone.load_state_dict(weights, strict=True)
+    weights = {k: v.contiguous() for k, v in backbone.state_dict().items()}
+
+    data_cfg = state["config"].get("data") or {}
+    step = int(state.get("step", 0))
+    config = {
+        "format": "clasp-backbone/1",
+        "arch": model_cfg.arch,
+        "timm_name": arch_spec(model_cfg.arch).timm_name,
+        "timm_kwargs": timm_kwargs(model_cfg.arch, img_size=model_cfg.img_size, patch_size=model_cfg.patch_size),
+        "img_size": list(model_cfg.img_size),
+        "patch_size": model_cfg.patch_size,
+        "num_features": backbone.num_features,
+        "mean": list(data_cfg.get("mean", IMAGENET_MEAN)),
+        "std": list(data_cfg.get("std", IMAGENET_STD)),
+        "moe": to_dict(model_cfg.moe),
+        "moe_blocks": backbone.moe_indices,
+        "prompt_names": list(backbone.prompt_names) if backbone.has_moe else [],
+        "step": step,
+    }
+    config["timm_kwargs"]["img_size"] = list(model_cfg.img_size)
+
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "arch": model_cfg.arch})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CARD_FILE).write_text(_model_card(config, card, state["config"]))
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _model_card(config: dict[str, Any], card: dict[str, Any], run_config: dict[str, Any]) -> str:
+    moe = config["moe"]
+    moe_line = (
+        f"prompt-controlled MoE in blocks {config['moe_blocks']}: {moe['num_experts']} experts, top-{moe['top_k']}, "
+        f"prompts {config['prompt_names']}"
+        if moe["enabled"]
+        else "none (plain ViT: loads into stock timm)"
+    )
+    facts = "\n".join(f"- {k}: {v}" for k, v in card.items()) or "- (no data facts were given)"
+    if moe["enabled"]:
+        load = (
+            "from pretrain.export import load_backbone\n"
+            "model = load_backbone('.')\n"
+            "tokens = model.forward_features(images, prompt='instance')  # or 'part', 'attribute', or weights"
+        )
+    else:
+        kwargs = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in config["timm_kwargs"].items())
+        load = (
+            "import timm\nfrom safetensors.torch import load_file\n"
+            f"model = timm.create_model('{config['timm_name']}', pretrained=False, {kwargs})\n"
+            "model.load_state_dict(load_file('model.safetensors'), strict=True)"
+        )
+    return f"""# CLASP backbone: {config["arch"]} at {config["img_size"][0]}x{config["img_size"][1]}
+
+Teacher (EMA) backbone of a CLASP pre-training run (CLIP-guided self-supervised pre-training for
+human-centric vision), after {config["step"]} optimizer steps. Weights only; no pre-training heads.
+
+- architecture: {config["timm_name"]} layout, patch {config["patch_size"]}, {config["num_features"]} features
+- input: RGB {config["img_size"][0]}x{config["img_size"][1]} (height x width), normalised with
+  mean {config["mean"]} and std {config["std"]}
+- mixture of experts: {moe_line}
+
+## Training data
+
+{facts}
+
+## How to load
+
+```python
+{load}
+```
+
+## Settings
+
+```yaml
+{yaml.safe_dump(run_config, sort_keys=False).rstrip()}
+```
+
+## Limitations
+
+Pseudo-labels come from CLIP and carry its biases; the backbone was trained on person crops and is
+meant for human-centric transfer (re-ID, attributes, pose, detection, parsing), not general images.
+"""
+
+
+def load_backbone(path: str | Path, *, img_size: tuple[int, int] | None = None) -> nn.Module:
+    """Load an export directory: stock timm model (MoE off) or ``ClaspViT`` (MoE on), strict.
+
+    ``img_size`` other than the export's (e.g. 384x128 for re-ID) resamples the position embedding.
+    """
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise ClaspError(f"{path} is not a CLASP backbone export (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+    config = json.loads(config_path.read_text())
+    weights = load_file(str(path / WEIGHTS_FILE))
+    moe = _from_dict(MoEConfig, config["moe"], prefix="moe.")
+    if moe.enabled:
+        model = create_backbone(
+            config["arch"], img_size=tuple(config["img_size"]), patch_size=config["patch_size"], moe=moe
+        )
+        if list(model.prompt_names) != list(config.get("prompt_names", TASK_PROMPTS)):
+            raise ClaspError(f"{config_path}: prompt names {config['prompt_names']} differ from this code's")
+    else:
+        import timm
+
+        kwargs = dict(config["timm_kwargs"], img_size=tuple(config["img_size"]))
+        model = timm.create_model(config["timm_name"], pretrained=False, **kwargs)
+    model.load_state_dict(weights, strict=True)
+    if img_size is not None and tuple(img_size) != tuple(config["img_size"]):
+        model.set_input_size(img_size=tuple(img_size))
+    model.pretrained_cfg = dict(
+        getattr(model, "pretrained_cfg", {}) or {}, mean=tuple(config["mean"]), std=tuple(config["std"])
+    )
+    return model.eval()
