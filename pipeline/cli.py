@@ -91,7 +91,31 @@ def ingest(
 
 # --- stage 1b: audit -------------------------------------------------------------------------
 
+
 # --- stage 2: pre-training -------------------------------------------------------------------
+@app.command()
+def pretrain(config: Path = CONFIG_OPT, overrides: list[str] = OVERRIDES_ARG) -> None:
+    """Pre-train the CLASP backbone; under `accelerate launch` every process runs this same command."""
+    from pipeline.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.trainer import train
+
+    cfg = load_config(PretrainConfig, config, list(overrides or []))
+    summary = train(cfg)
+    if not cfg.quiet:
+        typer.echo(f"pretrain: step {summary.step}/{summary.total_steps}, checkpoint {summary.checkpoint}")
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Training checkpoint (step-*.pt) or a run directory (its latest)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Release directory: model.safetensors, config.json, card."),
+) -> None:
+    """Export the teacher backbone of a pre-training checkpoint in timm layout (stock timm loads it, MoE off)."""
+    from pretrain.trainer import export_run
+
+    typer.echo(f"export: {export_run(checkpoint, out)}")
+
 
 # --- stage 3: transfer -----------------------------------------------------------------------
 

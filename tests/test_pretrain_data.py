@@ -47,7 +47,7 @@ def write_corpus(
 ) -> Path:
     """Image shards (<key>.jpg + <key>.json, sizes.json) and a label set whose rows encode their key.
 
-    ``attr_prob`` = (shard, index, 7); the part map cell values are the cell's own index (row-major).
+    ``attr_prob`` = (shard, index, 7); part map cell ``c`` (row-major) holds class ``c % len(PARTS)``.
     ``scramble_shard`` writes that label shard's rows in a different order (a broken label set).
     """
     img_dir = formats.images_dir(root, corpus)
@@ -76,7 +76,7 @@ def write_corpus(
         columns = {
             "key": [keys[i] for i in rows],
             "attr_prob": [[s, i, 7] for i in rows],
-            "part_map": [bytes(range(cells)) for _ in rows],
+            "part_map": [bytes(c % len(PARTS) for c in range(cells)) for _ in rows],
             "part_conf": [bytes([255] * cells) for _ in rows],
             "fg_ratio": [0.5 for _ in rows],
         }

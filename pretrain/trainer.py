@@ -1,0 +1,343 @@
+"""``clasp pretrain``: the CLASP pre-training loop on Accelerate (any number of processes and machines).
+
+Launch (every process runs the same command; Accelerate/torchrun set the rank)::
+
+    clasp pretrain --config configs/pretrain/demo.yaml                      # one process (CPU or GPU)
+    accelerate launch --num_processes 8 --multi_gpu --mixed_precision bf16 \\
+        -m pipeline.cli pretrain --config configs/pretrain/vit_b_luperson.yaml
+    # 2 machines x 8 GPUs: the same on each machine with
+    #   --num_machines 2 --machine_rank {0,1} --main_process_ip HOST0 --main_process_port 29500 --num_processes 16
+
+What the loop guarantees:
+
+* seed + rank: model randomness (drop path) is re-seeded from (seed, rank, step) at every data
+  segment start, and the data stream derives all of its randomness from (seed, epoch, segment start,
+  rank, worker); a run resumed from a checkpoint therefore takes exactly the steps the uninterrupted
+  run took (``pretrain.data`` explains segments; the stream restarts at epoch starts and checkpoints).
+* loss terms are all-reduced before they are checked and logged; a non-finite loss stops every
+  process before the optimizer step, naming the step, the terms and the last good checkpoint.
+* only the main process logs (TensorBoard, optional wandb, ``log.jsonl``, progress bar) and saves.
+* checkpoints (``out/checkpoints/step-NNNNNNNNN.pt``) are written atomically and hold
+  ``model`` (``ClaspMetaArch`` state: student, EMA teacher, DINO centre), ``optimizer``, ``scaler``,
+  ``step``, ``config`` (the resolved config as a dict) and ``data`` (corpus, label set, image count),
+  the layout ``pretrain.export.export_backbone`` reads. Checkpoints are read back by every process,
+  so with several machines ``out`` must be on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import formats
+from pipeline.config import save_config, to_dict
+from pipeline.errors import ClaspError
+from pretrain.config import PretrainConfig
+from pretrain.data import build_stream, derive_seed, to_model_batch
+from pretrain.meta_arch import LOSS_TERMS, ClaspMetaArch
+from pretrain.schedules import build_schedules
+
+CHECKPOINT_DIR = "checkpoints"
+_CKPT_RE = re.compile(r"^step-(\d+)\.pt$")
+
+
+class NonFiniteLossError(ClaspError):
+    """The loss became NaN/inf; training stopped before the optimizer could apply it."""
+
+
+@dataclass
+class RunSummary:
+    """What a finished (or stopped-early) run reports."""
+
+    step: int
+    total_steps: int
+    steps_per_epoch: int
+    global_batch: int
+    checkpoint: Path | None
+    images_per_s: float  # after the first step (excludes start-up and compilation of kernels)
+    last_terms: dict[str, float] = field(default_factory=dict)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoint_path(out: str | Path, step: int) -> Path:
+    return Path(out) / CHECKPOINT_DIR / f"step-{step:09d}.pt"
+
+
+def list_checkpoints(out: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary files of interrupted writes are ignored)."""
+    folder = Path(out) / CHECKPOINT_DIR
+    found = [(int(m.group(1)), p) for p in folder.glob("step-*.pt") if (m := _CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(cfg: PretrainConfig) -> Path | None:
+    """The checkpoint to resume from: ``latest`` (None if the run has none), ``none``, or a path."""
+    existing = list_checkpoints(cfg.out)
+    if cfg.resume == "latest":
+        return existing[-1] if existing else None
+    if cfg.resume == "none":
+        if existing:
+            raise ClaspError(
+                f"{cfg.out} already has checkpoints (newest {existing[-1].name}) and resume=none: "
+                "use resume=latest to continue that run, or choose a fresh out=DIR"
+            )
+        return None
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise ClaspError(f"resume={cfg.resume}: no such checkpoint file (use latest, none, or a step-*.pt path)")
+    return path
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], keep_last: int) -> None:
+    """Write ``state`` atomically, then delete all but the newest ``keep_last`` step checkpoints."""
+    with formats.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    if keep_last > 0:
+        for old in list_checkpoints(path.parent.parent)[:-keep_last]:
+            old.unlink(missing_ok=True)
+
+
+# --- logging ----------------------------------------------------------------------------------
+
+
+def _flat_hparams(cfg: PretrainConfig) -> dict[str, Any]:
+    """Scalars only (TensorBoard hparams): nested keys dotted, lists and None as strings."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            key = prefix[:-1]
+            flat[key] = value if isinstance(value, int | float | str | bool) else str(value)
+
+    walk("", to_dict(cfg))
+    return flat
+
+
+def _moe_log(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per MoE block: the least-used expert's share of routed tokens (1/E = perfectly balanced), dropped share."""
+    out = {}
+    for name, value in stats.items():
+        if name.endswith("tokens_per_expert"):
+            share = value.float() / value.sum().clamp_min(1)
+            out[f"moe/{name.removesuffix('.tokens_per_expert')}.min_expert_share"] = float(share.min())
+        else:
+            out[f"moe/{name}"] = float(value)
+    return out
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def train(cfg: PretrainConfig) -> RunSummary:
+    """Pre-train (or resume) the CLASP model described by ``cfg``; returns a summary of the run."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from tqdm.auto import tqdm
+
+    trackers = (["tensorboard"] if cfg.tensorboard else []) + (["wandb"] if cfg.wandb else [])
+    if cfg.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ClaspError(
+                "wandb=true but wandb is not installed: pip install 'clasp[wandb]' or set wandb=false"
+            ) from None
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=cfg.cpu,
+        log_with=trackers or None,
+        project_dir=cfg.out,
+        # experts that received no token on one process, or heads switched off mid-run, must not stall DDP
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.model.moe.enabled)],
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    set_seed(cfg.seed + rank)
+
+    # ---- data
+    stream = build_stream(
+        cfg.data, global_hw=tuple(cfg.model.img_size), patch_size=cfg.model.patch_size, seed=cfg.seed,
+        rank=rank, world_size=world,
+    )  # fmt: skip
+    labels = stream.labelset
+    cfg.data.labelset = labels.labelset  # the resolved config names the label set actually used
+    global_batch = cfg.data.batch_size * world * cfg.grad_accum
+    steps_per_epoch = cfg.data.steps_per_epoch or max(1, stream.num_images // global_batch)
+    cfg.data.steps_per_epoch = steps_per_epoch
+    schedules = build_schedules(cfg.optim, cfg.model.loss, steps_per_epoch=steps_per_epoch, global_batch=global_batch)
+    last_step = min(schedules.total_steps, cfg.max_steps) if cfg.max_steps else schedules.total_steps
+
+    # ---- model, optimizer, resume
+    model = ClaspMetaArch(cfg.model, num_parts=len(labels.parts), num_attributes=len(labels.attributes))
+    optimizer = torch.optim.AdamW(model.get_params_groups(cfg.optim.weight_decay), lr=0.0, betas=cfg.optim.betas)
+    resume_from = resolve_resume(cfg)
+    step, resumed = 0, None
+    if resume_from is not None:
+        resumed = torch.load(resume_from, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(resumed["model"], strict=True)
+        except RuntimeError as exc:
+            raise ClaspError(f"{resume_from} does not match model settings of this config: {exc}") from None
+        optimizer.load_state_dict(resumed["optimizer"])
+        step = int(resumed["step"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if resumed is not None and resumed.get("scaler") is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(resumed["scaler"])
+    del resumed
+    core: ClaspMetaArch = accelerator.unwrap_model(model)
+    out = Path(cfg.out)
+    if main:
+        save_config(cfg, out / "config.yaml")
+        if trackers:
+            accelerator.init_trackers("pretrain", config=_flat_hparams(cfg))
+        if not cfg.quiet:
+            accelerator.print(
+                f"pretrain: {stream.num_images} images in {stream.num_shards} shards, label set {labels.labelset}; "
+                f"{world} process(es), global batch {global_batch}, {steps_per_epoch} steps/epoch, "
+                f"steps {step}->{last_step}" + (f" (resumed from {resume_from})" if resume_from else "")
+            )
+    last_ckpt = resume_from
+
+    def checkpoint_state() -> dict[str, Any]:
+        return {
+            "model": core.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "step": step,
+            "config": to_dict(cfg),
+            "data": {"corpus": cfg.data.corpus, "labelset": labels.labelset, "images": stream.num_images},
+            "world_size": world,
+        }
+
+    # ---- train
+    model.train()
+    progress = tqdm(
+        total=last_step, initial=step, unit="step", disable=cfg.quiet or not main, dynamic_ncols=True, desc="pretrain"
+    )
+    log_file = (out / "log.jsonl").open("a") if main else None
+    batches, t_first, step_first, t_log, step_log = None, None, step, time.perf_counter(), step
+    terms_now: dict[str, float] = {}
+    try:
+        while step < last_step:
+            if batches is None or step % steps_per_epoch == 0 or step % cfg.checkpoint_every == 0:
+                # a new data segment: its randomness depends only on where it starts (exact resume)
+                batches = stream.segment(epoch=step // steps_per_epoch, start_step=step)
+                torch.manual_seed(derive_seed(cfg.seed, rank, step))
+            values = schedules.at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = values["lr"]
+                group["weight_decay"] = values["weight_decay"] * group.get("wd_multiplier", 1.0)
+
+            terms_sum = torch.zeros(len(LOSS_TERMS), device=accelerator.device)
+            for micro in range(cfg.grad_accum):
+                batch = to_model_batch(next(batches), accelerator.device, cfg.data.mean, cfg.data.std)
+                sync = micro == cfg.grad_accum - 1
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    loss, terms = model(batch, teacher_temp=values["teacher_temp"])
+                    accelerator.backward(loss / cfg.grad_accum)
+                terms_sum += torch.stack([terms[k].float() for k in LOSS_TERMS])
+            terms_mean = accelerator.reduce(terms_sum / cfg.grad_accum, reduction="mean")
+            if not bool(torch.isfinite(terms_mean).all()):
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_TERMS, terms_mean.tolist(), strict=True))
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step + 1} ({shown}); the update was not applied. "
+                    f"Last good checkpoint: {last_ckpt or 'none (no checkpoint written yet)'}. "
+                    "Resume from it with a lower optim.lr, bf16 instead of fp16, or a smaller optim.clip_grad."
+                )
+            grad_norm = (
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                if cfg.optim.clip_grad > 0
+                else None
+            )
+            core.cancel_last_layer_grads(step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            core.update_teacher(values["momentum"])
+            step += 1
+            progress.update(1)
+            if t_first is None:
+                t_first, step_first = time.perf_counter(), step
+
+            if step % cfg.log_every == 0 or step == last_step:
+                now = time.perf_counter()
+                images_per_s = (step - step_log) * global_batch / max(now - t_log, 1e-9)
+                t_log, step_log = now, step
+                terms_now = dict(zip(LOSS_TERMS, terms_mean.tolist(), strict=True))
+                row = {f"loss/{k}": v for k, v in terms_now.items()}
+                row.update({f"sched/{k}": v for k, v in values.items()})
+                row["images_per_s"] = images_per_s
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                row.update(_moe_log(core.moe_stats()))
+                if main:
+                    accelerator.log(row, step=step)
+                    log_file.write(json.dumps({"step": step, **row}) + "\n")
+                    log_file.flush()
+                    progress.set_postfix(loss=f"{terms_now['total']:.4f}", img_s=f"{images_per_s:.0f}")
+
+            if step % cfg.checkpoint_every == 0 or step == last_step:
+                path = checkpoint_path(out, step)
+                if main:
+                    save_checkpoint(path, checkpoint_state(), cfg.keep_last)
+                accelerator.wait_for_everyone()
+                last_ckpt = path
+    finally:
+        progress.close()
+        if log_file is not None:
+            log_file.close()
+        if trackers and main:
+            accelerator.end_training()
+
+    elapsed = time.perf_counter() - t_first if t_first is not None else 0.0
+    images_per_s = (step - step_first) * global_batch / elapsed if elapsed > 0 and step > step_first else math.nan
+    return RunSummary(
+        step=step,
+        total_steps=schedules.total_steps,
+        steps_per_epoch=steps_per_epoch,
+        global_batch=global_batch,
+        checkpoint=last_ckpt,
+        images_per_s=images_per_s,
+        last_terms=terms_now,
+    )
+
+
+def export_run(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """``clasp export``: the teacher backbone of a checkpoint (or of a run directory's latest one) as a release."""
+    from pretrain.export import export_backbone
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        found = list_checkpoints(checkpoint)
+        if not found:
+            raise ClaspError(
+                f"{checkpoint} has no {CHECKPOINT_DIR}/step-*.pt: pass a checkpoint file or a run directory"
+            )
+        checkpoint = found[-1]
+    if not checkpoint.is_file():
+        raise ClaspError(f"checkpoint {checkpoint} does not exist")
+    # mmap: the card facts are tiny, the tensors need not be read here
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    data = state.get("data") or {}
+    card = {
+        "corpus": data.get("corpus", "unknown"),
+        "labelset_id": data.get("labelset", "unknown"),
+        "corpus_images": data.get("images", "unknown"),
+        "optimizer_steps": state.get("step", "unknown"),
+        "processes": state.get("world_size", "unknown"),
+        "checkpoint": str(checkpoint),
+    }
+    del state
+    return export_backbone(checkpoint, Path(out_dir), card=card)
