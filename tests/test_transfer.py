@@ -497,3 +497,32 @@ def test_synthetic_world_layouts_read_like_real_data(request: pytest.FixtureRequ
     assert summary["train_ids"] > 0 and summary["query_images"] > 0 and summary["gallery_images"] > 0
     attrs = load_attr_dataset("pa100k", synth_world / "pa100k")
     assert len(attrs.attr_names) == 26 and len(attrs.splits["test"]) > 0
+
+
+@pytest.mark.parametrize("moe", [True, False])
+def test_clasp_export_loads_with_prompt_choice(tmp_path: Path, moe: bool) -> None:
+    export = pytest.importorskip("pretrain.export", reason="the backbone export has not landed yet")
+    from pipeline.config import to_dict
+    from pretrain.backbone import create_backbone
+    from pretrain.model_config import ModelConfig, MoEConfig
+
+    model_cfg = ModelConfig(
+        arch="vit_micro", img_size=(32, 16), moe=MoEConfig(enabled=moe, blocks="last_half", num_experts=2, top_k=1)
+    )
+    net = create_backbone(model_cfg.arch, img_size=model_cfg.img_size, moe=model_cfg.moe)
+    ckpt = tmp_path / "train.pt"
+    state = {f"teacher.backbone.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"model": state, "config": {"model": to_dict(model_cfg)}, "step": 3}, ckpt)
+    out = export.export_backbone(ckpt, tmp_path / "backbone", card={})
+
+    cfg = BackboneConfig(spec=str(out), prompt_mix={"instance": 0.8, "attribute": 0.2})
+    backbone = build_backbone(cfg, (48, 16))  # another input size resamples the position embedding
+    feats = backbone(torch.rand(2, 3, 48, 16))
+    assert feats.shape == (2, backbone.num_features) and torch.isfinite(feats).all()
+    if moe:
+        assert backbone.prompt_names == ("instance", "part", "attribute")
+        feats.sum().backward()
+        assert backbone.prompt_logits.grad is not None
+        assert "learned mix" in backbone.describe_prompt()
+    else:
+        assert backbone.describe_prompt().startswith("none")

@@ -117,7 +117,7 @@ def transforms(backbone: FeatureBackbone, cfg: ReidDataConfig, *, train: bool) -
 
 def run(cfg: ReidConfig) -> dict[str, Any]:
     """Fine-tune on ``cfg.dataset`` and write results.json / results.md / model.safetensors to ``cfg.out_dir``."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     from pipeline.guards import resolve_device
 
@@ -129,7 +129,9 @@ def run(cfg: ReidConfig) -> dict[str, Any]:
         return finished
     data = load_reid_dataset(cfg.dataset, cfg.data_dir, msmt17_with_val=cfg.data.msmt17_with_val)
     device = resolve_device(cfg.device)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision)
+    # MoE experts that receive no token in a step have no gradient; DDP must tolerate that
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
     seed_everything(cfg.seed + accelerator.process_index)
     quiet = cfg.quiet or not accelerator.is_main_process
 
