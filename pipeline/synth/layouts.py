@@ -1,0 +1,92 @@
+"""Writers for the real datasets' on-disk formats: LUPerson LMDB, PA-100K annotation.mat, ground truth.
+
+- LMDB as LUPerson's ``convert_lmdb.py`` makes it: one key per image (ASCII), the value is the JPEG file's
+  bytes unchanged, and ``keys.pkl`` (a pickled ``list[str]`` of the keys in write order). We keep
+  ``keys.pkl`` inside the LMDB folder; the original script drops it in its working directory.
+- ``annotation.mat`` with PA-100K's field names: ``attributes`` (26x1 cell of names), ``{train,val,test}
+  _images_name`` (Nx1 cells of file names) and ``{train,val,test}_label`` (NxA uint8 0/1).
+- ground truth Parquet (``GT_SCHEMA``), one row per image; readable by pyarrow/DuckDB without project code.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.io
+
+from pipeline.formats import atomic_path
+from pipeline.synth.look import ATTRIBUTES
+
+GT_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),  # LMDB key / WebDataset key of the image
+        pa.field("source", pa.string(), nullable=False),  # path under the dataset folder (e.g. luperson/)
+        pa.field("split", pa.string(), nullable=False),  # "" (corpus), train/test/query, train/val/test
+        pa.field("identity", pa.int32(), nullable=False),  # person id (Market: -1 junk, 0 distractor)
+        pa.field("camera", pa.int32(), nullable=False),  # camera index (Market: 1..6 as in the file name)
+        pa.field("view", pa.string(), nullable=False),  # front | back | side
+        pa.field("attributes", pa.list_(pa.uint8(), len(ATTRIBUTES)), nullable=False),  # 0/1, PA-100K order
+        pa.field("keypoints", pa.list_(pa.float32(), 51), nullable=False),  # 17 COCO x, y, visibility (pixels)
+        pa.field("part_mask", pa.binary(), nullable=False),  # PNG of an HxW uint8 mask, ids of parts.yaml
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+    ]
+)
+
+
+class LmdbWriter:
+    """Streams ``key -> JPEG bytes`` into an LMDB folder, then writes ``keys.pkl`` beside ``data.mdb``."""
+
+    def __init__(self, path: Path, expected_images: int) -> None:
+        import lmdb
+
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # map_size is only an upper bound (the file grows sparsely); 512 KiB per image is far above any crop
+        self.env = lmdb.open(str(path), map_size=max(1 << 26, expected_images * (1 << 19)), subdir=True)
+        self.txn = self.env.begin(write=True)
+        self.keys: list[str] = []
+
+    def put(self, key: str, data: bytes) -> None:
+        self.txn.put(key.encode("ascii"), data)
+        self.keys.append(key)
+        if len(self.keys) % 1000 == 0:
+            self.txn.commit()
+            self.txn = self.env.begin(write=True)
+
+    def close(self) -> None:
+        self.txn.commit()
+        self.env.sync()
+        self.env.close()
+        with open(self.path / "keys.pkl", "wb") as fh:
+            pickle.dump(self.keys, fh)
+
+
+def write_pa100k_mat(path: Path, names: dict[str, list[str]], labels: dict[str, np.ndarray]) -> None:
+    """``annotation.mat`` in PA-100K's layout; ``names``/``labels`` keyed by ``train``/``val``/``test``."""
+
+    def cell(items: list[str]) -> np.ndarray:
+        out = np.empty((len(items), 1), dtype=object)
+        for i, item in enumerate(items):
+            out[i, 0] = np.array([item])
+        return out
+
+    content: dict[str, np.ndarray] = {"attributes": cell(list(ATTRIBUTES))}
+    for split in ("train", "val", "test"):
+        content[f"{split}_images_name"] = cell(names[split])
+        content[f"{split}_label"] = np.asarray(labels[split], dtype=np.uint8).reshape(-1, len(ATTRIBUTES))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        scipy.io.savemat(fh, content, do_compression=False)
+
+
+def write_gt(path: Path, rows: list[dict]) -> None:
+    """Ground-truth rows (dicts with ``GT_SCHEMA`` fields) as one Parquet file, atomically."""
+    columns = {f.name: [r[f.name] for r in rows] for f in GT_SCHEMA}
+    table = pa.Table.from_pydict(columns, schema=GT_SCHEMA)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")

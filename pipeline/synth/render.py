@@ -1,0 +1,330 @@
+"""Rendering one pedestrian crop with ground truth: RGB, part mask and COCO keypoints.
+
+``render_shot`` is deterministic in its inputs (a look, a camera, a shot and a size). A ``Shot`` holds
+everything that changes from one image of a person to the next: view, walking phase, where the box
+sits around the person (detector boxes are loose or misaligned), what stands in front. ``advance_shot``
+moves a shot by one video frame, which is how a track yields LUPerson-like near-duplicates.
+
+Keypoint visibility follows COCO: 2 visible, 1 inside the crop but hidden (behind the body, another
+object or person), 0 outside the crop (x = y = 0). A joint is visible when the topmost shape at its
+pixel (floor of x, y) belongs to the joint's own body segment, or to clothing worn over it on the
+camera side (a shirt over the hip, hair over an ear).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image, ImageChops, ImageFilter
+
+from pipeline.synth import body
+from pipeline.synth.body import draw_person
+from pipeline.synth.canvas import Canvas
+from pipeline.synth.look import HAIR_COLORS, Look, random_look
+from pipeline.synth.pose import COCO_KEYPOINTS, skeleton
+from pipeline.synth.scene import Camera, background_window
+
+OCCLUDERS = ("pole", "bin", "car", "railing", "bush", "person")
+
+
+@dataclass(frozen=True)
+class Shot:
+    """Everything about one image of a person except the person and the camera."""
+
+    view: str  # front | back | side
+    facing: int  # side views: -1 toward image-left, +1 toward image-right
+    phase: float  # walking phase, radians
+    stride: float  # 0 standing .. 1 full stride
+    fill: float  # standing height / crop height
+    dx: float  # body centre offset from the crop centre, fraction of the width
+    top: float  # head top row, fraction of the height (negative: the box cuts the head)
+    scene_x: float  # where in the scene the person stands, 0..1 across
+    depth: float  # 0 far from the camera .. 1 near
+    brightness: float
+    occluder: str | None
+    occ_pos: float  # 0..1 placement parameter of the occluder
+    other_seed: int | None  # a second person behind, partly visible at the side
+    other_dx: float
+    seed: int  # pose jitter and sensor noise
+
+
+@dataclass
+class Sample:
+    rgb: np.ndarray  # HxWx3 uint8
+    part_mask: np.ndarray  # HxW uint8, class ids of data_manifests/parts.yaml
+    keypoints: np.ndarray  # 17x3 float32: x, y (pixels), visibility 0/1/2
+    view: str
+
+
+def random_shot(rng: np.random.Generator, camera: Camera, *, aligned: bool = False) -> Shot:
+    """A random image of someone seen by ``camera``; ``aligned`` gives a well-centred, unoccluded box."""
+    view = ("front", "back", "side")[int(rng.choice(3, p=camera.view_p))]
+    standing = rng.random() < 0.15
+    loose = not aligned and rng.random() < 0.12  # a loose or shifted detector box
+    occluder = None
+    if not aligned and rng.random() < 0.2:
+        occluder = OCCLUDERS[int(rng.integers(len(OCCLUDERS)))]
+    other = int(rng.integers(2**31)) if (not aligned and rng.random() < 0.1) else None
+    return Shot(
+        view=view,
+        facing=int(rng.choice((-1, 1))),
+        phase=float(rng.uniform(0, 2 * math.pi)),
+        stride=0.0 if standing else float(rng.uniform(0.55, 1.0)),
+        fill=float(rng.uniform(0.84, 0.94) if not loose else rng.uniform(0.7, 1.05)),
+        dx=float(rng.normal(0, 0.03) if not loose else rng.normal(0, 0.12)),
+        top=float(rng.uniform(0.02, 0.07) if not loose else rng.uniform(-0.08, 0.2)),
+        scene_x=float(rng.uniform(0.05, 0.95)),
+        depth=float(rng.uniform(0.0, 1.0)),
+        brightness=float(rng.uniform(0.88, 1.1)),
+        occluder=occluder,
+        occ_pos=float(rng.uniform(0, 1)),
+        other_seed=other,
+        other_dx=float(rng.choice((-1, 1)) * rng.uniform(0.42, 0.62)),
+        seed=int(rng.integers(2**31)),
+    )
+
+
+def advance_shot(shot: Shot, rng: np.random.Generator) -> Shot:
+    """The next frame of the same track: a little further in the walk, the box slightly moved."""
+    walk = 0.004 * shot.facing if shot.view == "side" else 0.0
+    return replace(
+        shot,
+        phase=shot.phase + float(rng.uniform(0.25, 0.5)),
+        fill=float(np.clip(shot.fill * rng.uniform(0.98, 1.02), 0.6, 1.1)),
+        dx=shot.dx + float(rng.normal(0, 0.012)),
+        top=shot.top + float(rng.normal(0, 0.006)),
+        scene_x=float(np.clip(shot.scene_x + walk, 0, 1)),
+        seed=int(rng.integers(2**31)),
+    )
+
+
+def _palette(look: Look, offset: int, out: np.ndarray) -> None:
+    """Colours of ``look``'s materials into rows ``offset + material`` of ``out``."""
+    c = look.rgb
+    skin = np.asarray(look.skin, np.float32)
+    rows = {
+        body.SKIN_FACE: skin,
+        body.SKIN_ARM: skin * 0.97,
+        body.SKIN_LEG: skin * 0.95,
+        body.HAIR: np.asarray(HAIR_COLORS[look.hair_color], np.float32),
+        body.HAT: c(look.hat_color),
+        body.TOP: c(look.top_color),
+        body.TOP2: c(look.top_color2),
+        body.COAT: c(look.coat_color),
+        body.LOWER: c(look.lower_color) * (0.92 if look.jeans else 1.0),
+        body.LOWER2: c(look.lower_color2),
+        body.SHOE: c(look.shoe_color),
+        body.SOLE: c(look.shoe_color) * 0.55 + 60,
+        body.BAG: c(look.bag_color),
+        body.BAG2: c(look.bag_color) * 0.8,
+        body.STRAP: c(look.bag_color) * 0.7,
+        body.GLASSES: np.array((20, 20, 24) if look.glasses == "sunglasses" else (60, 56, 54), np.float32),
+        body.FACE_DETAIL: skin * 0.35,
+        body.LOGO: c(look.top_color2),
+        body.OBJECT: c(look.object_color),
+    }
+    for material, rgb in rows.items():
+        out[offset + material] = np.clip(rgb, 0, 255)
+
+
+def _table(values: np.ndarray) -> np.ndarray:
+    out = np.zeros(256, np.uint8)
+    out[: len(values)] = values
+    return out
+
+
+_MATERIAL_IDS = np.arange(body.NUM_MATERIALS)
+_IS_SHADOW = _table((_MATERIAL_IDS == body.SHADOW) * 255)
+_IS_FG = _table(((_MATERIAL_IDS > 0) & (_MATERIAL_IDS != body.SHADOW)) * 255)
+_SHADOW_RGB = Image.new("RGB", (1, 1), (158, 158, 158))  # ground shadow: 62% of the light
+_EDGE_LUT = _table(np.r_[0, np.full(255, 42)])  # darken the outline of every shape against what lies behind it
+
+
+NOISE_LEVELS = (2.0, 4.0, 6.0)  # grey levels; a camera uses the nearest
+
+
+@functools.lru_cache(maxsize=len(NOISE_LEVELS))
+def _noise_tile(noise: float) -> Image.Image:
+    """Grey sensor noise (128 = none), shared by all crops; each crop takes a random window of it."""
+    rng = np.random.default_rng(int(noise * 1000))
+    tile = np.clip(128 + rng.standard_normal((512, 512), dtype=np.float32) * noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(tile).convert("RGB")
+
+
+def _noise(noise: float, height: int, width: int, rng: np.random.Generator) -> Image.Image:
+    tile = _noise_tile(min(NOISE_LEVELS, key=lambda level: abs(level - noise)))
+    if height > tile.height or width > tile.width:
+        return tile.resize((width, height), Image.Resampling.NEAREST)
+    x, y = int(rng.integers(0, tile.width - width + 1)), int(rng.integers(0, tile.height - height + 1))
+    return tile.crop((x, y, x + width, y + height))
+
+
+def _patterns(look: Look, mat: np.ndarray, base: Image.Image, pal: np.ndarray, unit: float, top: float) -> Image.Image:
+    """Stripes, plaid and printed trousers, painted on the garment's pixels."""
+    if look.top_pattern not in ("stripes", "plaid") and look.lower_pattern != "pattern":
+        return base
+    rgb = np.array(base)
+    yy = np.arange(mat.shape[0], dtype=np.float32)[:, None]
+    xx = np.arange(mat.shape[1], dtype=np.float32)[None, :]
+    if look.top_pattern in ("stripes", "plaid"):
+        sel = mat == body.TOP
+        period = max(2.0, 0.03 * unit)
+        line = pal[body.TOP2].astype(np.float32)
+        if look.top_pattern == "stripes":
+            rows = (np.floor((yy - top) / period).astype(np.int32) & 1).astype(bool)
+            rgb[sel & rows] = line
+        else:
+            p2 = period * 1.6
+            hb = ((yy - top) % p2) < p2 * 0.3
+            vb = (xx % p2) < p2 * 0.3
+            one = sel & (hb ^ vb)
+            rgb[one] = (rgb[one] * 0.45 + line * 0.55).astype(np.uint8)
+            rgb[sel & hb & vb] = (line * 0.8).astype(np.uint8)
+    if look.lower_pattern == "pattern":
+        sel = mat == body.LOWER
+        period = max(3.0, 0.035 * unit)
+        dots = (np.sin(xx * (6.283 / period)) * np.sin((yy - top) * (6.283 / period))) > 0.55
+        rgb[sel & dots] = pal[body.LOWER2]
+    return Image.fromarray(rgb)
+
+
+_OCC_COLOURS = {
+    "pole": ((92, 96, 100), (60, 62, 66), (0, 0, 0)),
+    "bin": ((48, 96, 60), (36, 70, 44), (0, 0, 0)),
+    "car": ((150, 30, 34), (52, 60, 70), (200, 200, 200)),
+    "railing": ((70, 74, 80), (110, 112, 116), (0, 0, 0)),
+    "bush": ((60, 108, 54), (44, 84, 40), (0, 0, 0)),
+}
+
+
+def _occluder(cv: Canvas, kind: str, pos: float, h: int, w: int) -> None:
+    a, b = body.OCC_A, body.OCC_B
+    if kind == "pole":
+        x, half = pos * w, w * 0.045
+        cv.rectangle((x - half, -1, x + half, h + 1), a, "occ")
+    elif kind == "bin":
+        x, half = pos * w, w * 0.2
+        cv.rectangle((x - half, h * 0.74, x + half, h + 1), a, "occ")
+        cv.rectangle((x - half * 1.08, h * 0.72, x + half * 1.08, h * 0.76), b, "occ")
+    elif kind == "car":
+        y = h * (0.62 + 0.12 * pos)
+        left = pos < 0.5
+        x0, x1 = (-2, w * 0.75) if left else (w * 0.25, w + 2)
+        cv.polygon([(x0, y), (x1, y + h * 0.03), (x1, h + 1), (x0, h + 1)], a, "occ")
+        cv.polygon([(x0, y - h * 0.06), (x1 - w * 0.2 if left else x1, y - h * 0.05), (x1, y), (x0, y)], b, "occ")
+    elif kind == "railing":
+        for frac in (0.58 + 0.1 * pos, 0.74 + 0.1 * pos):
+            cv.line([(-1, h * frac), (w + 1, h * frac)], max(1.5, h * 0.018), a, "occ")
+        for x in np.arange(pos * w * 0.3, w, w * 0.33):
+            cv.rectangle((x - w * 0.015, h * (0.58 + 0.1 * pos), x + w * 0.015, h + 1), b, "occ")
+    elif kind == "bush":
+        for k in range(5):
+            x = w * (k / 4.0) + (pos - 0.5) * w * 0.3
+            r = w * (0.18 + 0.04 * ((k * 7) % 3))
+            cv.ellipse((x, h * 0.95), r, r * 0.9, a if k % 2 else b, "occ")
+
+
+def render_shot(look: Look, camera: Camera, shot: Shot, height: int, width: int) -> Sample:
+    """Render ``look`` as seen by ``camera`` in ``shot`` at ``height`` x ``width`` pixels."""
+    rng = np.random.default_rng(shot.seed)
+    unit = shot.fill * height
+    top, cx = shot.top * height, width * (0.5 + shot.dx)
+    jitter = rng.normal(0, 0.006, (17, 2)) * (shot.stride > 0)
+    sk = skeleton(look, shot.view, shot.facing, shot.phase, shot.stride, cx=cx, top=top, height_px=unit, jitter=jitter)
+    cv = Canvas(height, width, light_dx=camera.light_dx)
+    palette = np.zeros((body.NUM_MATERIALS, 3), np.float32)
+    _palette(look, 0, palette)
+    other = None
+    if shot.other_seed is not None or shot.occluder == "person":
+        orng = np.random.default_rng(shot.other_seed if shot.other_seed is not None else shot.seed + 1)
+        other = random_look(orng)
+        _palette(other, body.OTHER, palette)
+        o_view = ("front", "back", "side")[int(orng.integers(3))]
+        o_unit = unit * float(orng.uniform(0.9, 1.15))
+        o_sk = skeleton(other, o_view, int(orng.choice((-1, 1))), float(orng.uniform(0, 6.3)), 0.8,
+                        cx=width * (0.5 + shot.other_dx), top=top + unit - o_unit, height_px=o_unit)  # fmt: skip
+    if other is not None and shot.occluder != "person":
+        draw_person(cv, other, o_sk, offset=body.OTHER, tag="other")
+    draw_person(cv, look, sk)
+    if shot.occluder == "person" and other is not None:
+        draw_person(cv, other, o_sk, offset=body.OTHER, tag="other")
+    elif shot.occluder is not None:
+        for k, rgb in enumerate(_OCC_COLOURS[shot.occluder]):
+            palette[body.OCC_A + k] = rgb
+        _occluder(cv, shot.occluder, shot.occ_pos, height, width)
+
+    # Composition: byte table lookups in numpy, per-pixel colour work in PIL's C loops.
+    materials = np.zeros(256, np.uint8)
+    materials[: len(cv.materials)] = cv.materials
+    mat = np.take(materials, np.asarray(cv.sid))
+    pal = np.zeros((256, 3), np.uint8)
+    pal[: len(palette)] = np.clip(palette * 1.06, 0, 255)
+    base = Image.frombytes("P", (width, height), mat.tobytes())
+    base.putpalette(pal.tobytes())
+    base = _patterns(look, mat, base.convert("RGB"), pal, unit, top)
+    shade = cv.shade.resize((width, height), Image.Resampling.BILINEAR)
+    edges = cv.sid.filter(ImageFilter.FIND_EDGES)
+    shade = ImageChops.subtract(shade, Image.fromarray(np.take(_EDGE_LUT, np.asarray(edges))))
+    person = ImageChops.multiply(base, shade.convert("RGB"))
+    feet_y = top + unit * 0.99
+    bg = background_window(camera, height=height, width=width, scene_x=shot.scene_x, depth=shot.depth,
+                           person_px=unit, feet_y=feet_y, cx=cx)  # fmt: skip
+    shadow = np.take(_IS_SHADOW, mat)
+    if shadow.any():
+        bg = Image.composite(ImageChops.multiply(bg, _SHADOW_RGB.resize(bg.size)), bg, Image.fromarray(shadow))
+    img = Image.composite(person, bg, Image.fromarray(np.take(_IS_FG, mat)))
+    gain = np.asarray(camera.cast) * (camera.gain * shot.brightness)
+    img = img.point(np.clip(np.arange(256)[None, :] * gain[:, None], 0, 255).astype(np.uint8).ravel().tolist())
+    img = ImageChops.add(img, _noise(camera.noise, height, width, rng), 1.0, -128)
+    if camera.lowres < 1.0:
+        small = (max(8, int(width * camera.lowres)), max(8, int(height * camera.lowres)))
+        img = img.resize(small, Image.Resampling.BILINEAR).resize((width, height), Image.Resampling.BILINEAR)
+    pil = img.filter(ImageFilter.BoxBlur(camera.blur * height / 256.0))
+    part_mask = np.take(body.PART_OF_MATERIAL_256, mat)
+    keypoints = _keypoints(sk, cv.sid, cv.tags, height, width)
+    return Sample(rgb=np.asarray(pil), part_mask=part_mask, keypoints=keypoints, view=shot.view)
+
+
+# Tags of a joint's own segment, and of clothing that covers it without hiding it (camera side only).
+def _own(name: str) -> frozenset[str]:
+    if name in ("nose", "left_eye", "right_eye"):
+        return frozenset({"face"})
+    side, joint = name.split("_", 1)
+    segments = {
+        "ear": ("ear",), "shoulder": ("uarm",), "elbow": ("uarm", "farm"), "wrist": ("farm", "hand"),
+        "hip": ("thigh",), "knee": ("thigh", "shin"), "ankle": ("shin", "foot"),
+    }[joint]  # fmt: skip
+    return frozenset(f"{side}_{s}" for s in segments)
+
+
+_COVER = {"ear": {"hair", "hat"}, "shoulder": {"hair", "strap"}, "hip": {"torso", "pelvis", "skirt"},
+          "knee": {"torso", "skirt"}}  # fmt: skip
+OWN_TAGS = {name: _own(name) for name in COCO_KEYPOINTS}
+COVER_TAGS = {name: frozenset(_COVER.get(name.split("_", 1)[-1], ())) for name in COCO_KEYPOINTS}
+
+
+def _keypoints(sk, sid: Image.Image, tags: list[str], height: int, width: int) -> np.ndarray:  # noqa: ANN001
+    out = np.zeros((17, 3), dtype=np.float32)
+    far_side = ("left" if sk.near_side() == "right" else "right") if sk.view == "side" else None
+    for i, name in enumerate(COCO_KEYPOINTS):
+        x, y = (float(v) for v in sk[name])
+        if not (0.0 <= x < width and 0.0 <= y < height):
+            continue  # outside the crop: (0, 0, 0) as in COCO
+        tag = tags[sid.getpixel((int(x), int(y)))]
+        far = (far_side is not None and name.startswith(far_side)) or (
+            sk.view == "back" and name in ("nose", "left_eye", "right_eye")
+        )
+        visible = tag in OWN_TAGS[name] or (not far and tag in COVER_TAGS[name])
+        out[i] = (x, y, 2.0 if visible else 1.0)
+    return out
+
+
+def render_person(
+    rng: np.random.Generator, look: Look, camera: Camera, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One random image of ``look`` by ``camera``: (rgb HxWx3 uint8, part_mask HxW uint8, keypoints 17x3)."""
+    sample = render_shot(look, camera, random_shot(rng, camera), height, width)
+    return sample.rgb, sample.part_mask, sample.keypoints

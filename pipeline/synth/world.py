@@ -1,0 +1,244 @@
+"""``clasp synth``: write the synthetic world in the real datasets' layouts, with ground truth.
+
+    clasp synth --out data/synth --identities 200 --preview
+    clasp synth --out data/synth workers=4 market_identities=750 pa100k_images=5000
+
+Output (everything under ``--out``)::
+
+    luperson/<country>/<city>/<video>/<frame>.jpg     unlabeled corpus, as SOLIDER reads LUPerson
+    luperson_lmdb/{data.mdb,lock.mdb,keys.pkl}        the same JPEG bytes, LUPerson convert_lmdb.py style;
+                                                      key = folder path joined by '_' without '.jpg'
+    gt.parquet                                        ground truth per corpus image (layouts.GT_SCHEMA)
+    pairs.csv                                         image,caption (paths relative to --out) for CLIP training
+    market1501/{bounding_box_train,bounding_box_test,query}/PPPP_cCsS_FFFFFF_NN.jpg
+    market1501_gt.parquet                             ground truth per Market-1501 image (same schema)
+    pa100k/data/NNNNNN.jpg, pa100k/annotation.mat     PA-100K layout, 8:1:1 split
+    pa100k_gt.parquet
+    synth_config.yaml, world.json                     resolved config; counts (written last: the world is complete)
+    preview.png                                       with --preview: samples, part masks, keypoints
+
+The world is built in a hidden folder under ``--out`` and moved into place at the end, so an interrupted
+run never leaves a partial world that looks complete. Rendering may use several worker processes; every
+image is fully determined by the seed and its plan, so the bytes do not depend on ``workers``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import ConfigError, save_config
+from pipeline.errors import ClaspError
+from pipeline.formats import atomic_path, write_json_atomic
+from pipeline.synth.layouts import LmdbWriter, write_gt, write_pa100k_mat
+from pipeline.synth.look import attributes, caption
+from pipeline.synth.plan import LUPERSON, MARKET, PA100K, Job, plan_corpus, plan_market, plan_pa100k
+from pipeline.synth.render import render_shot
+
+OUTPUTS = ("luperson", "luperson_lmdb", "gt.parquet", "pairs.csv", "market1501", "market1501_gt.parquet", "pa100k",
+           "pa100k_gt.parquet", "synth_config.yaml", "world.json", "preview.png")  # fmt: skip
+
+
+@dataclass
+class SynthConfig:
+    """Size and shape of the synthetic world. Defaults: ~6k images, about a minute on one core."""
+
+    identities: int = 200  # people in the LUPerson-like corpus
+    seed: int = 0
+    preview: bool = False  # also write preview.png
+    workers: int = 1  # rendering processes (output bytes do not depend on it)
+    quiet: bool = False  # no progress bar
+    overwrite: bool = False  # replace a previous world in --out (only the files synth writes)
+    # LUPerson-like corpus
+    tracks_per_identity: int = 2  # videos each person appears in
+    frames_per_track: int = 4  # near-duplicate frames per appearance
+    people_per_video: int = 6
+    min_height: int = 128  # crop height range in pixels (log-uniform)
+    max_height: int = 320
+    min_aspect: float = 0.36  # crop width / height range
+    max_aspect: float = 0.52
+    # Market-1501
+    market_identities: int | None = None  # default: same number as the corpus (other people)
+    market_images_per_camera: int = 4  # at most, per person and camera
+    market_height: int = 128
+    market_width: int = 64
+    market_junk_ratio: float = 0.19  # junk (-1) boxes as a share of the other gallery boxes
+    market_distractor_ratio: float = 0.14  # distractor (0000) boxes, likewise
+    # PA-100K
+    pa100k_images: int | None = None  # default: 5 x identities
+    pa100k_cameras: int = 24
+
+
+def _validate(cfg: SynthConfig) -> None:
+    checks = [
+        (cfg.identities >= 2, "identities must be >= 2"),
+        (cfg.tracks_per_identity >= 1, "tracks_per_identity must be >= 1"),
+        (cfg.frames_per_track >= 1, "frames_per_track must be >= 1"),
+        (cfg.people_per_video >= 1, "people_per_video must be >= 1"),
+        (16 <= cfg.min_height <= cfg.max_height, "need 16 <= min_height <= max_height"),
+        (0.2 <= cfg.min_aspect <= cfg.max_aspect <= 1.0, "need 0.2 <= min_aspect <= max_aspect <= 1"),
+        (cfg.market_identities is None or cfg.market_identities >= 2, "market_identities must be >= 2"),
+        (cfg.market_images_per_camera >= 2, "market_images_per_camera must be >= 2 (a query and a gallery box)"),
+        (cfg.market_height >= 32 and cfg.market_width >= 16, "market_height/market_width too small"),
+        (cfg.pa100k_images is None or cfg.pa100k_images >= 10, "pa100k_images must be >= 10 (8:1:1 split)"),
+        (cfg.pa100k_cameras >= 1, "pa100k_cameras must be >= 1"),
+        (cfg.workers >= 1, "workers must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"synth config: {message}")
+
+
+@dataclass
+class Rendered:
+    jpeg: bytes
+    row: dict
+
+
+def render_job(job: Job) -> Rendered:
+    """Render one planned image: JPEG bytes (the camera's quality) and its ground-truth row."""
+    sample = render_shot(job.look, job.camera, job.shot, job.height, job.width)
+    buf = io.BytesIO()
+    Image.fromarray(sample.rgb).save(buf, format="JPEG", quality=job.camera.jpeg_quality)
+    mask = io.BytesIO()
+    Image.fromarray(sample.part_mask).save(mask, format="PNG", compress_level=6)
+    source = job.path.split("/", 1)[1]
+    row = {
+        "key": job.key,
+        "source": source,
+        "split": job.split,
+        "identity": job.identity,
+        "camera": job.camera.index + 1 if job.dataset == MARKET else job.camera.index,
+        "view": sample.view,
+        "attributes": attributes(job.look, sample.view).tolist(),
+        "keypoints": sample.keypoints.reshape(-1).tolist(),
+        "part_mask": mask.getvalue(),
+        "caption": caption(job.look, sample.view, job.variant),
+        "width": job.width,
+        "height": job.height,
+    }
+    return Rendered(buf.getvalue(), row)
+
+
+def _render_all(jobs: list[Job], workers: int) -> Iterator[Rendered]:
+    if workers <= 1:
+        yield from map(render_job, jobs)
+        return
+    # spawn, not fork: the parent may hold threads (progress bar) and an open LMDB environment
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(render_job, jobs, chunksize=16)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    ours = [out / name for name in OUTPUTS if (out / name).exists()]
+    others = [p for p in out.iterdir() if p.name not in OUTPUTS and not p.name.startswith(".synth-partial")]
+    if others:
+        raise ClaspError(f"--out {out}: not empty ({others[0].name} ...); choose a new directory for the world")
+    if ours and not overwrite:
+        raise ClaspError(f"--out {out}: already holds a synthetic world; pass overwrite=true to replace it")
+    for p in ours:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    tmp = out / f".synth-partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def write_world(cfg: SynthConfig, out: Path) -> dict:
+    """Render the whole world under ``out`` (see the module docstring) and return its counts."""
+    _validate(cfg)
+    out = Path(out)
+    start = time.perf_counter()
+    tmp = _prepare_out(out, cfg.overwrite)
+    corpus, n_videos = plan_corpus(cfg)
+    market = plan_market(cfg)
+    pa100k = plan_pa100k(cfg)
+    jobs = corpus + market + pa100k
+    bar = None
+    if not cfg.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="synth", unit="img", smoothing=0.1)
+    lmdb = LmdbWriter(tmp / "luperson_lmdb", len(corpus))
+    rows: dict[str, list[dict]] = {LUPERSON: [], MARKET: [], PA100K: []}
+    made_dirs: set[Path] = set()
+    try:
+        for job, done in zip(jobs, _render_all(jobs, cfg.workers), strict=True):
+            path = tmp / job.path
+            if path.parent not in made_dirs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                made_dirs.add(path.parent)
+            path.write_bytes(done.jpeg)
+            if job.dataset == LUPERSON:
+                lmdb.put(job.key, done.jpeg)
+            rows[job.dataset].append(done.row)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        lmdb.close()
+        if bar is not None:
+            bar.close()
+    write_gt(tmp / "gt.parquet", rows[LUPERSON])
+    write_gt(tmp / "market1501_gt.parquet", rows[MARKET])
+    write_gt(tmp / "pa100k_gt.parquet", rows[PA100K])
+    with atomic_path(tmp / "pairs.csv") as p, open(p, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "caption"])
+        writer.writerows((f"{LUPERSON}/{r['source']}", r["caption"]) for r in rows[LUPERSON])
+    pa_rows = rows[PA100K]
+    write_pa100k_mat(
+        tmp / PA100K / "annotation.mat",
+        {s: [r["source"].split("/")[-1] for r in pa_rows if r["split"] == s] for s in ("train", "val", "test")},
+        {s: np.array([r["attributes"] for r in pa_rows if r["split"] == s]) for s in ("train", "val", "test")},
+    )
+    if cfg.preview:
+        from pipeline.synth.preview import write_preview
+
+        write_preview(tmp / "preview.png", corpus)
+    save_config(cfg, tmp / "synth_config.yaml")
+    summary = _summary(cfg, corpus, n_videos, rows)
+    for name in OUTPUTS:  # move into place; world.json last, so its presence means "complete"
+        if (tmp / name).exists() and name != "world.json":
+            os.replace(tmp / name, out / name)
+    write_json_atomic(out / "world.json", summary)
+    shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    if not cfg.quiet:
+        print(f"synth: {len(jobs)} images in {seconds:.1f} s ({len(jobs) / seconds:.0f} img/s) -> {out}")
+    return {**summary, "seconds": round(seconds, 2)}
+
+
+def _summary(cfg: SynthConfig, corpus: list[Job], n_videos: int, rows: dict[str, list[dict]]) -> dict:
+    market = rows[MARKET]
+
+    def ids(split: str) -> set[int]:
+        return {r["identity"] for r in market if r["split"] == split and r["identity"] > 0}
+
+    return {
+        "seed": cfg.seed,
+        "luperson": {"images": len(corpus), "identities": cfg.identities, "videos": n_videos},
+        "market1501": {
+            "train_images": sum(r["split"] == "train" for r in market),
+            "train_identities": len(ids("train")),
+            "gallery_images": sum(r["split"] == "test" for r in market),
+            "gallery_identities": len(ids("test")),
+            "query_images": sum(r["split"] == "query" for r in market),
+            "query_identities": len(ids("query")),
+            "junk_images": sum(r["identity"] == -1 for r in market),
+            "distractor_images": sum(r["identity"] == 0 for r in market),
+            "cameras": 6,
+        },
+        "pa100k": {s: sum(r["split"] == s for r in rows[PA100K]) for s in ("train", "val", "test")},
+    }
