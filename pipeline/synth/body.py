@@ -16,15 +16,15 @@ from pipeline.synth.pose import Skeleton
 # Materials (colour + part class). A second person (drawn as background clutter) uses ids + OTHER.
 SKIN_FACE, SKIN_ARM, SKIN_LEG, HAIR, HAT, TOP, TOP2, COAT, LOWER, LOWER2 = range(1, 11)
 SHOE, SOLE, BAG, BAG2, STRAP, GLASSES, FACE_DETAIL, LOGO, OBJECT, SHADOW = range(11, 21)
-OCC_A, OCC_B, OCC_C = 21, 22, 23
-OTHER = 24
+OCC_A, OCC_B, OCC_C, SCALP = 21, 22, 23, 24
+OTHER = 25
 NUM_MATERIALS = 2 * OTHER
 # part classes (data_manifests/parts.yaml order)
 BACKGROUND, HEAD, FACE, UPPER, ARMS, LOWER_CLOTHES, LEGS, SHOES, ACCESSORIES = range(9)
 PART_OF_MATERIAL = np.zeros(NUM_MATERIALS, dtype=np.uint8)
 for _mats, _part in (
     ((SKIN_FACE, GLASSES, FACE_DETAIL), FACE),
-    ((HAIR, HAT), HEAD),
+    ((HAIR, HAT, SCALP), HEAD),
     ((TOP, TOP2, COAT, LOGO), UPPER),
     ((SKIN_ARM,), ARMS),
     ((LOWER, LOWER2), LOWER_CLOTHES),
@@ -432,21 +432,19 @@ def _head(pen: _Pen) -> None:
     hh = p.head_h
     hx, hy = pen.pt("head")
     has_hair = look.hair_style != "bald"
+    # the cranium: hair, or bare scalp (part class "head" either way; the face is only the front)
+    cranium, cranium_tag = (HAIR, "hair") if has_hair else (SCALP, "scalp")
     face_rx, face_ry = 0.34 * hh, 0.44 * hh
-    hair_c = (hx, hy - 0.06 * hh * u)
     if sk.view == "side":
         f = pen.f
-        if has_hair:
-            pen.ellipse((hx - f * 0.06 * hh * u, hy - 0.05 * hh * u), 0.41 * hh, 0.48 * hh, HAIR, "hair")
+        pen.ellipse((hx - f * 0.06 * hh * u, hy - 0.05 * hh * u), 0.41 * hh, 0.48 * hh, cranium, cranium_tag)
         face_c = (hx + f * 0.07 * hh * u, hy + 0.05 * hh * u)
         pen.ellipse(face_c, face_rx * 0.95, face_ry, SKIN_FACE, "face")
-        if not has_hair:
-            pen.ellipse((hx - f * 0.04 * hh * u, hy - 0.04 * hh * u), 0.38 * hh, 0.45 * hh, SKIN_FACE, "face")
         pen.ellipse(pen.pt("nose"), 0.07 * hh, 0.09 * hh, SKIN_FACE, "face")
         ear = pen.pt(f"{sk.near_side()}_ear")
         if look.hair_style != "long":
             pen.ellipse(ear, 0.08 * hh, 0.13 * hh, SKIN_FACE, f"{sk.near_side()}_ear")
-        if has_hair and look.hair_style != "bald":  # hair over the top, above the face
+        if has_hair:  # hair over the top, above the face
             pen.ellipse((hx - f * 0.03 * hh * u, hy - 0.3 * hh * u), 0.36 * hh, 0.2 * hh, HAIR, "hair")
         if look.hair_style == "ponytail":
             pen.capsule((hx - f * 0.4 * hh * u, hy - 0.05 * hh * u), (hx - f * 0.55 * hh * u, hy + 0.5 * hh * u),
@@ -459,26 +457,20 @@ def _head(pen: _Pen) -> None:
             pen.cv.ellipse(eye, 0.1 * hh * u, 0.08 * hh * u, pen.m(GLASSES), pen.t("face"), shade=False)
         _hat(pen, hx, hy, hh)
         return
-    if has_hair:
-        pen.ellipse(hair_c, 0.42 * hh, 0.5 * hh, HAIR, "hair")
+    pen.ellipse((hx, hy - 0.06 * hh * u), 0.42 * hh, 0.5 * hh, cranium, cranium_tag)
     for side in ("left", "right"):
         ex, ey = pen.pt(f"{side}_ear")
         if look.hair_style != "long":
             pen.ellipse((ex, ey), 0.08 * hh, 0.13 * hh, SKIN_FACE, f"{side}_ear")
-    if sk.view == "back":
-        if has_hair:
-            pen.ellipse((hx, hy - 0.02 * hh * u), 0.4 * hh, 0.47 * hh, HAIR, "hair")
-        else:
-            pen.ellipse((hx, hy), 0.38 * hh, 0.46 * hh, SKIN_FACE, "face")
+    if sk.view == "back":  # the back of the head, narrower than the ears
+        pen.ellipse((hx, hy - 0.02 * hh * u), 0.34 * hh, 0.47 * hh, cranium, cranium_tag)
         if look.hair_style == "ponytail":
             pen.capsule((hx, hy + 0.1 * hh * u), (hx, hy + 0.75 * hh * u), 0.1 * hh, 0.07 * hh, HAIR, "hair")
         _hat(pen, hx, hy, hh)
         return
     face_c = (hx, hy + 0.06 * hh * u)
     pen.ellipse(face_c, face_rx, face_ry, SKIN_FACE, "face")
-    if not has_hair:
-        pen.ellipse((hx, hy - 0.02 * hh * u), 0.37 * hh, 0.45 * hh, SKIN_FACE, "face")
-    else:  # fringe
+    if has_hair:  # fringe
         pts = [(hx - 0.36 * hh * u, hy - 0.05 * hh * u), (hx - 0.3 * hh * u, hy - 0.36 * hh * u),
                (hx + 0.3 * hh * u, hy - 0.36 * hh * u), (hx + 0.36 * hh * u, hy - 0.05 * hh * u),
                (hx + 0.2 * hh * u, hy - 0.2 * hh * u), (hx - 0.25 * hh * u, hy - 0.18 * hh * u)]  # fmt: skip

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
@@ -80,8 +81,13 @@ def write_pa100k_mat(path: Path, names: dict[str, list[str]], labels: dict[str, 
     for split in ("train", "val", "test"):
         content[f"{split}_images_name"] = cell(names[split])
         content[f"{split}_label"] = np.asarray(labels[split], dtype=np.uint8).reshape(-1, len(ATTRIBUTES))
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        scipy.io.savemat(fh, content, do_compression=False)
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, content, do_compression=False)
+    data = bytearray(buf.getvalue())
+    # The 116-byte text header carries a creation time; a fixed text keeps the file byte-identical per seed.
+    data[:116] = b"MATLAB 5.0 MAT-file, written by clasp synth".ljust(116)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(bytes(data))
 
 
 def write_gt(path: Path, rows: list[dict]) -> None:

@@ -293,7 +293,7 @@ def caption(look: Look, view: str, variant: int = 0) -> str:
     if look.handbag:
         carry.append(f"a {look.bag_color} handbag")
     if look.holds_object and view != "back":
-        carry.append("something in front of them")
+        carry.append("a box in front of them")
     text = subject + (f" {hair}" if hair else "") + f" wearing {wearing}"
     if carry:
         text += ", carrying " + (", ".join(carry[:-1]) + " and " + carry[-1] if len(carry) > 1 else carry[0])

@@ -125,6 +125,7 @@ def _palette(look: Look, offset: int, out: np.ndarray) -> None:
         body.FACE_DETAIL: skin * 0.35,
         body.LOGO: c(look.top_color2),
         body.OBJECT: c(look.object_color),
+        body.SCALP: skin * 0.96,
     }
     for material, rgb in rows.items():
         out[offset + material] = np.clip(rgb, 0, 255)
@@ -300,7 +301,7 @@ def _own(name: str) -> frozenset[str]:
     return frozenset(f"{side}_{s}" for s in segments)
 
 
-_COVER = {"ear": {"hair", "hat"}, "shoulder": {"hair", "strap"}, "hip": {"torso", "pelvis", "skirt"},
+_COVER = {"ear": {"hair", "scalp", "hat"}, "shoulder": {"hair", "strap"}, "hip": {"torso", "pelvis", "skirt"},
           "knee": {"torso", "skirt"}}  # fmt: skip
 OWN_TAGS = {name: _own(name) for name in COCO_KEYPOINTS}
 COVER_TAGS = {name: frozenset(_COVER.get(name.split("_", 1)[-1], ())) for name in COCO_KEYPOINTS}
