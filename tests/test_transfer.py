@@ -328,7 +328,7 @@ def test_pk_sampler_batches_hold_p_identities_with_k_images() -> None:
     pids = [0] * 5 + [1] * 4 + [2] * 1 + [3] * 8 + [4] * 3
     sampler = PKBatchSampler(pids, p=3, k=2, seed=0)
     batches = list(sampler)
-    assert 0 < len(batches) <= len(sampler)
+    assert 0 < len(batches) == len(sampler)
     for batch in batches:
         ids = [pids[i] for i in batch]
         assert len(batch) == 6 and len(set(ids)) == 3 and all(ids.count(p) == 2 for p in set(ids))

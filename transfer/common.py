@@ -14,6 +14,7 @@ import datetime as dt
 import importlib
 import json
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,129 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(image), self.targets[index], index
 
 
+# --- the fine-tuning loop --------------------------------------------------------------------------
+
+LossFn = Callable[[nn.Module, torch.Tensor, Any], dict[str, torch.Tensor]]
+
+
+def make_accelerator(cfg: Any) -> tuple[Any, str]:
+    """(Accelerator, device name) for ``cfg.device`` / ``cfg.mixed_precision``; seeds ``cfg.seed + rank``."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    from pipeline.guards import resolve_device
+
+    device = resolve_device(cfg.device)
+    # MoE experts that receive no token in a step have no gradient; DDP must tolerate that
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
+    seed_everything(cfg.seed + accelerator.process_index)
+    return accelerator, device
+
+
+def fine_tune(
+    accelerator: Any,
+    cfg: Any,
+    *,
+    model: nn.Module,
+    optimizer: Any,
+    schedule: Any,
+    loader: Any,
+    loss_fn: LossFn,
+    steps_per_epoch: int,
+    set_epoch: Callable[[int], None],
+    name: str,
+) -> dict[str, Any]:
+    """Train ``cfg.epochs`` epochs of at most ``steps_per_epoch`` steps, resuming from ``out/checkpoint.pt``.
+
+    ``loss_fn(model, images, targets)`` returns named scalar losses including ``"loss"`` (the one
+    optimised); their epoch means are logged in the returned ``history``.
+    """
+    out = Path(cfg.out_dir)
+    quiet = cfg.quiet or not accelerator.is_main_process
+    start_epoch, step, history = 0, 0, []
+    state = load_checkpoint(out, cfg)
+    if state is not None:
+        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        if not quiet:
+            print(f"resuming {out / CHECKPOINT} after epoch {start_epoch}")
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        set_epoch(epoch)
+        model.train()
+        sums: dict[str, float] = {}
+        done, seen, t_epoch = 0, 0, time.perf_counter()
+        total = min(steps_per_epoch, len(loader))  # P x K epochs vary slightly in length
+        with progress(total, f"{name} epoch {epoch + 1}/{cfg.epochs}", quiet=quiet, unit="step") as advance:
+            for images, targets, _ in loader:
+                if done == steps_per_epoch:
+                    break
+                schedule.step_update(num_updates=step)
+                with accelerator.autocast():
+                    losses = loss_fn(model, images, targets)
+                loss = losses["loss"]
+                if not torch.isfinite(loss):
+                    raise ClaspError(
+                        f"{name} loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower optim.lr"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                if cfg.optim.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                step, done, seen = step + 1, done + 1, seen + images.shape[0] * accelerator.num_processes
+                for key, value in losses.items():  # all-reduced so every rank logs the same numbers
+                    sums[key] = sums.get(key, 0.0) + accelerator.reduce(value.detach(), reduction="mean").item()
+                advance(1, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+        elapsed = time.perf_counter() - t_epoch
+        history.append(
+            {"epoch": epoch + 1, **{k: v / max(1, done) for k, v in sums.items()}, "images_per_s": seen / elapsed}
+        )
+        if accelerator.is_main_process:
+            save_checkpoint(
+                out,
+                {
+                    "model": accelerator.unwrap_model(model).state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "history": history,
+                    "config": to_dict(cfg),
+                },
+            )
+        accelerator.wait_for_everyone()
+    return {"steps": step, "history": history, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+@torch.no_grad()
+def predict_in_order(
+    accelerator: Any,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    dataset: ImageDataset,
+    *,
+    batch_size: int,
+    workers: int,
+) -> torch.Tensor:
+    """``fn(images)`` over ``dataset`` on every process, gathered and returned in dataset order (float32, CPU)."""
+    loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers))
+    outputs, order = [], []
+    for images, _, index in loader:
+        with accelerator.autocast():
+            result = fn(images)
+        outputs.append(accelerator.gather_for_metrics(result.float()).cpu())
+        order.append(accelerator.gather_for_metrics(index).cpu())
+    return torch.cat(outputs)[torch.argsort(torch.cat(order))]
+
+
+def save_final_model(out_dir: Path, model: nn.Module) -> None:
+    """Fine-tuned weights (whole task model) as model.safetensors."""
+    from safetensors.torch import save_model
+
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_model(model, str(tmp))
+
+
 # --- checkpoints and results -----------------------------------------------------------------------
 
 
@@ -121,9 +245,15 @@ def save_checkpoint(out_dir: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(out_dir: Path) -> dict[str, Any] | None:
+def load_checkpoint(out_dir: Path, cfg: Any) -> dict[str, Any] | None:
+    """The resume state in ``out_dir`` (None if there is none); error if it was written by another config."""
     path = out_dir / CHECKPOINT
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("config") != to_dict(cfg):
+        raise ClaspError(f"{path} was written by a different configuration; use another --out or delete it")
+    return state
 
 
 def finished_results(out_dir: Path, cfg: Any) -> dict[str, Any] | None:
@@ -147,7 +277,10 @@ def write_results(
     title: str,
     table: list[tuple[str, str]],
 ) -> dict[str, Any]:
-    """Write config.yaml, results.json (record + config) and results.md (title, protocol, table)."""
+    """Write config.yaml, results.md (title, protocol, table) and, last, results.json (record + config).
+
+    results.json marks the run complete, so the resume checkpoint is deleted after it.
+    """
     record = {**record, "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     record["config"] = json.loads(json.dumps(to_dict(cfg)))
     save_config(cfg, out_dir / "config.yaml")
@@ -160,6 +293,7 @@ def write_results(
     with atomic_path(out_dir / RESULTS_MD) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     write_json_atomic(out_dir / RESULTS_JSON, record)
+    (out_dir / CHECKPOINT).unlink(missing_ok=True)
     return record
 
 

@@ -13,7 +13,6 @@ exp(r) on negatives; Li et al. TIP 2020, as Rethinking_of_PAR's ``bceloss`` with
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,12 +30,12 @@ from transfer.common import (
     ImageDataset,
     OptimConfig,
     build_optimizer,
+    fine_tune,
     finished_results,
-    load_checkpoint,
+    make_accelerator,
     pct,
-    progress,
-    save_checkpoint,
-    seed_everything,
+    predict_in_order,
+    save_final_model,
     write_results,
 )
 
@@ -114,10 +113,6 @@ def transforms(backbone: FeatureBackbone, cfg: AttrDataConfig, *, train: bool) -
 
 def run(cfg: AttrConfig) -> dict[str, Any]:
     """Fine-tune on ``cfg.dataset`` and write results.json / results.md / model.safetensors to ``cfg.out_dir``."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    from pipeline.guards import resolve_device
-
     if not cfg.data_dir or not cfg.out_dir:
         raise ClaspError("transfer attributes needs --data (dataset folder) and --out (output folder)")
     out = Path(cfg.out_dir)
@@ -125,18 +120,14 @@ def run(cfg: AttrConfig) -> dict[str, Any]:
     if finished is not None:
         return finished
     data = load_attr_dataset(cfg.dataset, cfg.data_dir, pickle_file=cfg.data.pickle_file, partition=cfg.data.partition)
-    device = resolve_device(cfg.device)
-    # MoE experts that receive no token in a step have no gradient; DDP must tolerate that
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
-    seed_everything(cfg.seed + accelerator.process_index)
-    quiet = cfg.quiet or not accelerator.is_main_process
+    accelerator, device = make_accelerator(cfg)
 
+    # --- model, data, optimiser
     backbone = build_backbone(cfg.backbone, tuple(cfg.data.img_size))
     model = AttrModel(backbone, len(data.attr_names))
     train_paths, train_labels = data.split(cfg.data.train_split)
     targets = train_labels.astype(np.float32)
-    pos_ratio = torch.from_numpy(targets.mean(axis=0)) if cfg.weighted_loss else None
+    pos_ratio = torch.from_numpy(targets.mean(axis=0)).to(accelerator.device) if cfg.weighted_loss else None
     train_set = ImageDataset(train_paths, list(targets), transforms(backbone, cfg.data, train=True))
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
@@ -152,100 +143,51 @@ def run(cfg: AttrConfig) -> dict[str, Any]:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     optimizer, schedule = build_optimizer(model, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if pos_ratio is not None:
-        pos_ratio = pos_ratio.to(accelerator.device)
 
-    start_epoch, step, history = 0, 0, []
-    state = load_checkpoint(out)
-    if state is not None:
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        if not quiet:
-            print(f"resuming {out / 'checkpoint.pt'} at epoch {start_epoch}")
+    def loss_fn(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": weighted_bce(net(images), labels.float(), pos_ratio)}
 
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        generator.manual_seed(cfg.seed * 1000 + epoch)  # same shuffles after a resume
-        model.train()
-        total, done, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
-        with progress(steps_per_epoch, f"attr epoch {epoch + 1}/{cfg.epochs}", quiet=quiet, unit="step") as advance:
-            for images, labels, _ in loader:
-                if done == steps_per_epoch:
-                    break
-                schedule.step_update(num_updates=step)
-                with accelerator.autocast():
-                    logits = model(images)
-                loss = weighted_bce(logits, labels.float(), pos_ratio)
-                if not torch.isfinite(loss):
-                    raise ClaspError(f"attribute loss became {loss.item()} at epoch {epoch + 1}; lower optim.lr")
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                if cfg.optim.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                step, done, seen = step + 1, done + 1, seen + images.shape[0]
-                total += accelerator.reduce(loss.detach(), reduction="mean").item()
-                advance(1, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
-        elapsed = time.perf_counter() - t_epoch
-        history.append({"epoch": epoch + 1, "loss": total / max(1, done), "images_per_s": seen / elapsed})
-        if accelerator.is_main_process:
-            save_checkpoint(
-                out,
-                {
-                    "model": accelerator.unwrap_model(model).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "history": history,
-                },
-            )
-        accelerator.wait_for_everyone()
-    train_s = time.perf_counter() - t0
-
-    gt, probs = predict(accelerator.unwrap_model(model), data, cfg, accelerator)
+    # --- train, evaluate, write
+    training = fine_tune(
+        accelerator,
+        cfg,
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        loader=loader,
+        loss_fn=loss_fn,
+        steps_per_epoch=steps_per_epoch,
+        set_epoch=lambda epoch: generator.manual_seed(cfg.seed * 1000 + epoch),  # same shuffles after a resume
+        name="attributes",
+    )
+    model = accelerator.unwrap_model(model)
+    gt, probs = predict(model, data, cfg, accelerator)
     scores = attr_metrics.attribute_metrics(gt, probs, threshold=cfg.threshold)
     record: dict[str, Any] = {}
     if accelerator.is_main_process:
-        record = _write(out, cfg, data, accelerator.unwrap_model(model), scores, history, step, train_s, device)
+        record = _write(out, cfg, data, model, scores, {**training, "device": device})
     accelerator.wait_for_everyone()
     return record
 
 
-@torch.no_grad()
 def predict(model: AttrModel, data: AttrData, cfg: AttrConfig, accelerator: Any) -> tuple[np.ndarray, np.ndarray]:
     """(ground truth, sigmoid probabilities) on the test split, in dataset order."""
     paths, labels = data.split(cfg.data.test_split)
     dataset = ImageDataset(paths, list(range(len(paths))), transforms(model.backbone, cfg.data, train=False))
-    loader = accelerator.prepare(
-        torch.utils.data.DataLoader(dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.workers)
-    )
     model.eval()
-    probs, order = [], []
-    for images, _, index in loader:
-        with accelerator.autocast():
-            logits = model(images)
-        probs.append(accelerator.gather_for_metrics(torch.sigmoid(logits.float())).cpu())
-        order.append(accelerator.gather_for_metrics(index).cpu())
-    prob = torch.cat(probs)[torch.argsort(torch.cat(order))].numpy()
-    return labels, prob
+    probs = predict_in_order(
+        accelerator,
+        lambda x: torch.sigmoid(model(x).float()),
+        dataset,
+        batch_size=cfg.data.batch_size,
+        workers=cfg.data.workers,
+    )
+    return labels, probs.numpy()
 
 
 def _write(
-    out: Path,
-    cfg: AttrConfig,
-    data: AttrData,
-    model: AttrModel,
-    scores: dict[str, Any],
-    history: list,
-    steps: int,
-    train_s: float,
-    device: str,
+    out: Path, cfg: AttrConfig, data: AttrData, model: AttrModel, scores: dict[str, Any], training: dict[str, Any]
 ) -> dict[str, Any]:
-    from safetensors.torch import save_model
-
-    from pipeline.formats import atomic_path
-
     h, w = cfg.data.img_size
     protocol = (
         f"{attr_metrics.PROTOCOL.replace('threshold 0.5', f'threshold {cfg.threshold}')}; "
@@ -258,6 +200,7 @@ def _write(
             data.attr_names, scores["label_mA"], scores["label_pos_recall"], scores["label_neg_recall"], strict=True
         )
     }
+    history = training["history"]
     record = {
         "task": "attributes",
         "dataset": data.name,
@@ -270,19 +213,15 @@ def _write(
         "data": data.summary(),
         "training": {
             "epochs": cfg.epochs,
-            "steps": steps,
-            "wall_s": round(train_s, 1),
-            "device": device,
+            "steps": training["steps"],
+            "wall_s": training["wall_s"],
+            "device": training["device"],
             "final_loss": round(history[-1]["loss"], 4) if history else None,
         },
         "history": history,
     }
-    table = [
-        (name, pct(summary[key]))
-        for name, key in (("mA", "mA"), ("Acc", "accuracy"), ("Prec", "precision"), ("Rec", "recall"), ("F1", "f1"))
-    ]
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_model(model, str(tmp))
-    record = write_results(out, cfg, record, title=f"Attribute transfer: {data.name}", table=table)
-    (out / "checkpoint.pt").unlink(missing_ok=True)  # model.safetensors holds the final weights
-    return record
+    labels = (("mA", "mA"), ("Acc", "accuracy"), ("Prec", "precision"), ("Rec", "recall"), ("F1", "f1"))
+    save_final_model(out, model)
+    return write_results(
+        out, cfg, record, title=f"Attribute transfer: {data.name}", table=[(n, pct(summary[k])) for n, k in labels]
+    )

@@ -3,8 +3,8 @@
 An epoch follows torchreid's ``RandomIdentitySampler``: each identity's images are shuffled and cut
 into groups of K (identities with fewer than K images are sampled with replacement up to K, an
 incomplete last group is dropped); batches then draw P identities at random among those with groups
-left, until fewer than P remain. The order depends only on ``seed`` and the epoch set with
-``set_epoch``, so a resumed run sees the same batches.
+left, until fewer than P remain. The batches depend only on ``seed`` and the epoch set with
+``set_epoch`` (so a resumed run sees the same ones) and are drawn up front, so ``len`` is exact.
 """
 
 from __future__ import annotations
@@ -29,20 +29,17 @@ class PKBatchSampler:
         if len(self.by_pid) < p:
             raise ClaspError(f"P x K sampling with P={p} needs >= {p} training identities, found {len(self.by_pid)}")
         self.p, self.k, self.seed, self.epoch = p, k, seed, 0
-        self._length = self._num_batches()
+        self._cache: tuple[int, list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _num_batches(self) -> int:
-        groups = sum(max(len(v), self.k) // self.k for v in self.by_pid.values())
-        return max(1, groups // self.p)  # an upper bound: random picks can exhaust identities a little earlier
+    def _batches(self) -> list[list[int]]:
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self._make_batches(np.random.default_rng([self.seed, self.epoch])))
+        return self._cache[1]
 
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def _make_batches(self, rng: np.random.Generator) -> list[list[int]]:
         groups: dict[int, list[list[int]]] = {}
         for pid, indices in self.by_pid.items():
             chosen = list(indices)
@@ -51,12 +48,19 @@ class PKBatchSampler:
             rng.shuffle(chosen)
             groups[pid] = [chosen[i : i + self.k] for i in range(0, len(chosen) - self.k + 1, self.k)]
         available = [pid for pid, g in groups.items() if g]
-        emitted = 0
-        while len(available) >= self.p and emitted < self._length:
+        batches = []
+        while len(available) >= self.p:
             picked = rng.choice(len(available), size=self.p, replace=False)
             batch: list[int] = []
             for i in sorted(picked):
                 batch.extend(groups[available[i]].pop())
             available = [pid for pid in available if groups[pid]]
-            emitted += 1
-            yield batch
+            batches.append(batch)
+        return batches
+
+    def __len__(self) -> int:
+        """Exact number of batches of the current epoch (it varies slightly between epochs)."""
+        return len(self._batches())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from (list(b) for b in self._batches())

@@ -16,7 +16,6 @@ k-reciprocal re-ranking. The run resumes from ``out/checkpoint.pt`` after an int
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,12 +29,12 @@ from transfer.common import (
     ImageDataset,
     OptimConfig,
     build_optimizer,
+    fine_tune,
     finished_results,
-    load_checkpoint,
+    make_accelerator,
     pct,
-    progress,
-    save_checkpoint,
-    seed_everything,
+    predict_in_order,
+    save_final_model,
     write_results,
 )
 from transfer.reid import metrics as reid_metrics
@@ -117,10 +116,6 @@ def transforms(backbone: FeatureBackbone, cfg: ReidDataConfig, *, train: bool) -
 
 def run(cfg: ReidConfig) -> dict[str, Any]:
     """Fine-tune on ``cfg.dataset`` and write results.json / results.md / model.safetensors to ``cfg.out_dir``."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    from pipeline.guards import resolve_device
-
     if not cfg.data_dir or not cfg.out_dir:
         raise ClaspError("transfer reid needs --data (dataset folder) and --out (output folder)")
     out = Path(cfg.out_dir)
@@ -128,13 +123,9 @@ def run(cfg: ReidConfig) -> dict[str, Any]:
     if finished is not None:
         return finished
     data = load_reid_dataset(cfg.dataset, cfg.data_dir, msmt17_with_val=cfg.data.msmt17_with_val)
-    device = resolve_device(cfg.device)
-    # MoE experts that receive no token in a step have no gradient; DDP must tolerate that
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
-    seed_everything(cfg.seed + accelerator.process_index)
-    quiet = cfg.quiet or not accelerator.is_main_process
+    accelerator, device = make_accelerator(cfg)
 
+    # --- model, P x K data, optimiser
     backbone = build_backbone(cfg.backbone, tuple(cfg.data.img_size))
     model = ReidModel(backbone, data.num_train_ids)
     pids = [pid for _, pid, _ in data.train]
@@ -153,94 +144,43 @@ def run(cfg: ReidConfig) -> dict[str, Any]:
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-    start_epoch, step, history = 0, 0, []
-    state = load_checkpoint(out)
-    if state is not None:
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        if not quiet:
-            print(f"resuming {out / 'checkpoint.pt'} at epoch {start_epoch}")
+    def loss_fn(net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits, feats = net(images)
+        return criterion(logits, feats, targets)
 
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        totals, seen, t_epoch = {"loss": 0.0, "id": 0.0, "triplet": 0.0}, 0, time.perf_counter()
-        done = 0
-        with progress(steps_per_epoch, f"reid epoch {epoch + 1}/{cfg.epochs}", quiet=quiet, unit="step") as advance:
-            for images, targets, _ in loader:
-                if done == steps_per_epoch:
-                    break
-                schedule.step_update(num_updates=step)
-                with accelerator.autocast():
-                    logits, feats = model(images)
-                    losses = criterion(logits, feats, targets)
-                loss = losses["loss"]
-                if not torch.isfinite(loss):
-                    raise ClaspError(
-                        f"re-ID loss became {loss.item()} at epoch {epoch + 1} step {step}; lower optim.lr"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                if cfg.optim.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                step += 1
-                done += 1
-                seen += images.shape[0]
-                for key in totals:
-                    totals[key] += accelerator.reduce(losses[key].detach(), reduction="mean").item()
-                advance(1, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
-        n = max(1, done)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                **{k: v / n for k, v in totals.items()},
-                "images_per_s": seen / (time.perf_counter() - t_epoch),
-            }
-        )
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            save_checkpoint(
-                out,
-                {
-                    "model": unwrapped.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "history": history,
-                },
-            )
-        accelerator.wait_for_everyone()
-    train_s = time.perf_counter() - t0
-
-    scores = evaluate(accelerator.unwrap_model(model), data, cfg, accelerator)
-    record = None
+    # --- train, evaluate, write
+    training = fine_tune(
+        accelerator,
+        cfg,
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        loader=loader,
+        loss_fn=loss_fn,
+        steps_per_epoch=steps_per_epoch,
+        set_epoch=sampler.set_epoch,
+        name="reid",
+    )
+    model = accelerator.unwrap_model(model)
+    scores = evaluate(model, data, cfg, accelerator)
+    record: dict[str, Any] = {}
     if accelerator.is_main_process:
-        record = _write(out, cfg, data, accelerator.unwrap_model(model), scores, history, step, train_s, device)
+        record = _write(out, cfg, data, model, scores, {**training, "device": device})
     accelerator.wait_for_everyone()
-    return record or {}
+    return record
 
 
-@torch.no_grad()
 def extract_features(model: ReidModel, items: list, cfg: ReidConfig, accelerator: Any) -> np.ndarray:
     """Test features (BN or pre-BN, per ``cfg.eval.feature``) for ``items`` in their order."""
     dataset = ImageDataset(
         [p for p, _, _ in items], [0] * len(items), transforms(model.backbone, cfg.data, train=False)
     )
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.eval.batch_size, num_workers=cfg.data.workers)
-    loader = accelerator.prepare(loader)
+    pick = 1 if cfg.eval.feature == "after_bn" else 0
     model.eval()
-    feats, order = [], []
-    for images, _, index in loader:
-        with accelerator.autocast():
-            before, after = model(images)
-        chosen = after if cfg.eval.feature == "after_bn" else before
-        feats.append(accelerator.gather_for_metrics(chosen.float()).cpu())
-        order.append(accelerator.gather_for_metrics(index).cpu())
-    features = torch.cat(feats)[torch.argsort(torch.cat(order))]
-    return features.numpy()
+    feats = predict_in_order(
+        accelerator, lambda x: model(x)[pick], dataset, batch_size=cfg.eval.batch_size, workers=cfg.data.workers
+    )
+    return feats.numpy()
 
 
 def evaluate(model: ReidModel, data: ReidData, cfg: ReidConfig, accelerator: Any) -> dict[str, Any]:
@@ -270,35 +210,21 @@ def _summary(result: dict[str, Any]) -> dict[str, float]:
 
 
 def _write(
-    out: Path,
-    cfg: ReidConfig,
-    data: ReidData,
-    model: ReidModel,
-    scores: dict,
-    history: list,
-    steps: int,
-    train_s: float,
-    device: str,
+    out: Path, cfg: ReidConfig, data: ReidData, model: ReidModel, scores: dict[str, Any], training: dict[str, Any]
 ) -> dict[str, Any]:
-    from safetensors.torch import save_model
-
-    from pipeline.formats import atomic_path
-
     h, w = cfg.data.img_size
     protocol = (
         f"{reid_metrics.PROTOCOL}; test feature {cfg.eval.feature.replace('_', ' ')} of BNNeck, "
         f"{'L2-normalised, ' if cfg.eval.normalize else ''}squared Euclidean; input {h}x{w}"
     )
     metrics = {"no_rerank": _summary(scores["plain"])}
-    table = [
-        (f"{name} (no re-ranking)", pct(metrics["no_rerank"][name]))
-        for name in ("mAP", "rank1", "rank5", "rank10", "mINP")
-        if name in metrics["no_rerank"]
-    ]
+    names = [n for n in ("mAP", "rank1", "rank5", "rank10", "mINP") if n in metrics["no_rerank"]]
+    table = [(f"{n} (no re-ranking)", pct(metrics["no_rerank"][n])) for n in names]
     if "reranked" in scores:
         metrics["rerank"] = _summary(scores["reranked"])
         tag = f"k-reciprocal k1={cfg.eval.k1} k2={cfg.eval.k2} lambda={cfg.eval.lambda_value}"
-        table += [(f"{name} ({tag})", pct(metrics["rerank"][name])) for name in ("mAP", "rank1", "mINP")]
+        table += [(f"{n} ({tag})", pct(metrics["rerank"][n])) for n in ("mAP", "rank1", "mINP")]
+    history = training["history"]
     record = {
         "task": "reid",
         "dataset": data.name,
@@ -311,15 +237,12 @@ def _write(
         "data": data.summary(),
         "training": {
             "epochs": cfg.epochs,
-            "steps": steps,
-            "wall_s": round(train_s, 1),
-            "device": device,
+            "steps": training["steps"],
+            "wall_s": training["wall_s"],
+            "device": training["device"],
             "final_loss": round(history[-1]["loss"], 4) if history else None,
         },
         "history": history,
     }
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_model(model, str(tmp))
-    record = write_results(out, cfg, record, title=f"Re-ID transfer: {data.name}", table=table)
-    (out / "checkpoint.pt").unlink(missing_ok=True)  # model.safetensors holds the final weights
-    return record
+    save_final_model(out, model)
+    return write_results(out, cfg, record, title=f"Re-ID transfer: {data.name}", table=table)
