@@ -61,7 +61,7 @@ class Sample:
 
 def random_shot(rng: np.random.Generator, camera: Camera, *, aligned: bool = False) -> Shot:
     """A random image of someone seen by ``camera``; ``aligned`` gives a well-centred, unoccluded box."""
-    view = ("front", "back", "side")[int(rng.choice(3, p=camera.view_p))]
+    view = ("front", "back", "side")[min(2, int(np.searchsorted(np.cumsum(camera.view_p), rng.random())))]
     standing = rng.random() < 0.15
     loose = not aligned and rng.random() < 0.12  # a loose or shifted detector box
     occluder = None
@@ -70,7 +70,7 @@ def random_shot(rng: np.random.Generator, camera: Camera, *, aligned: bool = Fal
     other = int(rng.integers(2**31)) if (not aligned and rng.random() < 0.1) else None
     return Shot(
         view=view,
-        facing=int(rng.choice((-1, 1))),
+        facing=1 if rng.random() < 0.5 else -1,
         phase=float(rng.uniform(0, 2 * math.pi)),
         stride=0.0 if standing else float(rng.uniform(0.55, 1.0)),
         fill=float(rng.uniform(0.84, 0.94) if not loose else rng.uniform(0.7, 1.05)),
@@ -82,7 +82,7 @@ def random_shot(rng: np.random.Generator, camera: Camera, *, aligned: bool = Fal
         occluder=occluder,
         occ_pos=float(rng.uniform(0, 1)),
         other_seed=other,
-        other_dx=float(rng.choice((-1, 1)) * rng.uniform(0.42, 0.62)),
+        other_dx=float((1 if rng.random() < 0.5 else -1) * rng.uniform(0.42, 0.62)),
         seed=int(rng.integers(2**31)),
     )
 
@@ -101,8 +101,10 @@ def advance_shot(shot: Shot, rng: np.random.Generator) -> Shot:
     )
 
 
-def _palette(look: Look, offset: int, out: np.ndarray) -> None:
-    """Colours of ``look``'s materials into rows ``offset + material`` of ``out``."""
+@functools.lru_cache(maxsize=4096)
+def _look_palette(look: Look) -> np.ndarray:
+    """Colours of ``look``'s materials (rows = material ids), cached: a person is rendered many times."""
+    out = np.zeros((body.OTHER, 3), np.float32)
     c = look.rgb
     skin = np.asarray(look.skin, np.float32)
     rows = {
@@ -128,7 +130,9 @@ def _palette(look: Look, offset: int, out: np.ndarray) -> None:
         body.SCALP: skin * 0.96,
     }
     for material, rgb in rows.items():
-        out[offset + material] = np.clip(rgb, 0, 255)
+        out[material] = np.clip(rgb, 0, 255)
+    out.setflags(write=False)
+    return out
 
 
 def _table(values: np.ndarray) -> np.ndarray:
@@ -237,12 +241,12 @@ def render_shot(look: Look, camera: Camera, shot: Shot, height: int, width: int)
     sk = skeleton(look, shot.view, shot.facing, shot.phase, shot.stride, cx=cx, top=top, height_px=unit, jitter=jitter)
     cv = Canvas(height, width, light_dx=camera.light_dx)
     palette = np.zeros((body.NUM_MATERIALS, 3), np.float32)
-    _palette(look, 0, palette)
+    palette[: body.OTHER] = _look_palette(look)
     other = None
     if shot.other_seed is not None or shot.occluder == "person":
         orng = np.random.default_rng(shot.other_seed if shot.other_seed is not None else shot.seed + 1)
         other = random_look(orng)
-        _palette(other, body.OTHER, palette)
+        palette[body.OTHER : 2 * body.OTHER] = _look_palette(other)
         o_view = ("front", "back", "side")[int(orng.integers(3))]
         o_unit = unit * float(orng.uniform(0.9, 1.15))
         o_sk = skeleton(other, o_view, int(orng.choice((-1, 1))), float(orng.uniform(0, 6.3)), 0.8,
