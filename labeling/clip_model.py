@@ -139,13 +139,14 @@ def load_clip(
     if not identity.random and looks_untrained(model):
         identity = ClipIdentity(identity.arch, identity.weights, identity.weights_id, random=True)
     if identity.random:
+        what = f"CLIP {identity.arch} from {checkpoint}" if checkpoint else f"CLIP '{clip}'"
         if not allow_random_weights:
             raise ClaspError(
-                f"CLIP '{clip}'{f' from {checkpoint}' if checkpoint else ''} has random (untrained) weights, so its "
+                f"{what} has random (untrained) weights, so its "
                 "labels would be meaningless. Give trained weights (ARCH:TAG or --clip-checkpoint), or set "
                 "allow_random_weights=true if you only test the plumbing."
             )
-        msg = f"LABELING WITH RANDOM CLIP WEIGHTS ({clip}): the labels are noise, for plumbing tests only"
+        msg = f"LABELING WITH RANDOM WEIGHTS: {what} is untrained; its labels are noise, for plumbing tests only"
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
     model = model.to(device).eval()

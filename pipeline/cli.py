@@ -88,6 +88,82 @@ def ingest(
 
 
 # --- stage 1: labeling -----------------------------------------------------------------------
+def _hxw(value: str | None, flag: str) -> tuple[int, int] | None:
+    from pipeline.errors import ClaspError
+
+    if value is None:
+        return None
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise ClaspError(f"{flag} {value!r}: expected HxW, e.g. 448x224") from None
+    return (h, w)
+
+
+@app.command()
+def label(
+    corpus: str = typer.Option(None, "--corpus", help="Ingested corpus name (ROOT/<corpus>/images/)."),
+    root: str = typer.Option(None, "--root", help="Data root (default: data)."),
+    clip: str = typer.Option(None, "--clip", help="open_clip ARCH[:TAG] (default ViT-B-16:openai)."),
+    clip_checkpoint: str = typer.Option(None, "--clip-checkpoint", help="clip-train output dir or weights file."),
+    allow_random_weights: bool = typer.Option(
+        False, "--allow-random-weights", help="Label with an untrained CLIP (meaningless labels; plumbing tests)."
+    ),
+    parts: str = typer.Option(None, "--parts", help="Part vocabulary YAML (default data_manifests/parts.yaml)."),
+    attributes: str = typer.Option(None, "--attributes", help="Attribute vocabulary YAML (default PA-100K's)."),
+    resolution: str = typer.Option(None, "--resolution", help="CLIP input HxW (default 2w x w of the CLIP's size)."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per forward pass."),
+    workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers."),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    config: Path = CONFIG_OPT,
+    overrides: list[str] = OVERRIDES_ARG,
+) -> None:
+    """Label an ingested corpus with CLIP parts and attributes, once, into Parquet shards (stage 1)."""
+    import dataclasses
+
+    from labeling.label import LabelConfig, run_labeling
+    from pipeline.config import load_config
+
+    cfg = load_config(LabelConfig, config, overrides)
+    given = {
+        "corpus": corpus, "root": root, "clip": clip, "clip_checkpoint": clip_checkpoint,
+        "allow_random_weights": allow_random_weights or None, "parts": parts, "attributes": attributes,
+        "resolution": _hxw(resolution, "--resolution"), "batch_size": batch_size, "workers": workers,
+        "device": device, "quiet": quiet or None,
+    }  # fmt: skip
+    run_labeling(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
+
+
+@app.command("clip-train")
+def clip_train(
+    pairs: str = typer.Option(None, "--pairs", help="CSV/Parquet of image,caption rows, or a folder of them."),
+    arch: str = typer.Option(None, "--arch", help="open_clip architecture (default clasp-vit-tiny-8)."),
+    init: str = typer.Option(None, "--init", help="Fine-tune from ARCH:TAG or a checkpoint path."),
+    out: str = typer.Option(None, "--out", "-o", help="Output folder (open_clip local-dir layout)."),
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the pairs."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Pairs per step."),
+    workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers."),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch lines."),
+    config: Path = CONFIG_OPT,
+    overrides: list[str] = OVERRIDES_ARG,
+) -> None:
+    """Train or fine-tune an open_clip model on image-caption pairs (e.g. the synthetic world's pairs.csv)."""
+    import dataclasses
+
+    from labeling.clip_train import ClipTrainConfig, train_clip
+    from pipeline.config import load_config
+
+    cfg = load_config(ClipTrainConfig, config, overrides)
+    given = {
+        "pairs": pairs, "arch": arch, "init": init, "out": out, "epochs": epochs, "batch_size": batch_size,
+        "workers": workers, "device": device, "quiet": quiet or None,
+    }  # fmt: skip
+    weights = train_clip(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
+    if not quiet:
+        typer.echo(f"CLIP checkpoint: {weights} (use: clasp label --clip-checkpoint {weights.parent})")
+
 
 # --- stage 1b: audit -------------------------------------------------------------------------
 

@@ -1,0 +1,291 @@
+"""``clasp clip-train``: train or fine-tune an open_clip model on image-caption pairs.
+
+    clasp clip-train --pairs data/synthetic-world/pairs.csv --arch clasp-vit-tiny-8 --out runs/clip
+    clasp clip-train --pairs captions/ --arch ViT-B-16 --init ViT-B-16:openai --out runs/clip-person
+
+Two uses: adapting a CLIP to person images with captions (LUPerson-MLLM style), and the offline
+default, a small CLIP trained on the synthetic world's captions in a few CPU minutes so the demo
+labels with a CLIP that means something. open_clip's own model classes and ClipLoss do the work.
+
+``--pairs`` is a CSV or Parquet file with ``image`` and ``caption`` columns (image paths relative
+to the file's folder, or absolute), or a folder of such files. The output folder is open_clip's
+``local-dir`` layout: ``open_clip_model.safetensors`` + ``open_clip_config.json`` (so
+``open_clip.create_model("local-dir:OUT")`` and ``create_model(arch, pretrained=OUT/open_clip_model.safetensors)``
+both load it, and ``clasp label --clip-checkpoint OUT`` uses it), plus the resolved config and a
+training log. An interrupted run resumes from ``train_state.pt`` at the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import torch
+from open_clip.loss import ClipLoss
+from PIL import Image
+from safetensors.torch import save_file
+
+from labeling.clip_model import OPEN_CLIP_CONFIG, load_clip, parse_clip_spec
+from pipeline.config import ConfigError, save_config, to_dict
+from pipeline.errors import ClaspError
+from pipeline.formats import atomic_path, write_json_atomic
+from pipeline.guards import resolve_device
+
+WEIGHTS_FILE = "open_clip_model.safetensors"
+STATE_FILE = "train_state.pt"
+CONFIG_FILE = "clip_train_config.yaml"
+
+
+@dataclass
+class ClipTrainConfig:
+    pairs: str = ""  # CSV/Parquet with image,caption columns, or a folder of them
+    arch: str = "clasp-vit-tiny-8"  # open_clip architecture (labeling/model_configs/ adds the tiny default)
+    init: str | None = None  # ARCH:TAG or a checkpoint (file or local-dir folder) to fine-tune; None = from scratch
+    out: str = "runs/clip"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    hflip: bool = True  # captions say nothing about left/right, so flipping is label-preserving
+    crop_scale: float = 0.85  # random crops keep at least this share of each side
+    time_limit_s: float | None = None  # stop early (after the running step) and save; None = all epochs
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    quiet: bool = False
+
+
+def read_pairs(path: str | Path) -> tuple[list[Path], list[str]]:
+    """(image paths, captions) from one CSV/Parquet file or every such file in a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ClaspError(f"--pairs {path} does not exist")
+    files = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".parquet")) if path.is_dir() else [path]
+    if not files:
+        raise ClaspError(f"--pairs {path}: folder holds no .csv or .parquet files")
+    images, captions = [], []
+    for f in files:
+        if f.suffix == ".parquet":
+            table = pq.read_table(f)
+        elif f.suffix == ".csv":
+            table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={"image": pa.string()}))
+        else:
+            raise ClaspError(f"--pairs {f}: expected a .csv or .parquet file")
+        missing = {"image", "caption"} - set(table.column_names)
+        if missing:
+            raise ClaspError(f"{f}: missing column(s) {sorted(missing)}; found {table.column_names}")
+        for img, cap in zip(table.column("image").to_pylist(), table.column("caption").to_pylist(), strict=True):
+            if img is None or not cap:
+                raise ClaspError(f"{f}: a row has an empty image or caption")
+            p = Path(img)
+            images.append(p if p.is_absolute() else f.parent / p)
+            captions.append(str(cap))
+    if not images:
+        raise ClaspError(f"--pairs {path}: no pairs found")
+    absent = [str(p) for p in images[:1000] if not p.is_file()]
+    if absent:
+        raise ClaspError(f"--pairs {path}: image {absent[0]} does not exist ({len(absent)} of the first 1000 missing)")
+    return images, captions
+
+
+class PairImages(torch.utils.data.Dataset):
+    """Image i resized (with a mild random crop and flip) to the CLIP input size, uint8 (3, H, W)."""
+
+    def __init__(self, images: list[Path], size: tuple[int, int], cfg: ClipTrainConfig) -> None:
+        self.images, self.size, self.cfg = images, size, cfg
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        rng = np.random.default_rng((self.cfg.seed, i, torch.initial_seed() % (1 << 31)))
+        with Image.open(self.images[i]) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            sw, sh = rng.uniform(self.cfg.crop_scale, 1.0, size=2)
+            cw, ch = max(1, round(w * sw)), max(1, round(h * sh))
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            img = img.resize((self.size[1], self.size[0]), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+            if self.cfg.hflip and rng.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            arr = np.asarray(img, dtype=np.uint8).copy()
+        return i, torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def _build_model(cfg: ClipTrainConfig, device: str) -> tuple[torch.nn.Module, object, dict, dict]:
+    """(model, tokenizer, model_cfg, preprocess_cfg) from ``init`` or a fresh ``arch``."""
+    if cfg.init:
+        ckpt = Path(cfg.init)
+        if ckpt.exists():
+            loaded = load_clip(cfg.arch, ckpt, allow_random_weights=True, device=device)
+            cfg_dir = ckpt if ckpt.is_dir() else ckpt.parent
+            model_cfg = (
+                json.loads((cfg_dir / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
+                if (cfg_dir / OPEN_CLIP_CONFIG).is_file()
+                else open_clip.get_model_config(cfg.arch)
+            )
+        else:
+            arch, tag = parse_clip_spec(cfg.init)
+            if tag is None:
+                raise ConfigError(f"init '{cfg.init}' is neither an existing checkpoint path nor ARCH:TAG")
+            loaded = load_clip(cfg.init, None, device=device)
+            model_cfg = open_clip.get_model_config(arch)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        mean, std = loaded.mean, loaded.std
+    else:
+        model_cfg = open_clip.get_model_config(cfg.arch)
+        if model_cfg is None:
+            raise ConfigError(f"arch '{cfg.arch}' is not an open_clip architecture (see open_clip.list_models())")
+        model = open_clip.create_model(cfg.arch, device=device)
+        tokenizer = open_clip.get_tokenizer(cfg.arch)
+        mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    size = tuple(int(s) for s in model.visual.image_size)
+    preprocess_cfg = {"size": list(size), "mean": list(mean), "std": list(std), "resize_mode": "squash"}
+    return model.to(device).train(), tokenizer, model_cfg, preprocess_cfg
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # gains, biases, embeddings tables and the temperature are not decayed (as in CLIP training)
+        (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_clip(cfg: ClipTrainConfig) -> Path:
+    """Train on ``cfg.pairs``; returns the path of the weights file written under ``cfg.out``."""
+    if not cfg.pairs:
+        raise ConfigError("clip-train needs --pairs FILE|DIR (a CSV/Parquet of image,caption rows)")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    images, captions = read_pairs(cfg.pairs)
+    model, tokenizer, model_cfg, preprocess_cfg = _build_model(cfg, device)
+    tokens = tokenizer(captions)
+    size = tuple(preprocess_cfg["size"])
+    mean = torch.tensor(preprocess_cfg["mean"], device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(preprocess_cfg["std"], device=device).view(1, 3, 1, 1) * 255
+
+    batch = min(cfg.batch_size, len(images))
+    steps_per_epoch = max(1, len(images) // batch)
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = ClipLoss()
+    start_epoch, history = _maybe_resume(out, cfg, model, optimizer)
+    save_config(cfg, out / CONFIG_FILE)
+
+    loader = torch.utils.data.DataLoader(
+        PairImages(images, size, cfg),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        persistent_workers=cfg.workers > 0,
+    )
+    use_bf16 = device.startswith("cuda")
+    t0 = time.perf_counter()
+    stopped = False
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed + epoch)  # the shuffle of epoch e is the same after a resume
+        loader.generator.manual_seed(cfg.seed + epoch)
+        losses = []
+        for ids, imgs in loader:
+            lr = _lr_at(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = (imgs.to(device, non_blocking=True).float() - mean) / std
+            with torch.autocast(device_type="cuda" if use_bf16 else "cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                img_f, txt_f, scale = model(x, tokens[ids].to(device))[:3]
+                loss = loss_fn(img_f, txt_f, scale)
+            if not torch.isfinite(loss):
+                raise ClaspError(f"clip-train: loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():  # CLIP's clamp: temperature at most 100
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss.item())
+            step += 1
+            if cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s:
+                stopped = True
+                break
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)) if losses else None,
+                "steps": step,
+                "logit_scale": float(model.logit_scale.detach().exp()),
+                "elapsed_s": time.perf_counter() - t0,
+            }
+        )
+        if not cfg.quiet:
+            print(
+                f"clip-train epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]['loss']:.4f} "
+                f"({step} steps, {time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+        if stopped:
+            break
+        _save_state(out, model, optimizer, epoch + 1, history)
+
+    weights = out / WEIGHTS_FILE
+    with atomic_path(weights) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_json_atomic(
+        out / OPEN_CLIP_CONFIG, {"arch": cfg.arch, "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    )
+    write_json_atomic(
+        out / "train_log.json",
+        {"config": to_dict(cfg), "pairs": len(images), "epochs": history, "stopped_by_time_limit": stopped},
+    )
+    (out / STATE_FILE).unlink(missing_ok=True)
+    return weights
+
+
+def _lr_at(step: int, total: int, cfg: ClipTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _save_state(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: list) -> None:
+    with atomic_path(out / STATE_FILE) as tmp:
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history}, tmp
+        )
+
+
+def _maybe_resume(
+    out: Path, cfg: ClipTrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, list]:
+    state_path = out / STATE_FILE
+    if not state_path.is_file():
+        return 0, []
+    saved_cfg = out / CONFIG_FILE
+    if saved_cfg.is_file():
+        import yaml
+
+        if yaml.safe_load(saved_cfg.read_text()) != to_dict(cfg):
+            raise ClaspError(
+                f"{out} holds an unfinished run with a different config ({saved_cfg}); use another --out "
+                f"or delete {state_path} to start over"
+            )
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"]), list(state["history"])

@@ -1,0 +1,281 @@
+"""Stage 1 labeling: alignment, orientation, resume after kill -9, disjoint multi-process split,
+stock readers, random-weight refusal, label-set identity, and the label-quality metrics.
+
+Corpora are made by the real ``clasp ingest`` from small folders of JPEGs; the CLIP is a tiny
+open_clip model built in-process with random weights (hence ``allow_random_weights``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from labeling import quality
+from labeling.clip_model import load_clip
+from labeling.label import LabelConfig, assign_shards, labelset_id, labelset_identity, run_labeling
+from pipeline.errors import ClaspError
+from pipeline.formats import LABELSET_FILE, image_shard_path, label_shard_path, labels_dir, read_sizes
+from pipeline.ingest import IngestConfig, ingest
+from pipeline.vocab import DEFAULT_PARTS, load_attributes, load_parts
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": [64, 32], "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_clip_dir(path: Path, *, seed: int = 0, zero_pos: bool = False) -> Path:
+    """A random tiny CLIP in open_clip's local-dir layout; ``zero_pos`` makes patch features position-free."""
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CFG)
+    if zero_pos:
+        with torch.no_grad():
+            model.visual.positional_embedding.zero_()
+    torch.save(model.state_dict(), path / "open_clip_pytorch_model.bin")
+    config = {"arch": "test-tiny", "model_cfg": TINY_CFG, "preprocess_cfg": {}}
+    (path / "open_clip_config.json").write_text(json.dumps(config))
+    return path
+
+
+def ingest_folder(images: dict[str, np.ndarray], root: Path, corpus: str, per_shard: int) -> Path:
+    src = root / f"src-{corpus}"
+    for name, arr in images.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(src / name, **({"quality": 95} if name.endswith(".jpg") else {}))
+    ingest(
+        IngestConfig(source=str(src), corpus=corpus, root=str(root), images_per_shard=per_shard, workers=1, quiet=True)
+    )
+    return root
+
+
+def noise_images(n: int, seed: int = 0, size: tuple[int, int] = (64, 32)) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"cam{i % 3}/img{i:03d}.jpg": rng.integers(0, 256, (*size, 3), dtype=np.uint8) for i in range(n)}
+
+
+def label_cfg(root: Path, corpus: str, clip_dir: Path, **kw) -> LabelConfig:
+    base = dict(
+        root=str(root),
+        corpus=corpus,
+        clip_checkpoint=str(clip_dir),
+        allow_random_weights=True,
+        resolution=(64, 32),
+        workers=0,
+        batch_size=8,
+        quiet=True,
+    )
+    base.update(kw)
+    return LabelConfig(**base)
+
+
+def tar_image_keys(path: Path) -> list[str]:
+    with tarfile.open(path) as tf:
+        return [m.name.rsplit(".", 1)[0] for m in tf if m.name.endswith((".jpg", ".png"))]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_clip_dir(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ingest_folder(noise_images(30), tmp_path_factory.mktemp("root"), "toy", per_shard=12)
+
+
+@pytest.fixture(scope="module")
+def labelled(corpus: Path, clip_dir: Path) -> tuple[Path, str]:
+    return corpus, run_labeling(label_cfg(corpus, "toy", clip_dir, workers=1))
+
+
+def test_label_shards_match_image_shards_row_for_row(labelled: tuple[Path, str]) -> None:
+    root, set_id = labelled
+    sizes = read_sizes(root, "toy")
+    assert len(sizes) == 3
+    doc = json.loads((labels_dir(root, "toy", set_id) / LABELSET_FILE).read_text())
+    grid = doc["grid"]
+    for i, (name, count) in enumerate(sizes.items()):
+        table = pq.read_table(label_shard_path(root, "toy", set_id, i))
+        assert table.column("key").to_pylist() == tar_image_keys(image_shard_path(root, "toy", i))
+        assert table.num_rows == count == doc["shards"][f"{Path(name).stem}.parquet"]
+        assert {len(b) for b in table.column("part_map").to_pylist()} == {grid[0] * grid[1]}
+    assert doc["rows"] == 30 and doc["failures"] == []
+    assert doc["model"]["random"] is True and doc["attributes"]["names"][0] == "Female"
+
+
+def test_stock_duckdb_and_pyarrow_read_labels_without_project_code(labelled: tuple[Path, str]) -> None:
+    root, set_id = labelled
+    script = textwrap.dedent(f"""
+        import glob, json, sys, duckdb, pyarrow.dataset as ds
+        assert not any(m.split(".")[0] in ("pipeline", "labeling") for m in sys.modules)
+        d = "{labels_dir(root, "toy", set_id)}"
+        meta = json.load(open(d + "/labelset.json"))
+        sql = "select count(*), count(distinct octet_length(part_map)), avg(fg_ratio) from read_parquet('{{}}')"
+        n, sizes, _ = duckdb.sql(sql.format(d + "/*.parquet")).fetchall()[0]
+        t = ds.dataset(sorted(glob.glob(d + "/*.parquet"))).to_table(columns=["key", "attr_prob", "area_head"])
+        print(json.dumps([n, sizes, t.num_rows, len(t.column("attr_prob")[0]), len(meta["attributes"]["names"])]))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd="/")
+    assert json.loads(out.stdout) == [30, 1, 30, 26, 26]
+
+
+def test_upside_down_image_gives_upside_down_part_map(tmp_path: Path) -> None:
+    # With zero position embeddings a ViT is permutation-equivariant over patches, so the only way
+    # the map can follow the image is through correct row/column bookkeeping from pixels to Parquet.
+    rng = np.random.default_rng(3)
+    colours = rng.integers(0, 256, (8, 4, 3), dtype=np.uint8)
+    image = np.repeat(np.repeat(colours, 8, 0), 8, 1)  # 64x32, one colour per 8x8 patch
+    # PNG: lossless, so the stored upside-down image is exactly the flipped pixels (JPEG rounding is not).
+    root = ingest_folder({"a/up.png": image, "a/down.png": image[::-1].copy()}, tmp_path, "flip", per_shard=8)
+    set_id = run_labeling(label_cfg(root, "flip", write_clip_dir(tmp_path / "clip", zero_pos=True), label_grid=(8, 4)))
+    table = pq.read_table(label_shard_path(root, "flip", set_id, 0)).to_pylist()
+    maps = {r["key"]: np.frombuffer(r["part_map"], np.uint8).reshape(8, 4) for r in table}
+    up, down = maps["a_up"], maps["a_down"]
+    assert not np.array_equal(up, up[::-1]), "test image must give a map that is not vertically symmetric"
+    np.testing.assert_array_equal(down, up[::-1])
+
+
+def _subprocess_label(root: Path, corpus: str, clip: Path, resolution: tuple[int, int], env: dict | None = None):
+    code = (
+        "from labeling.label import LabelConfig, run_labeling;"
+        f"run_labeling(LabelConfig(root={str(root)!r}, corpus={corpus!r}, clip_checkpoint={str(clip)!r},"
+        f" allow_random_weights=True, resolution={resolution!r}, workers=0, batch_size=4, quiet=False))"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path: Path, clip_dir: Path) -> None:
+    images = noise_images(64, seed=5)
+    killed_root = ingest_folder(images, tmp_path / "a", "k", per_shard=8)
+    clean_root = ingest_folder(images, tmp_path / "b", "k", per_shard=8)
+    proc = _subprocess_label(killed_root, "k", clip_dir, (128, 64))  # 4x the tokens: slow enough to be caught
+    out_glob = lambda: list((killed_root / "k" / "labels").glob("*/*.parquet"))  # noqa: E731
+    deadline = time.time() + 120
+    while not out_glob() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"labeling ended before it could be killed: {proc.communicate()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(out_glob())
+    assert 1 <= done_at_kill < 8
+    set_id = run_labeling(label_cfg(killed_root, "k", clip_dir, resolution=(128, 64), batch_size=4))
+    assert run_labeling(label_cfg(clean_root, "k", clip_dir, resolution=(128, 64), batch_size=4)) == set_id
+    for i in range(8):
+        resumed = pq.read_table(label_shard_path(killed_root, "k", set_id, i))
+        clean = pq.read_table(label_shard_path(clean_root, "k", set_id, i))
+        assert resumed.equals(clean), f"shard {i} differs after resume"
+    assert (labels_dir(killed_root, "k", set_id) / LABELSET_FILE).is_file()
+    assert not list(labels_dir(killed_root, "k", set_id).glob("*.tmp-*"))
+
+
+def test_two_processes_split_shards_without_overlap_or_gap(tmp_path: Path, clip_dir: Path) -> None:
+    root = ingest_folder(noise_images(30, seed=9), tmp_path, "two", per_shard=6)
+    procs = [_subprocess_label(root, "two", clip_dir, (64, 32), {"RANK": str(r), "WORLD_SIZE": "2"}) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    sizes = read_sizes(root, "two")
+    set_id = next(p.name for p in (root / "two" / "labels").iterdir())
+    writers = []
+    for i in range(len(sizes)):
+        meta = json.loads(pq.read_schema(label_shard_path(root, "two", set_id, i)).metadata[b"clasp"])
+        writers.append(meta["rank"])
+    assert writers == [i % 2 for i in range(len(sizes))]
+    counted = [int(o.split("labelled ")[1].split(" images")[0]) for o, _ in outs]
+    assert sum(counted) == 30 and all(c > 0 for c in counted)
+    assert (labels_dir(root, "two", set_id) / LABELSET_FILE).is_file()
+
+
+def test_assign_shards_is_a_partition() -> None:
+    shards = [f"c-{i:06d}.tar" for i in range(11)]
+    for world in (1, 2, 3, 8, 16):
+        parts = [assign_shards(shards, r, world) for r in range(world)]
+        flat = [s for p in parts for s in p]
+        assert sorted(flat) == shards and len(flat) == len(set(flat))
+
+
+def test_random_weights_are_refused_without_the_flag(corpus: Path, clip_dir: Path) -> None:
+    with pytest.raises(ClaspError, match="random"):
+        run_labeling(label_cfg(corpus, "toy", clip_dir, allow_random_weights=False))
+    with pytest.raises(ClaspError, match="random"):
+        load_clip("ViT-B-16")  # an architecture without a weights tag
+
+
+def test_changing_a_prompt_makes_a_new_labelset(tmp_path: Path, clip_dir: Path) -> None:
+    loaded = load_clip("test-tiny", clip_dir, allow_random_weights=True)
+    attrs = load_attributes()
+    cfg = label_cfg(tmp_path, "x", clip_dir)
+    base = labelset_id(labelset_identity(cfg, loaded, attrs, load_parts(), (64, 32)))
+    assert base == labelset_id(labelset_identity(cfg, loaded, attrs, load_parts(), (64, 32)))
+    edited = tmp_path / "parts.yaml"
+    edited.write_text(DEFAULT_PARTS.read_text().replace('"a person\'s face"', '"a face seen from the front"'))
+    assert edited.read_text() != DEFAULT_PARTS.read_text()
+    assert labelset_id(labelset_identity(cfg, loaded, attrs, load_parts(edited), (64, 32))) != base
+    assert labelset_id(labelset_identity(cfg, loaded, attrs, load_parts(), (128, 64))) != base
+
+
+def test_undecodable_image_keeps_its_row_with_zero_confidence(tmp_path: Path, clip_dir: Path) -> None:
+    root = ingest_folder(noise_images(5, seed=1), tmp_path, "bad", per_shard=8)
+    shard = image_shard_path(root, "bad", 0)
+    with tarfile.open(shard) as tf:  # truncate one image's entropy data in place (headers still parse)
+        member = next(m for m in tf if m.name.endswith(".jpg"))
+    with open(shard, "r+b") as fh:
+        fh.seek(member.offset_data + member.size // 2)
+        fh.write(b"\x00" * (member.size // 2))
+    set_id = run_labeling(label_cfg(root, "bad", clip_dir))
+    doc = json.loads((labels_dir(root, "bad", set_id) / LABELSET_FILE).read_text())
+    table = pq.read_table(label_shard_path(root, "bad", set_id, 0)).to_pylist()
+    assert table[0]["key"] == member.name.rsplit(".", 1)[0] and len(table) == 5
+    if doc["failures"]:  # PIL may still decode a half-zeroed JPEG; if it did not, the row is blank
+        assert doc["failures"][0]["key"] == table[0]["key"]
+        assert set(table[0]["part_conf"]) == {0}
+
+
+# --- label quality metrics ------------------------------------------------------------------
+
+
+def test_attribute_mA_matches_hand_count() -> None:
+    gt = np.array([[1, 0], [0, 0], [1, 1], [0, 1]])
+    prob = np.array([[0.9, 0.2], [0.6, 0.7], [0.4, 0.8], [0.1, 0.3]])
+    ma, per = quality.attribute_mA(gt, prob)
+    # attr 0: TP 1/2, TN 1/2 -> 0.5; attr 1: TP 1/2, TN 1/2 -> 0.5
+    np.testing.assert_allclose(per, [0.5, 0.5])
+    assert ma == pytest.approx(0.5)
+    ma_perfect, _ = quality.attribute_mA(gt, gt.astype(float))
+    assert ma_perfect == pytest.approx(1.0)
+
+
+def test_miou_confusion_grid_and_baseline() -> None:
+    mask = np.zeros((8, 4), np.uint8)
+    mask[:2] = 1
+    mask[2:6, 1:3] = 3
+    grid = quality.gt_mask_to_grid(mask, (4, 2))
+    np.testing.assert_array_equal(grid, [[1, 1], [0, 0], [0, 0], [0, 0]])  # ties go to the lower class id
+    conf = quality.part_confusion(grid, np.array([[1, 0], [0, 0], [1, 0], [0, 0]]), 4)
+    m, per = quality.miou(conf)
+    assert per[0] == pytest.approx(5 / 7) and per[1] == pytest.approx(1 / 3) and np.isnan(per[2])
+    assert m == pytest.approx((5 / 7 + 1 / 3) / 2)
+    assert quality.foreground_iou(grid, np.array([[1, 0], [0, 0], [1, 0], [0, 0]])) == pytest.approx(1 / 3)
+    base = quality.geometry_baseline((16, 8), 9)
+    assert base[0, 4] == 1 and base[-1, 4] == 7 and base[8, 0] == 0
+    learned = quality.geometry_baseline((4, 2), 4, gt_maps=np.stack([grid, grid, np.zeros_like(grid)]))
+    np.testing.assert_array_equal(learned, grid)
