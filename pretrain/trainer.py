@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from contextlib import nullcontext
@@ -157,13 +158,20 @@ def train(cfg: PretrainConfig) -> RunSummary:
             ) from None
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
-        cpu=cfg.cpu,
+        # without a GPU, Accelerate only forms a multi-process (gloo) group when told it runs on the CPU
+        cpu=cfg.cpu or not torch.cuda.is_available(),
         log_with=trackers or None,
         project_dir=cfg.out,
         # experts that received no token on one process, or heads switched off mid-run, must not stall DDP
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.model.moe.enabled)],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        raise ClaspError(
+            f"the launcher started {launched} processes but Accelerate formed a group of {world}: every process "
+            "would train on the same data. Check the accelerate launch flags (--multi_gpu / --num_processes)"
+        )
     main = accelerator.is_main_process
     set_seed(cfg.seed + rank)
 
