@@ -166,6 +166,35 @@ def clip_train(
 
 
 # --- stage 1b: audit -------------------------------------------------------------------------
+@app.command()
+def audit(
+    corpus: str = typer.Option(None, "--corpus", help="Corpus name under ROOT."),
+    root: str = typer.Option(None, "--root", help="Data root (default: data)."),
+    labelset: str = typer.Option(None, "--labelset", help="Label set id (default: the latest complete one)."),
+    gt: str = typer.Option(None, "--gt", help="Ground truth: gt.parquet of `clasp synth`, or PA-100K annotation.mat."),
+    compare: str = typer.Option(None, "--compare", help="A second label set id of the corpus to compare with."),
+    out: str = typer.Option(None, "--out", "-o", help="Output directory (report.html, summary.json, queries/)."),
+    sql: str = typer.Option(None, "--sql", help="Run this query over the views (labels, manifest, ...), print, exit."),
+    max_rows: int = typer.Option(100, "--max-rows", help="With --sql: rows to print."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
+    config: Path = CONFIG_OPT,
+    overrides: list[str] = OVERRIDES_ARG,
+) -> None:
+    """Audit label shards with DuckDB: standard checks, ground truth, comparison, HTML report; or ad-hoc --sql."""
+    import dataclasses
+
+    from labeling.audit import AuditConfig, print_table, run_audit, run_sql
+    from pipeline.config import load_config
+
+    cfg = load_config(AuditConfig, config, overrides)
+    given = dict(corpus=corpus, root=root, labelset=labelset, gt=gt, compare=compare, out=out, quiet=quiet or None)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    if sql is not None:
+        print_table(run_sql(cfg, sql), max_rows=max_rows)
+        return
+    report = run_audit(cfg)
+    if not cfg.quiet:
+        typer.echo(f"audit report: {report}")
 
 
 # --- stage 2: pre-training -------------------------------------------------------------------
