@@ -1,0 +1,463 @@
+"""Label audits (stage 1b): DuckDB views over label shards, standard audit queries, findings, report.
+
+    clasp audit --corpus luperson --root data --out runs/audit
+    clasp audit --corpus synthetic --root data --gt data/synthetic-world/gt.parquet --out runs/audit
+    clasp audit --corpus luperson --root data --compare 3f9a2c1b --out runs/audit_vs_3f9a
+    clasp audit --corpus luperson --root data --sql "SELECT shard, count(*) FROM labels GROUP BY ALL"
+
+Views registered on one DuckDB connection (over the files themselves; ad-hoc SQL sees the same ones):
+
+    labels      every label-shard column + ``shard`` ('<corpus>-NNNNNN') + ``row_idx`` (row in its file)
+    labels_b    the ``--compare`` label set, same columns
+    manifest    manifest.parquet, ``shard`` as '<corpus>-NNNNNN'
+    gt          ground truth keyed like ``labels`` (gt.parquet, or PA-100K annotation.mat mapped by file name)
+    attributes  idx (1-based position in attr_prob), name
+    parts       id (class id in part_map), name
+    shards      shard, images (sizes.json), recorded (labelset.json), label_rows (file footer), label_file
+
+Standard audits read a narrow in-database copy ``lab`` of the labels (key, shard, row_idx, one uint8
+column ``a<idx>`` per attribute, fg_ratio, area_*/row_*): one pass over the Parquet files instead of
+one per query; DuckDB keeps it within ``memory_limit`` (spilling to disk beyond it). Part maps are
+decoded only for samples, ground truth, label-set comparison and mosaics.
+
+Outputs in ``out``: report.html, summary.json (findings first), queries/<name>.{parquet,csv,sql},
+audit_config.yaml. Protocols of the ground-truth metrics: labeling/quality.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.config import ConfigError, save_config
+from pipeline.errors import ClaspError
+from pipeline.formats import (
+    MANIFEST_FILE,
+    SHARD_DIGITS,
+    SIZES_FILE,
+    atomic_path,
+    images_dir,
+    labels_dir,
+    latest_labelset,
+    read_labelset,
+    shard_index,
+    write_json_atomic,
+)
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass
+class AuditConfig:
+    """Settings of ``clasp audit``."""
+
+    root: str = "data"
+    corpus: str = "synthetic"
+    labelset: str | None = None  # None = the most recently completed label set
+    gt: str | None = None  # gt.parquet (synthetic world) or PA-100K annotation.mat
+    compare: str | None = None  # a second label set id of the same corpus
+    out: str = "runs/audit"
+    memory_limit: str = "2GB"  # DuckDB memory limit; beyond it DuckDB spills to out/.duckdb_tmp
+    threads: int = 2
+    uncertain_margin: float = 0.3  # an attribute value is uncertain when |2p - 1| < this
+    low_confidence: float = 0.3  # an image is low-confidence when its mean |2p - 1| over attributes < this
+    vertical_order: list[str] = field(default_factory=lambda: ["head", "upper_clothes", "lower_clothes", "shoes"])
+    order_margin: float = 0.06  # a part may sit this much (share of the height) below a lower part before flagged
+    implausible_shard_share: float = 0.5  # a shard with more implausible part orders than this is an error
+    consistency_sample: int = 512  # rows whose part maps are decoded to check the summary columns
+    mosaics: bool = True
+    mosaic_per_attribute: int = 4  # most and least confident images per attribute
+    mosaic_parts: int = 16  # random images with their part map overlaid
+    mosaic_worst: int = 12  # worst agreement with ground truth / the compared set / implausible orders
+    thumb_height_px: int = 128
+    seed: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class Finding:
+    severity: str  # error | warning | info
+    what: str
+    where: str
+    count: int
+
+
+@dataclass
+class AuditContext:
+    """What the views were built from."""
+
+    cfg: AuditConfig
+    labelset: str
+    meta: dict
+    attributes: list[str]
+    parts: list[str]
+    grid: tuple[int, int] | None
+    label_files: list[Path]
+    sizes: dict[str, int]  # image shard stem -> count
+    has_manifest: bool
+    gt_kind: str | None = None  # "parquet" | "mat"
+    gt_has_parts: bool = False
+    gt_attributes: list[str] = field(default_factory=list)
+    compare_meta: dict | None = None
+
+
+@dataclass
+class AuditResult:
+    ctx: AuditContext
+    tables: dict[str, pa.Table]
+    sql: dict[str, str]
+    findings: list[Finding]
+    metrics: dict[str, float]
+    timings_s: dict[str, float]
+    rows: int
+
+
+# --- views ------------------------------------------------------------------------------------
+def _names(value: object, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("names", value.get(what))
+    if not isinstance(value, list):
+        return None
+    return [v["name"] if isinstance(v, dict) else str(v) for v in value]
+
+
+def _shard_counts(meta: dict) -> dict[str, int]:
+    """Per-shard row counts recorded in labelset.json, keyed by shard stem."""
+    raw = meta.get("shards", meta.get("shard_rows", meta.get("counts", {})))
+    if isinstance(raw, list):
+        raw = {r.get("shard", r.get("name")): r.get("rows", r.get("count")) for r in raw if isinstance(r, dict)}
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for name, count in raw.items():
+        if isinstance(count, dict):
+            count = count.get("rows", count.get("count"))
+        if isinstance(count, int):
+            out[Path(str(name)).name.split(".")[0]] = count
+    return out
+
+
+def _sql_str(value: str | Path) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _label_files(root: str, corpus: str, labelset: str) -> list[Path]:
+    files = sorted(labels_dir(root, corpus, labelset).glob(f"{corpus}-*.parquet"))
+    for f in files:
+        shard_index(f)  # a stray file with a non-shard name is a user mistake worth naming
+    return files
+
+
+def _labels_view_sql(files: list[Path]) -> str:
+    flist = "[" + ", ".join(_sql_str(f) for f in files) + "]"
+    return (
+        "SELECT * EXCLUDE (filename, file_row_number), "
+        "regexp_extract(filename, '([^/\\\\]+)\\.parquet$', 1) AS shard, file_row_number AS row_idx "
+        f"FROM read_parquet({flist}, filename = true, file_row_number = true)"
+    )
+
+
+def _resolve(cfg: AuditConfig) -> AuditContext:
+    if not (Path(cfg.root) / cfg.corpus).is_dir():
+        raise ClaspError(f"corpus '{cfg.corpus}' not found under {cfg.root} (expected {Path(cfg.root) / cfg.corpus})")
+    try:
+        labelset = cfg.labelset or latest_labelset(cfg.root, cfg.corpus)
+        meta = read_labelset(cfg.root, cfg.corpus, labelset)
+    except FileNotFoundError as exc:
+        raise ClaspError(str(exc)) from None
+    files = _label_files(cfg.root, cfg.corpus, labelset)
+    if not files:
+        raise ClaspError(f"{labels_dir(cfg.root, cfg.corpus, labelset)} holds no label shards ({cfg.corpus}-*.parquet)")
+    schema = pq.read_schema(files[0])
+    n_attr = schema.field("attr_prob").type.list_size if "attr_prob" in schema.names else 0
+    attributes = _names(meta.get("attributes"), "attributes") or [f"attr{i + 1}" for i in range(n_attr)]
+    if len(attributes) != n_attr:
+        raise ClaspError(
+            f"{files[0]}: attr_prob has {n_attr} values but labelset.json names {len(attributes)} attributes"
+        )
+    area_parts = [n[5:] for n in schema.names if n.startswith("area_")]
+    parts = _names(meta.get("parts"), "parts") or ["background", *area_parts]
+    if parts[1:] != area_parts:
+        raise ClaspError(f"{files[0]}: area_* columns {area_parts} do not match labelset.json parts {parts[1:]}")
+    grid = tuple(int(g) for g in meta["grid"]) if meta.get("grid") else None
+    sizes_path = images_dir(cfg.root, cfg.corpus) / SIZES_FILE
+    sizes = {}
+    if sizes_path.is_file():
+        sizes = {Path(k).name.split(".")[0]: int(v) for k, v in json.loads(sizes_path.read_text()).items()}
+    has_manifest = (images_dir(cfg.root, cfg.corpus) / MANIFEST_FILE).is_file()
+    return AuditContext(cfg, labelset, meta, attributes, parts, grid, files, sizes, has_manifest)
+
+
+def connect(cfg: AuditConfig, tmp_dir: Path | None = None) -> tuple[duckdb.DuckDBPyConnection, AuditContext]:
+    """A DuckDB connection (threads, memory limit) with every audit view registered."""
+    ctx = _resolve(cfg)
+    if cfg.threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {cfg.threads}")
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET threads = {int(cfg.threads)}")
+        con.execute(f"SET memory_limit = {_sql_str(cfg.memory_limit)}")
+    except duckdb.Error as exc:
+        raise ConfigError(f"memory_limit '{cfg.memory_limit}' is not a DuckDB size (e.g. 2GB, 512MB): {exc}") from None
+    if tmp_dir is not None:
+        con.execute(f"SET temp_directory = {_sql_str(tmp_dir)}")
+    con.execute(f"CREATE VIEW labels AS {_labels_view_sql(ctx.label_files)}")
+    con.register("attributes", pa.table({"idx": list(range(1, len(ctx.attributes) + 1)), "name": ctx.attributes}))
+    con.register("parts", pa.table({"id": list(range(len(ctx.parts))), "name": ctx.parts}))
+    shard_no = "CAST(regexp_extract(shard, '(\\d+)$', 1) AS INTEGER)"
+    con.execute(f"CREATE VIEW labels_pos AS SELECT key, {shard_no} AS shard_no, row_idx FROM labels")
+    if ctx.has_manifest:
+        path = _sql_str(images_dir(cfg.root, cfg.corpus) / MANIFEST_FILE)
+        typ = pq.read_schema(images_dir(cfg.root, cfg.corpus) / MANIFEST_FILE).field("shard").type
+        number = (
+            "shard" if pa.types.is_integer(typ) else "CAST(regexp_extract(shard, '(\\d+)(\\.tar)?$', 1) AS INTEGER)"
+        )
+        name = f"printf('%s-%0{SHARD_DIGITS}d', {_sql_str(cfg.corpus)}, {number})"
+        con.execute(f"CREATE VIEW manifest AS SELECT * REPLACE ({name} AS shard) FROM read_parquet({path})")
+        con.execute(
+            f'CREATE VIEW manifest_pos AS SELECT key, {number}::INTEGER AS shard_no, "index" AS image_index '
+            f"FROM read_parquet({path})"
+        )
+    recorded = _shard_counts(ctx.meta)
+    names = sorted(set(ctx.sizes) | set(recorded) | {f.stem for f in ctx.label_files})
+    footer = {Path(r[0]).stem: r[1] for r in _file_rows(con, ctx.label_files)}
+    con.register(
+        "shards",
+        pa.table(
+            {
+                "shard": names,
+                "shard_no": pa.array([shard_index(n) for n in names], pa.int32()),
+                "images": pa.array([ctx.sizes.get(n) for n in names], pa.int64()),
+                "recorded": pa.array([recorded.get(n) for n in names], pa.int64()),
+                "label_rows": pa.array([footer.get(n) for n in names], pa.int64()),
+                "label_file": [n in footer for n in names],
+            }
+        ),
+    )
+    if cfg.compare:
+        from labeling.audit_metrics import register_compare
+
+        register_compare(con, ctx)
+    if cfg.gt:
+        from labeling.audit_metrics import register_gt
+
+        register_gt(con, ctx)
+    return con, ctx
+
+
+def _file_rows(con: duckdb.DuckDBPyConnection, files: list[Path]) -> list[tuple[str, int]]:
+    flist = "[" + ", ".join(_sql_str(f) for f in files) + "]"
+    return con.execute(f"SELECT file_name, num_rows FROM parquet_file_metadata({flist})").fetchall()
+
+
+def fetch_table(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    rel = con.sql(sql)
+    return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+
+
+def run_sql(cfg: AuditConfig, sql: str) -> pa.Table:
+    """Run one ad-hoc query over the audit views; returns its result."""
+    tmp = Path(tempfile.mkdtemp(prefix="clasp_audit_sql_"))
+    con, _ = connect(cfg, tmp)
+    try:
+        return fetch_table(con, sql)
+    except duckdb.Error as exc:
+        raise ClaspError(f"query failed: {exc}".splitlines()[0] + " (views: labels, manifest, shards, ...)") from None
+    finally:
+        con.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- standard audits ----------------------------------------------------------------------------
+def run_standard_audit(
+    cfg: AuditConfig, con: duckdb.DuckDBPyConnection | None = None, ctx: AuditContext | None = None
+) -> AuditResult:
+    """Every standard audit query (no ground truth, comparison or mosaics) and the findings drawn from them."""
+    from labeling.audit_queries import derive_findings, standard_queries
+
+    tmp = None
+    if con is None:
+        tmp = Path(tempfile.mkdtemp(prefix="clasp_audit_"))
+        con, ctx = connect(cfg, tmp)
+    timings: dict[str, float] = {}
+    tables: dict[str, pa.Table] = {}
+    sql: dict[str, str] = {}
+    try:
+        t0 = time.perf_counter()
+        con.execute("SET preserve_insertion_order = false")  # lets the copy be written by all threads
+        con.execute(f"CREATE OR REPLACE TEMP TABLE lab AS {_lab_sql(ctx)}")
+        rows = con.execute("SELECT count(*) FROM lab").fetchone()[0]
+        timings["load"] = time.perf_counter() - t0
+        for name, query in standard_queries(ctx).items():
+            t0 = time.perf_counter()
+            if query.setup:
+                con.execute(query.setup)
+            tables[name] = fetch_table(con, query.sql)
+            sql[name] = (query.setup.strip() + ";\n" if query.setup else "") + query.sql.strip()
+            timings[name] = time.perf_counter() - t0
+        if "part_order_examples" in tables:
+            tables["part_order_examples"] = _attach_keys(ctx, tables["part_order_examples"])
+        t0 = time.perf_counter()
+        tables["summary_consistency"] = _consistency_sample(ctx)
+        timings["summary_consistency"] = time.perf_counter() - t0
+        findings = derive_findings(ctx, tables)
+        con.execute("RESET preserve_insertion_order")
+    finally:
+        if tmp is not None:
+            con.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AuditResult(ctx, tables, sql, findings, {}, timings, rows)
+
+
+def _lab_sql(ctx: AuditContext) -> str:
+    attrs = ", ".join(f"attr_prob[{i}] AS a{i}" for i in range(1, len(ctx.attributes) + 1))
+    parts = ", ".join(f"area_{p}, row_{p}" for p in ctx.parts[1:])
+    shard_no = "CAST(regexp_extract(shard, '(\\d+)$', 1) AS INTEGER)"
+    return f"SELECT {shard_no} AS shard_no, row_idx, fg_ratio, {attrs}, {parts} FROM labels"
+
+
+def _attach_keys(ctx: AuditContext, table: pa.Table) -> pa.Table:
+    """Prepend the ``key`` of each (shard, row_idx) row, read from the few label files involved."""
+    files = {f.stem: f for f in ctx.label_files}
+    keys = {}
+    for shard in set(table["shard"].to_pylist()):
+        col = pq.read_table(files[shard], columns=["key"])["key"]
+        for i in table.filter(pc.equal(table["shard"], shard))["row_idx"].to_pylist():
+            keys[(shard, i)] = col[i].as_py()
+    return table.add_column(
+        0,
+        "key",
+        pa.array(
+            [keys[(s, i)] for s, i in zip(table["shard"].to_pylist(), table["row_idx"].to_pylist(), strict=True)],
+            pa.string(),
+        ),
+    )
+
+
+def _consistency_sample(ctx: AuditContext) -> pa.Table:
+    """Decode a few rows of part maps per shard and recompute area_/row_ to catch summaries out of step."""
+    from labeling.audit_metrics import decode_grids
+
+    cfg = ctx.cfg
+    rng = np.random.default_rng(cfg.seed)
+    n_files = min(len(ctx.label_files), 8)
+    files = [ctx.label_files[i] for i in sorted(rng.choice(len(ctx.label_files), n_files, replace=False))]
+    per_file = max(1, cfg.consistency_sample // n_files)
+    cols = ["key", "part_map"] + [f"{k}_{p}" for k in ("area", "row") for p in ctx.parts[1:]]
+    out = {"shard": [], "rows": [], "bad_length": [], "bad_class": [], "area_mismatch": [], "row_mismatch": []}
+    for f in files:
+        pf = pq.ParquetFile(f)
+        t = pf.read_row_group(0, columns=cols).slice(0, per_file)
+        lengths = pc.binary_length(t["part_map"]).to_numpy(zero_copy_only=False)
+        cells = ctx.grid[0] * ctx.grid[1] if ctx.grid else int(np.median(lengths))
+        ok = lengths == cells
+        out["shard"].append(f.stem)
+        out["rows"].append(t.num_rows)
+        out["bad_length"].append(int((~ok).sum()))
+        maps = decode_grids(t["part_map"].filter(pa.array(ok)), cells)
+        out["bad_class"].append(int((maps >= len(ctx.parts)).any(1).sum()))
+        gh = ctx.grid[0] if ctx.grid else 1
+        row_of_cell = np.repeat(np.linspace(0.0, 1.0, gh) if gh > 1 else np.zeros(1), cells // gh)
+        area_bad = row_bad = 0
+        for c, name in enumerate(ctx.parts[1:], start=1):
+            hit = maps == c
+            cnt = hit.sum(1)
+            area = t[f"area_{name}"].filter(pa.array(ok)).to_numpy(zero_copy_only=False).astype(float)
+            area_bad += int((np.abs(area - cnt / cells * 255) > 1.01).sum())
+            stored = t[f"row_{name}"].filter(pa.array(ok)).to_numpy(zero_copy_only=False).astype(float)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean_row = (hit * row_of_cell).sum(1) / cnt * 255
+            both = (cnt > 0) & ~np.isnan(stored)
+            row_bad += int((np.abs(stored[both] - mean_row[both]) > 2.01).sum()) + int(
+                ((cnt > 0) != ~np.isnan(stored)).sum()
+            )
+        out["area_mismatch"].append(area_bad)
+        out["row_mismatch"].append(row_bad)
+    return pa.table(out)
+
+
+# --- the whole audit ---------------------------------------------------------------------------
+def run_audit(cfg: AuditConfig) -> Path:
+    """Standard audits (+ ground truth, + comparison), summary.json, query results and report.html; returns its path."""
+    from labeling.audit_metrics import compare_labelsets, gt_metrics, select_mosaics
+    from labeling.report import write_report
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".duckdb_tmp"
+    con, ctx = connect(cfg, tmp)
+    try:
+        result = run_standard_audit(cfg, con, ctx)
+        if cfg.compare:
+            t0 = time.perf_counter()
+            compare_labelsets(con, ctx, result)
+            result.timings_s["compare"] = time.perf_counter() - t0
+        if cfg.gt:
+            t0 = time.perf_counter()
+            gt_metrics(con, ctx, result)
+            result.timings_s["ground_truth"] = time.perf_counter() - t0
+        mosaics = select_mosaics(con, ctx, result) if cfg.mosaics else {}
+    finally:
+        con.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.findings.sort(key=lambda f: (SEVERITIES.index(f.severity), -f.count))
+    _write_tables(out / "queries", result)
+    save_config(cfg, out / "audit_config.yaml")
+    write_json_atomic(out / "summary.json", summary_dict(result))
+    return write_report(out / "report.html", result, mosaics)
+
+
+def summary_dict(result: AuditResult) -> dict:
+    ctx = result.ctx
+    return {
+        "findings": [dataclasses.asdict(f) for f in result.findings],
+        "corpus": ctx.cfg.corpus,
+        "labelset": ctx.labelset,
+        "compare": ctx.cfg.compare,
+        "gt": ctx.cfg.gt,
+        "rows": result.rows,
+        "metrics": result.metrics,
+        "queries": sorted(result.tables),
+        "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
+    }
+
+
+def _write_tables(qdir: Path, result: AuditResult) -> None:
+    qdir.mkdir(parents=True, exist_ok=True)
+    for name, table in result.tables.items():
+        with atomic_path(qdir / f"{name}.parquet") as tmp:
+            pq.write_table(table, tmp)
+        flat = table.select([c for c in table.column_names if not pa.types.is_nested(table.schema.field(c).type)])
+        with atomic_path(qdir / f"{name}.csv") as tmp:
+            pacsv.write_csv(flat, tmp)
+        if name in result.sql:
+            with atomic_path(qdir / f"{name}.sql") as tmp:
+                tmp.write_text(result.sql[name].strip() + ";\n")
+
+
+def print_table(table: pa.Table, max_rows: int = 100) -> None:
+    """Print a query result as a table (first ``max_rows`` rows) with its row count."""
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(*table.column_names, show_lines=False)
+    for row in table.slice(0, max_rows).to_pylist():
+        out.add_row(*("" if v is None else str(v) for v in row.values()))
+    console = Console(width=max(Console().width, 160))
+    console.print(out)
+    more = f", first {max_rows} shown" if table.num_rows > max_rows else ""
+    console.print(f"{table.num_rows} row(s){more}")
