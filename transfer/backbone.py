@@ -7,7 +7,9 @@ Spec forms (``backbone.spec`` / ``--backbone``):
   ``forward_features(x, prompt)`` takes a prompt name or a weight vector over its prompts;
 - ``timm:NAME`` — timm weights (``pretrained=True``; needs the network or the Hugging Face cache),
   ``timm:NAME@FILE`` loads the weights from a local file instead;
-- ``random:ARCH`` — a timm architecture with random weights (the from-scratch baseline).
+- ``random:ARCH`` — a timm architecture with random weights (the from-scratch baseline); CLASP's own
+  architecture names (``pretrain.backbone.ARCHS``: vit_micro, vit_small, ...) give exactly the layout
+  pre-training used.
 
 Prompt choice (MoE backbones only; ignored with a note for plain ViTs when left at ``learned``):
 ``prompt: instance|part|attribute`` (one fixed prompt), ``prompt: mix`` with fixed ``prompt_mix``
@@ -146,7 +148,8 @@ def _create_timm(
 
     if not name:
         raise ClaspError(f"backbone spec '{cfg.spec}' names no architecture (e.g. random:vit_small_patch16_224)")
-    kwargs: dict[str, Any] = {"num_classes": 0, "drop_path_rate": cfg.drop_path_rate, **cfg.timm_kwargs}
+    name, arch_kwargs = _registered_arch(name)
+    kwargs: dict[str, Any] = {"num_classes": 0, "drop_path_rate": cfg.drop_path_rate, **arch_kwargs, **cfg.timm_kwargs}
     if weights_file:
         if not Path(weights_file).is_file():
             raise ClaspError(f"backbone weights file {weights_file} (from '{cfg.spec}') does not exist")
@@ -169,6 +172,14 @@ def _create_timm(
             f"could not load pretrained timm weights for '{name}' ({type(exc).__name__}: {exc}); without network "
             f"access pass a local file as timm:{name}@/path/to/weights.safetensors, or use random:{name}"
         ) from None
+
+
+def _registered_arch(name: str) -> tuple[str, dict[str, Any]]:
+    """CLASP architecture names (``pretrain.backbone.ARCHS``, e.g. vit_micro) -> (timm name, settings)."""
+    from pretrain.backbone import ARCHS
+
+    spec = ARCHS.get(name)
+    return (spec.timm_name, dict(spec.timm_kwargs)) if spec else (name, {})
 
 
 def _load_clasp(path: Path, img_size: tuple[int, int]) -> tuple[nn.Module, dict[str, Any]]:
