@@ -72,8 +72,8 @@ class SynthConfig:
     market_images_per_camera: int = 4  # at most, per person and camera
     market_height: int = 128
     market_width: int = 64
-    market_junk_ratio: float = 0.19  # junk (-1) boxes as a share of the other gallery boxes
-    market_distractor_ratio: float = 0.14  # distractor (0000) boxes, likewise
+    market_junk_ratio: float = 0.29  # junk (-1) boxes per good gallery box (real set: 3,819 / 13,120)
+    market_distractor_ratio: float = 0.21  # distractor (0000) boxes per good gallery box (2,793 / 13,120)
     # PA-100K
     pa100k_images: int | None = None  # default: 5 x identities
     pa100k_cameras: int = 24
