@@ -64,7 +64,7 @@ from pipeline.formats import (
     write_json_atomic,
 )
 from pipeline.guards import ensure_free_space
-from pipeline.sources import FORMATS, SourceReader, list_source, probe_image
+from pipeline.sources import FORMATS, Probe, SourceReader, list_source, probe_image
 
 DUPLICATES_FILE = "duplicates.csv"
 SUMMARY_FILE = "ingest.json"
@@ -165,48 +165,45 @@ def _shard_rows_path(out_dir: str | Path, corpus: str, index: int) -> Path:
     return _work_path(out_dir, f"{shard_stem(corpus, index)}.parquet")
 
 
+def _load(reader: SourceReader, source: str, full_decode: bool) -> tuple[bytes, Probe]:
+    """The bytes of one source and what its headers say; ``Probe.reason`` is set for a reject."""
+    try:
+        data = reader.read(source)
+    except OSError as exc:
+        return b"", Probe(reason=f"unreadable: {exc.strerror or exc}")
+    if data is None:
+        return b"", Probe(reason="LMDB key has no value")
+    return data, probe_image(data, full_decode)
+
+
+def _add_sample(tar: tarfile.TarFile, key: str, data: bytes, probe: Probe, source: str) -> None:
+    meta = {"height": probe.height, "source": source, "width": probe.width}
+    meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    tar.addfile(_tar_info(f"{key}.{probe.ext}", len(data)), io.BytesIO(data))
+    tar.addfile(_tar_info(f"{key}.json", len(meta_bytes)), io.BytesIO(meta_bytes))
+
+
 def write_shard(task: _ShardTask, progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Validate, hash and store one shard's images; returns (shard index, stored count)."""
     reader = SourceReader(task.fmt, task.source)
     rows: dict[str, list] = {name: [] for name in MANIFEST_COLUMNS}
     rejects: list[list[str]] = []
-    pending = 0
-    tar_path = image_shard_path(Path(task.out_dir).parent.parent, task.corpus, task.index)
+    tar_path = Path(task.out_dir) / f"{shard_stem(task.corpus, task.index)}.tar"
     try:
         with atomic_path(tar_path) as tmp_tar:
             with open(tmp_tar, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for key, source in task.items:
-                    pending += 1
-                    if progress is not None and pending >= _PROGRESS_EVERY:
-                        progress(pending)
-                        pending = 0
-                    try:
-                        data = reader.read(source)
-                    except OSError as exc:
-                        rejects.append([source, f"unreadable: {exc.strerror or exc}"])
-                        continue
-                    if data is None:
-                        rejects.append([source, "LMDB key has no value"])
-                        continue
-                    probe = probe_image(data, task.full_decode)
+                for n, (key, source) in enumerate(task.items, 1):
+                    if progress is not None and n % _PROGRESS_EVERY == 0:
+                        progress(_PROGRESS_EVERY)
+                    data, probe = _load(reader, source, task.full_decode)
                     if probe.reason:
                         rejects.append([source, probe.reason])
                         continue
-                    meta = json.dumps(
-                        {"height": probe.height, "source": source, "width": probe.width},
-                        sort_keys=True,
-                        separators=(",", ":"),
-                    ).encode()
-                    tar.addfile(_tar_info(f"{key}.{probe.ext}", len(data)), io.BytesIO(data))
-                    tar.addfile(_tar_info(f"{key}.json", len(meta)), io.BytesIO(meta))
-                    rows["key"].append(key)
-                    rows["shard"].append(task.index)
-                    rows["index"].append(len(rows["key"]) - 1)
-                    rows["width"].append(probe.width)
-                    rows["height"].append(probe.height)
-                    rows["n_bytes"].append(len(data))
-                    rows["content_hash"].append(hashlib.sha256(data).hexdigest())
-                    rows["source"].append(source)
+                    _add_sample(tar, key, data, probe, source)
+                    row = (key, task.index, len(rows["key"]), probe.width, probe.height, len(data),
+                           hashlib.sha256(data).hexdigest(), source)  # fmt: skip
+                    for name, value in zip(MANIFEST_COLUMNS, row, strict=True):
+                        rows[name].append(value)
             # Rows first, tar rename second: a tar on disk always has its rows beside it.
             meta = {"plan_id": task.plan_id, "rejects": rejects}
             schema = MANIFEST_SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta)})
@@ -214,8 +211,8 @@ def write_shard(task: _ShardTask, progress: Callable[[int], None] | None = None)
                 pq.write_table(pa.table(rows, schema=schema), tmp_rows, compression="zstd")
     finally:
         reader.close()
-    if progress is not None and pending:
-        progress(pending)
+    if progress is not None:
+        progress(len(task.items) % _PROGRESS_EVERY)
     return task.index, len(rows["key"])
 
 
