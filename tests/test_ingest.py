@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,14 +19,13 @@ from pipeline.formats import MANIFEST_COLUMNS, images_dir, read_sizes
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.sources import make_key, probe_image
 
-VIDEOS = [("ES", "madrid", "v01"), ("ES", "madrid", "v02"), ("FR", "paris", "v07"), ("JP", "tokyo", "v10")]
-FRAMES = 12
-CORRUPT = {  # relative path -> expected reason (substring)
-    "ES/madrid/v01/99000001.jpg": "truncated JPEG (no end-of-image",  # cut inside the scan data
-    "ES/madrid/v02/99000002.jpg": "truncated JPEG (ends inside the header",
-    "FR/paris/v07/99000003.jpg": "empty file",
-    "JP/tokyo/v10/99000004.jpg": "not an image",
-}
+N_BAD = 4
+BAD_REASONS = (
+    "truncated JPEG (no end-of-image",
+    "truncated JPEG (ends inside the header",
+    "empty file",
+    "not an image",
+)
 
 
 def _jpeg(rng: random.Random, **save: object) -> bytes:
@@ -37,39 +37,39 @@ def _jpeg(rng: random.Random, **save: object) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A LUPerson-like folder (country/city/video/frame.jpg) with planted corrupt files, and its LMDB twin."""
+def corpus(synth_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A copy of the synthetic world's LUPerson folder and LMDB with planted corrupt and extra files."""
     import lmdb
 
-    rng = random.Random(3)
     base = tmp_path_factory.mktemp("ingest_corpus")
-    folder = base / "luperson"
-    good: dict[str, bytes] = {}
-    for country, city, video in VIDEOS:
-        for frame in range(FRAMES):
-            good[f"{country}/{city}/{video}/{frame:08d}.jpg"] = _jpeg(rng)
-    good["ES/madrid/v02/00000100.jpg"] = _jpeg(rng, progressive=True)
+    folder = shutil.copytree(synth_world / "luperson", base / "luperson")
+    lmdb_dir = shutil.copytree(synth_world / "luperson_lmdb", base / "luperson_lmdb")
+    good = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.jpg"))}
+    videos = sorted({rel.rsplit("/", 1)[0] for rel in good})
+    first = next(iter(good.values()))
     png = io.BytesIO()
     Image.new("RGB", (20, 50), (200, 10, 10)).save(png, format="PNG")
-    good["FR/paris/v07/00000200.png"] = png.getvalue()
-    good["JP/tokyo/v10/00000300.jpg"] = good["ES/madrid/v01/00000003.jpg"]  # exact duplicate bytes
-    bad = {
-        "ES/madrid/v01/99000001.jpg": good["ES/madrid/v01/00000000.jpg"][:-300],
-        "ES/madrid/v02/99000002.jpg": good["ES/madrid/v01/00000001.jpg"][:120],
-        "FR/paris/v07/99000003.jpg": b"",
-        "JP/tokyo/v10/99000004.jpg": b"this is a text file, not a JPEG\n",
+    extra = {
+        f"{videos[0]}/900100.jpg": _jpeg(random.Random(3), progressive=True),
+        f"{videos[1]}/900200.png": png.getvalue(),
+        f"{videos[2]}/900300.jpg": first,  # exact duplicate bytes of another frame
     }
-    for rel, data in {**good, **bad}.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_bytes(data)
-    (folder / "README.txt").write_text("not an image: ignored, not rejected\n")
-    # LUPerson's convert_lmdb.py layout: raw encoded bytes per ASCII key (here the folder keys).
-    env = lmdb.open(str(base / "luperson_lmdb"), map_size=1 << 26)
+    bad_bytes = (first[:-300], first[:120], b"", b"this is a text file, not a JPEG\n")
+    bad = {f"{videos[i % len(videos)]}/99000{i}.jpg": data for i, data in enumerate(bad_bytes)}
+    env = lmdb.open(str(lmdb_dir), map_size=1 << 28)
     with env.begin(write=True) as txn:
-        for rel, data in {**good, **bad}.items():
-            txn.put(make_key(rel).encode(), data)
+        for rel, data in {**extra, **bad}.items():
+            (folder / rel).write_bytes(data)
+            txn.put(make_key(rel).encode(), data)  # the synthetic LMDB keys are the folder keys
     env.close()
-    return {"base": base, "folder": folder, "lmdb": base / "luperson_lmdb", "good": good, "bad": bad}
+    (folder / "README.txt").write_text("not an image: ignored, not rejected\n")
+    return {
+        "folder": folder,
+        "lmdb": lmdb_dir,
+        "good": {**good, **extra},
+        "bad": dict(zip(bad, BAD_REASONS, strict=True)),
+        "duplicate": (make_key(f"{videos[2]}/900300.jpg"), make_key(next(iter(good)))),
+    }
 
 
 def _cfg(source: Path, root: Path, **kw: object) -> IngestConfig:
@@ -139,12 +139,12 @@ def test_rejects_and_duplicates_are_listed(corpus: dict, folder_run: tuple) -> N
     _, out, _ = folder_run
     with open(out / "rejects.csv", newline="") as fh:
         rejects = {r["source"]: r["reason"] for r in csv.DictReader(fh)}
-    assert set(rejects) == set(CORRUPT)
-    for source, reason in CORRUPT.items():
+    assert set(rejects) == set(corpus["bad"])
+    for source, reason in corpus["bad"].items():
         assert reason in rejects[source], (source, rejects[source])
     with open(out / "duplicates.csv", newline="") as fh:
         (dup,) = list(csv.DictReader(fh))
-    assert {dup["key"], dup["duplicate_of"]} == {"JP_tokyo_v10_00000300", "ES_madrid_v01_00000003"}
+    assert {dup["key"], dup["duplicate_of"]} == set(corpus["duplicate"])
     assert "README" not in (out / "rejects.csv").read_text()
 
 
@@ -294,22 +294,6 @@ def test_cli_ingest(corpus: dict, tmp_path: Path) -> None:
     assert sum(read_sizes(tmp_path, "cli").values()) == len(corpus["good"])
     result = CliRunner().invoke(app, [*args, "--seed", "4"])
     assert isinstance(result.exception, ClaspError)
-
-
-def test_synthetic_world_folder_and_lmdb_agree(tmp_path: Path) -> None:
-    synth = pytest.importorskip("pipeline.synth")
-    if not hasattr(synth, "write_world"):
-        pytest.skip("pipeline.synth.write_world not available yet")
-    from pipeline.config import load_config
-
-    world = tmp_path / "world"
-    synth.write_world(load_config(synth.SynthConfig, overrides=["identities=8"]), world)
-    ingest(_cfg(world / "luperson", tmp_path / "f", images_per_shard=64))
-    ingest(_cfg(world / "luperson_lmdb", tmp_path / "l", images_per_shard=64, format="lmdb"))
-    folder = pq.read_table(images_dir(tmp_path / "f", "lup") / "manifest.parquet").to_pylist()
-    lmdb_rows = pq.read_table(images_dir(tmp_path / "l", "lup") / "manifest.parquet").to_pylist()
-    assert folder and {r["key"]: r["content_hash"] for r in folder} == {r["key"]: r["content_hash"] for r in lmdb_rows}
-    assert all(r["key"].count("_") >= 3 for r in folder)  # country_city_video_frame
 
 
 def test_source_untouched(corpus: dict) -> None:
