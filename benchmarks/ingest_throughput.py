@@ -3,13 +3,13 @@
     .venv/bin/python benchmarks/ingest_throughput.py [--small 4000 --large 20000]
 
 The corpus is a folder ``country/city/video/frame.jpg`` of JPEG crops with LUPerson-like sizes (height
-96-384 px, width/height 0.30-0.55, quality 95 as OpenCV writes them) and smooth, photo-like content. To
-keep corpus creation cheap, a pool of encoded crops is reused and each file is made unique by a JPEG
-comment segment (COM, FFFE) after the start-of-image marker, so every file has distinct bytes and a valid
-structure. Each corpus is ingested with ``workers=1`` in a fresh subprocess (whole run: listing, shuffle,
-validation, hashing, tar writing, manifest, duplicates), from a warm page cache; the figure is stored
-images per CPU-second of that one process (wall-clock rate printed beside it). Last line: one JSON object
-with the figures.
+96-384 px, width/height 0.30-0.55, quality 95 as OpenCV writes them). To keep corpus creation cheap, a pool
+of encoded crops (pipeline.synth pedestrians, or blurred noise without it) is reused and each file is made
+unique by a JPEG comment segment (COM, FFFE) after the start-of-image marker, so every file has distinct
+bytes and a valid structure. Each corpus is ingested with ``workers=1`` in a fresh subprocess (whole run:
+listing, shuffle, validation, hashing, tar writing, manifest, duplicates), from a warm page cache; the
+figure is stored images per CPU-second of that one process (wall-clock rate printed beside it). Last
+line: one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -26,23 +26,46 @@ import time
 from pathlib import Path
 
 
-def _encode_pool(n: int, seed: int) -> list[bytes]:
-    from PIL import Image, ImageFilter
-
+def _crop_sizes(n: int, seed: int) -> list[tuple[int, int]]:
     rng = random.Random(seed)
-    pool = []
+    sizes = []
     for _ in range(n):
         h = rng.randint(96, 384)
-        w = max(32, int(h * rng.uniform(0.30, 0.55)))
-        # Low-resolution noise, upscaled and blurred: compresses like a real crop, unlike white noise.
-        small = Image.frombytes(
-            "RGB", (max(2, w // 8), max(2, h // 8)), rng.randbytes(3 * max(2, w // 8) * max(2, h // 8))
-        )
-        im = small.resize((w, h), Image.BILINEAR).filter(ImageFilter.GaussianBlur(1.5))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=95)
-        pool.append(buf.getvalue())
-    return pool
+        sizes.append((h, max(32, int(h * rng.uniform(0.30, 0.55)))))
+    return sizes
+
+
+def _encode_pool(n: int, seed: int) -> tuple[list[bytes], str]:
+    """``n`` JPEG crops of LUPerson-like sizes: synthetic pedestrians if pipeline.synth is there, else blurred noise."""
+    from PIL import Image, ImageFilter
+
+    pool = []
+    try:
+        import numpy as np
+
+        from pipeline.synth import make_camera, random_look, random_shot, render_shot
+
+        rng = np.random.default_rng(seed)
+        cameras = [make_camera(seed, i) for i in range(8)]
+        for i, (h, w) in enumerate(_crop_sizes(n, seed)):
+            cam = cameras[i % len(cameras)]
+            rgb = render_shot(random_look(rng), cam, random_shot(rng, cam), h, w).rgb
+            pool.append(_jpeg_bytes(Image.fromarray(rgb)))
+        return pool, "pipeline.synth pedestrians"
+    except ImportError:
+        pass
+    rng = random.Random(seed)
+    for h, w in _crop_sizes(n, seed):
+        sw, sh = max(2, w // 8), max(2, h // 8)  # low-res noise, upscaled and blurred: compresses like a photo
+        small = Image.frombytes("RGB", (sw, sh), rng.randbytes(3 * sw * sh))
+        pool.append(_jpeg_bytes(small.resize((w, h), Image.BILINEAR).filter(ImageFilter.GaussianBlur(1.5))))
+    return pool, "PIL blurred noise"
+
+
+def _jpeg_bytes(im: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=95)  # OpenCV's default, which LUPerson's extract.py used
+    return buf.getvalue()
 
 
 def _unique(jpeg: bytes, tag: str) -> bytes:
@@ -99,8 +122,8 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        pool = _encode_pool(args.pool, seed=0)
-        print(f"pool: {len(pool)} crops, mean {sum(map(len, pool)) / len(pool) / 1024:.1f} KiB")
+        pool, kind = _encode_pool(args.pool, seed=0)
+        print(f"pool: {len(pool)} crops ({kind}), mean {sum(map(len, pool)) / len(pool) / 1024:.1f} KiB")
         results = {}
         for name, n in (("small", args.small), ("large", args.large)):
             src = Path(tmp) / f"corpus_{name}"

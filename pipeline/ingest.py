@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import save_config, to_dict
@@ -457,7 +456,7 @@ def _finalize(out: Path, cfg: IngestConfig, plan: dict, start: float, **extra: i
                     writer.write_table(table.cast(MANIFEST_SCHEMA))
                     sizes[image_shard_path(cfg.root, cfg.corpus, index).name] = table.num_rows
                     n_images += table.num_rows
-                    n_bytes += pc.sum(table["n_bytes"]).as_py() or 0
+                    n_bytes += sum(table.column("n_bytes").to_pylist())
             n_duplicates = _write_duplicates(out, row_files)
     summary = IngestSummary(
         images=n_images,
