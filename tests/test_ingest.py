@@ -300,3 +300,13 @@ def test_source_untouched(corpus: dict) -> None:
     # Ingest never writes into its source (the list test removes its own list file).
     names = {p.relative_to(corpus["folder"]).as_posix() for p in corpus["folder"].rglob("*") if p.is_file()}
     assert names == set(corpus["good"]) | set(corpus["bad"]) | {"README.txt"}
+
+
+def test_shared_ingested_corpus_matches_the_synthetic_ground_truth(synth_world: Path, ingested: tuple) -> None:
+    # The session fixture other stages build on: its keys, sources and sizes are the generator's own.
+    root, corpus = ingested
+    manifest = pq.read_table(
+        images_dir(root, corpus) / "manifest.parquet", columns=["key", "source", "width", "height"]
+    )
+    gt = pq.read_table(synth_world / "gt.parquet", columns=["key", "source", "width", "height"])
+    assert sorted(manifest.to_pylist(), key=lambda r: r["key"]) == sorted(gt.to_pylist(), key=lambda r: r["key"])
