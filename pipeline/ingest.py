@@ -20,7 +20,7 @@ Outputs under ``ROOT/<corpus>/images/`` (paths from pipeline.formats):
 Order of work: list the source (sorted by key; key collisions are an error), shuffle once with the seed
 (consecutive frames of a video must not share a shard), cut the list into shards of ``images_per_shard``
 candidates, then write shards in parallel. A shard's rows and rejects go to ``.ingest/<stem>.parquet``
-before its tar is renamed into place, so a rerun skips every shard whose tar exists. ``manifest.parquet``
+before its tar is renamed into place, so a rerun skips every shard whose tar and rows exist. ``manifest.parquet``
 and then ``sizes.json`` are written last: their presence means the ingest is complete.
 
 Rejected inputs (empty, truncated, not an image, unsupported format) are skipped and listed. Images with
@@ -353,7 +353,7 @@ def _ingest_locked(cfg: IngestConfig, out: Path, start: float) -> IngestSummary:
     for stale in [*out.glob("*.tmp-*"), *(out / WORK_DIR).glob("*.tmp-*")]:
         stale.unlink()  # left by a crashed run; the lock says no other run owns them
 
-    if (out / SIZES_FILE).is_file() and (out / MANIFEST_FILE).is_file():
+    if all((out / name).is_file() for name in (SIZES_FILE, MANIFEST_FILE, SUMMARY_FILE)):
         if all(_shard_complete(out, cfg.corpus, i, plan["plan_id"]) for i in range(n_shards)):
             summary = IngestSummary(**json.loads((out / SUMMARY_FILE).read_text())["summary"])
             summary.seconds = time.perf_counter() - start
