@@ -256,6 +256,16 @@ def test_key_collisions_and_bad_settings_are_clear_errors(tmp_path: Path) -> Non
         ingest(_cfg(src, tmp_path / "root", corpus="lup.v2"))
     with pytest.raises(ClaspError, match="no images found"):
         ingest(_cfg(tmp_path / "root", tmp_path / "root2"))
+    from pipeline.ingest import _lock
+
+    (src / "a_b.jpg").unlink()
+    held = _lock(images_dir(tmp_path / "root3", "lup"))  # as a concurrent run would hold it
+    try:
+        with pytest.raises(ClaspError, match="another `clasp ingest` is writing"):
+            ingest(_cfg(src, tmp_path / "root3"))
+    finally:
+        held.close()
+    assert ingest(_cfg(src, tmp_path / "root3")).images == 1
 
 
 def test_keys_are_webdataset_safe() -> None:
