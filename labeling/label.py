@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 # Bump when the label math changes without any config change, so old label sets are not reused.
 LABEL_METHOD_VERSION = 1
 CONFIG_FILE = "label_config.yaml"
+# Figures of the latest run_labeling in this process (benchmarks read them): images, shards, loop_s, total_s.
+LAST_RUN: dict = {}
 
 
 @dataclass
@@ -195,6 +197,8 @@ def run_labeling(cfg: LabelConfig) -> str:
     if mine:
         _label_shards(resolved, loaded, attrs, parts, set_id, mine, sizes, device, stats)
     elapsed = time.perf_counter() - t0
+    LAST_RUN.clear()
+    LAST_RUN.update(images=stats["images"], shards=stats["shards"], loop_s=stats.get("loop_s", 0.0), total_s=elapsed)
     if stats["failed_shards"]:
         raise ClaspError(
             f"{len(stats['failed_shards'])} image shard(s) could not be labelled: "
@@ -274,41 +278,53 @@ def _label_shards(
     buffers = [ShardBuffer(idx) for idx in indices]
     starts = np.cumsum([0] + [len(i.keys) for i in indices])
     meta_base = {"labelset": set_id, "rank": env.rank, "world_size": env.world_size}
+
+    def consume(item_ids: torch.Tensor, ok: torch.Tensor, host: tuple) -> None:
+        """Store one batch's labels (already on the host) and write its shard when complete."""
+        labels, embed, ready = host
+        if ready is not None:
+            ready.synchronize()
+        shard_pos = int(np.searchsorted(starts, int(item_ids[0]), side="right") - 1)
+        buf, first = buffers[shard_pos], int(starts[shard_pos])
+        bad = np.flatnonzero(~ok.numpy())
+        if bad.size:
+            blank_rows(labels, bad)
+            stats["failures"] += [
+                {"shard": buf.index.path.name, "key": buf.index.keys[int(item_ids[b]) - first]} for b in bad
+            ]
+        buf.add(item_ids.numpy() - first, labels, embed)
+        if buf.complete:
+            failures = [f["key"] for f in stats["failures"] if f["shard"] == buf.index.path.name]
+            path = label_shard_path(cfg.root, cfg.corpus, set_id, shard_index(buf.index.path))
+            table = buf.table(schema, list(parts.names), cfg.conf_levels)
+            write_shard(path, table, {**meta_base, "rows": table.num_rows, "undecodable": failures})
+            buffers[shard_pos] = None  # free the shard's rows
+            stats["shards"] += 1
+
     total = sum(len(i.keys) for i in indices)
+    pending = None  # previous batch: its device->host copy overlaps this batch's forward
     t0 = time.perf_counter()
     with _progress(total, cfg.quiet or env.rank != 0) as progress:
         task = progress.add_task("label", total=total, rate=0.0)
         for item_ids, images, ok in loader:
-            shard_pos = int(np.searchsorted(starts, int(item_ids[0]), side="right") - 1)
-            images = images.to(device, non_blocking=True)
-            x = (images.float() - mean) / std
+            x = (images.to(device, non_blocking=True).float() - mean) / std
             if on_gpu:
                 x = x.contiguous(memory_format=torch.channels_last)
             with (
                 torch.no_grad(),
-                torch.autocast(device_type="cuda" if on_gpu else "cpu", enabled=use_bf16, dtype=torch.bfloat16),
+                torch.autocast(device_type=device.split(":")[0], enabled=use_bf16, dtype=torch.bfloat16),
             ):
                 image_emb, patch_emb = dense(x)
             labels = labeler(image_emb, patch_emb)
-            buf = buffers[shard_pos]
-            embed = image_emb.half().cpu() if cfg.with_embed else None
-            buf.add(item_ids.numpy() - starts[shard_pos], labels, embed)
-            bad = np.flatnonzero(~ok.numpy())
-            if bad.size:
-                blank_rows(labels, bad)
-                first = int(starts[shard_pos])
-                stats["failures"] += [
-                    {"shard": buf.index.path.name, "key": buf.index.keys[int(item_ids[b]) - first]} for b in bad
-                ]
-            if buf.complete:
-                failures = [f["key"] for f in stats["failures"] if f["shard"] == buf.index.path.name]
-                path = label_shard_path(cfg.root, cfg.corpus, set_id, shard_index(buf.index.path))
-                table = buf.table(schema, list(parts.names), cfg.conf_levels)
-                write_shard(path, table, {**meta_base, "rows": table.num_rows, "undecodable": failures})
-                buffers[shard_pos] = None  # free the shard's rows
-                stats["shards"] += 1
+            host = labels.to_host(image_emb.half() if cfg.with_embed else None)
+            if pending is not None:
+                consume(*pending)
+            pending = (item_ids, ok, host)
             stats["images"] += len(item_ids)
             progress.update(task, advance=len(item_ids), rate=stats["images"] / (time.perf_counter() - t0))
+        if pending is not None:
+            consume(*pending)
+    stats["loop_s"] = time.perf_counter() - t0
 
 
 def _finalize(

@@ -15,6 +15,7 @@ batch is nil, so the GPU never waits for the host.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from pipeline.vocab import AttributeVocab, PartVocab
 
 @dataclass(frozen=True)
 class LabelBatch:
-    """Labels of one batch, on the CPU; arrays are row-aligned with the batch."""
+    """Labels of one batch (on the labeling device until ``to_host``); rows align with the batch."""
 
     attr_prob: torch.Tensor  # (B, A) float in [0, 1]
     part_map: torch.Tensor  # (B, gh, gw) uint8 class ids, 0 = background
@@ -34,6 +35,16 @@ class LabelBatch:
     fg_ratio: torch.Tensor  # (B,) float
     area: torch.Tensor  # (B, K-1) share of cells of each non-background class
     row: torch.Tensor  # (B, K-1) mean row in [0, 1] of each class, NaN when absent
+
+    def to_host(self, extra: torch.Tensor | None = None) -> tuple[LabelBatch, torch.Tensor | None, object]:
+        """(labels on CPU, ``extra`` on CPU, event to wait for); from a GPU the copies are asynchronous."""
+        if self.part_map.device.type != "cuda":
+            return self, extra, None
+        moved = {f.name: getattr(self, f.name).to("cpu", non_blocking=True) for f in dataclasses.fields(self)}
+        extra = extra.to("cpu", non_blocking=True) if extra is not None else None
+        event = torch.cuda.Event()
+        event.record()
+        return LabelBatch(**moved), extra, event
 
 
 def exclusive_groups(vocab: AttributeVocab) -> list[list[int]]:
@@ -113,14 +124,7 @@ class Labeler(nn.Module):
         attr_prob = self.attributes(image.float())
         part_map, part_conf, fg_ratio = self.parts(patches.float())
         area, row = self.summaries(part_map, self.part_text.shape[0])
-        return LabelBatch(
-            attr_prob=attr_prob.cpu(),
-            part_map=part_map.cpu(),
-            part_conf=part_conf.cpu(),
-            fg_ratio=fg_ratio.cpu(),
-            area=area.cpu(),
-            row=row.cpu(),
-        )
+        return LabelBatch(attr_prob, part_map, part_conf, fg_ratio, area, row)
 
 
 def build_labeler(
