@@ -26,11 +26,13 @@ audit_config.yaml. Protocols of the ground-truth metrics: labeling/quality.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +124,7 @@ class AuditResult:
     metrics: dict[str, float]
     timings_s: dict[str, float]
     rows: int
+    cpu_s: dict[str, float] = field(default_factory=dict)  # process CPU time (all threads) per step
 
 
 # --- views ------------------------------------------------------------------------------------
@@ -284,7 +287,10 @@ def run_sql(cfg: AuditConfig, sql: str) -> pa.Table:
 
 # --- standard audits ----------------------------------------------------------------------------
 def run_standard_audit(
-    cfg: AuditConfig, con: duckdb.DuckDBPyConnection | None = None, ctx: AuditContext | None = None
+    cfg: AuditConfig,
+    con: duckdb.DuckDBPyConnection | None = None,
+    ctx: AuditContext | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> AuditResult:
     """Every standard audit query (no ground truth, comparison or mosaics) and the findings drawn from them."""
     from labeling.audit_queries import derive_findings, standard_queries
@@ -294,33 +300,40 @@ def run_standard_audit(
         tmp = Path(tempfile.mkdtemp(prefix="clasp_audit_"))
         con, ctx = connect(cfg, tmp)
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     tables: dict[str, pa.Table] = {}
     sql: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def step(name: str) -> Iterator[None]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        timings[name], cpu[name] = time.perf_counter() - t0, time.process_time() - c0
+        if on_step is not None:
+            on_step(name)
+
     try:
-        t0 = time.perf_counter()
-        con.execute("SET preserve_insertion_order = false")  # lets the copy be written by all threads
-        con.execute(f"CREATE OR REPLACE TEMP TABLE lab AS {_lab_sql(ctx)}")
-        rows = con.execute("SELECT count(*) FROM lab").fetchone()[0]
-        timings["load"] = time.perf_counter() - t0
+        with step("load"):
+            con.execute("SET preserve_insertion_order = false")  # lets all threads write the copy
+            con.execute(f"CREATE OR REPLACE TEMP TABLE lab AS {_lab_sql(ctx)}")
+            rows = con.execute("SELECT count(*) FROM lab").fetchone()[0]
         for name, query in standard_queries(ctx).items():
-            t0 = time.perf_counter()
-            if query.setup:
-                con.execute(query.setup)
-            tables[name] = fetch_table(con, query.sql)
+            with step(name):
+                if query.setup:
+                    con.execute(query.setup)
+                tables[name] = fetch_table(con, query.sql)
             sql[name] = (query.setup.strip() + ";\n" if query.setup else "") + query.sql.strip()
-            timings[name] = time.perf_counter() - t0
         if "part_order_examples" in tables:
             tables["part_order_examples"] = _attach_keys(ctx, tables["part_order_examples"])
-        t0 = time.perf_counter()
-        tables["summary_consistency"] = _consistency_sample(ctx)
-        timings["summary_consistency"] = time.perf_counter() - t0
+        with step("summary_consistency"):
+            tables["summary_consistency"] = _consistency_sample(ctx)
         findings = derive_findings(ctx, tables)
         con.execute("RESET preserve_insertion_order")
     finally:
         if tmp is not None:
             con.close()
             shutil.rmtree(tmp, ignore_errors=True)
-    return AuditResult(ctx, tables, sql, findings, {}, timings, rows)
+    return AuditResult(ctx, tables, sql, findings, {}, timings, rows, cpu)
 
 
 def _lab_sql(ctx: AuditContext) -> str:
@@ -391,34 +404,69 @@ def _consistency_sample(ctx: AuditContext) -> pa.Table:
 
 
 # --- the whole audit ---------------------------------------------------------------------------
+def _progress(quiet: bool):  # noqa: ANN202 - rich.progress.Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]audit[/] {task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=quiet,
+        transient=True,
+    )
+
+
 def run_audit(cfg: AuditConfig) -> Path:
     """Standard audits (+ ground truth, + comparison), summary.json, query results and report.html; returns its path."""
     from labeling.audit_metrics import compare_labelsets, gt_metrics, select_mosaics
+    from labeling.audit_queries import standard_queries
     from labeling.report import write_report
 
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ClaspError(f"--out {out} is a file; give a directory for the report and query results")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".duckdb_tmp"
     con, ctx = connect(cfg, tmp)
+    steps = len(standard_queries(ctx)) + 3 + bool(cfg.compare) + bool(cfg.gt) + cfg.mosaics
     try:
-        result = run_standard_audit(cfg, con, ctx)
-        if cfg.compare:
-            t0 = time.perf_counter()
-            compare_labelsets(con, ctx, result)
-            result.timings_s["compare"] = time.perf_counter() - t0
-        if cfg.gt:
-            t0 = time.perf_counter()
-            gt_metrics(con, ctx, result)
-            result.timings_s["ground_truth"] = time.perf_counter() - t0
-        mosaics = select_mosaics(con, ctx, result) if cfg.mosaics else {}
+        with _progress(cfg.quiet) as bar:
+            task = bar.add_task("", total=steps)
+
+            def done(name: str) -> None:
+                bar.update(task, advance=1, description=name)
+
+            result = run_standard_audit(cfg, con, ctx, on_step=done)
+            for name, wanted, fn in [
+                ("compare", cfg.compare, compare_labelsets),
+                ("ground_truth", cfg.gt, gt_metrics),
+            ]:
+                if wanted:
+                    t0 = time.perf_counter()
+                    fn(con, ctx, result)
+                    result.timings_s[name] = time.perf_counter() - t0
+                    done(name)
+            mosaics = select_mosaics(con, ctx, result) if cfg.mosaics else {}
+            done("mosaics")
+            result.findings.sort(key=lambda f: (SEVERITIES.index(f.severity), -f.count))
+            _write_tables(out / "queries", result)
+            save_config(cfg, out / "audit_config.yaml")
+            write_json_atomic(out / "summary.json", summary_dict(result))
+            report = write_report(out / "report.html", result, mosaics)
     finally:
         con.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    result.findings.sort(key=lambda f: (SEVERITIES.index(f.severity), -f.count))
-    _write_tables(out / "queries", result)
-    save_config(cfg, out / "audit_config.yaml")
-    write_json_atomic(out / "summary.json", summary_dict(result))
-    return write_report(out / "report.html", result, mosaics)
+    if not cfg.quiet:
+        counts = {s: sum(f.severity == s for f in result.findings) for s in SEVERITIES}
+        print(
+            f"audit of {cfg.corpus}/{ctx.labelset}: {result.rows:,} rows, {counts['error']} errors, "
+            f"{counts['warning']} warnings ({sum(result.timings_s.values()):.1f} s)"
+        )
+        for f in result.findings:
+            if f.severity != "info":
+                print(f"  {f.severity}: {f.what} [{f.where}] x{f.count}")
+    return report
 
 
 def summary_dict(result: AuditResult) -> dict:
@@ -438,6 +486,9 @@ def summary_dict(result: AuditResult) -> dict:
 
 def _write_tables(qdir: Path, result: AuditResult) -> None:
     qdir.mkdir(parents=True, exist_ok=True)
+    for old in qdir.iterdir():  # results of an earlier run (e.g. with --gt) must not pass for this run's
+        if old.suffix in (".parquet", ".csv", ".sql") and old.stem not in result.tables:
+            old.unlink()
     for name, table in result.tables.items():
         with atomic_path(qdir / f"{name}.parquet") as tmp:
             pq.write_table(table, tmp)

@@ -107,7 +107,7 @@ ORDER BY implausible_share DESC, shard""")
 SELECT least(floor(fg_ratio * 20), 19)::INT AS bin, bin / 20 AS fg_lo, count(*) AS images
 FROM lab WHERE fg_ratio BETWEEN 0 AND 1 GROUP BY ALL ORDER BY bin""")
     q["fg_ratio_stats"] = Query("""
-SELECT count(*) AS images, avg(fg_ratio) AS mean, approx_quantile(fg_ratio, [0.05, 0.5, 0.95]) AS q,
+SELECT count(*) AS images, avg(fg_ratio) AS mean, quantile_cont(fg_ratio, [0.05, 0.5, 0.95]) AS q,
        q[1] AS p05, q[2] AS p50, q[3] AS p95,
        avg((fg_ratio < 0.02)::INT) AS empty_share, avg((fg_ratio > 0.98)::INT) AS full_share,
        count(*) FILTER (WHERE NOT (fg_ratio BETWEEN 0 AND 1)) AS invalid
@@ -265,6 +265,11 @@ def derive_findings(ctx: AuditContext, t: dict[str, pa.Table]) -> list[Finding]:
         if f["empty_share"] > 0.05:
             what = f"images with (almost) no foreground ({f['empty_share']:.1%} with fg_ratio < 0.02)"
             add("warning", what, "fg_ratio_hist", round(f["empty_share"] * f["images"]))
+        if f["full_share"] > 0.2:
+            what = (
+                f"images labelled (almost) entirely person ({f['full_share']:.1%} with fg_ratio > 0.98): no background"
+            )
+            add("warning", what, "fg_ratio_hist", round(f["full_share"] * f["images"]))
 
     for r in _rows(t.get("summary_consistency")):
         for col, what in [

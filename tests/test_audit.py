@@ -293,3 +293,39 @@ def test_compare_two_label_sets(tmp_path: Path) -> None:
     rows = pq.read_table(tmp_path / "a" / "queries" / "compare_attributes.parquet").to_pylist()
     assert rows[0]["attribute"] == ATTRS[0] and rows[0]["agreement"] == 0.5
     assert _finding(summary, "decision changed")["where"] == ATTRS[0]
+
+
+def test_pa100k_annotation_mat_as_ground_truth(tmp_path: Path) -> None:
+    """annotation.mat (PA-100K layout) is mapped onto the corpus by image file name; mA equals gt.parquet's."""
+    from pipeline.synth.layouts import write_pa100k_mat
+
+    build_corpus(tmp_path, n_shards=2, faults=False)
+    gt = pq.read_table(tmp_path / "gt.parquet").to_pylist()
+    names = [r["source"].rsplit("/", 1)[1] for r in gt]
+    labels = np.array([r["attributes"] for r in gt], np.uint8)
+    cut = {"train": slice(0, 16), "val": slice(16, 20), "test": slice(20, None)}
+    write_pa100k_mat(
+        tmp_path / "annotation.mat", {k: names[c] for k, c in cut.items()}, {k: labels[c] for k, c in cut.items()}
+    )
+    metrics = {}
+    for gt_path in ("annotation.mat", "gt.parquet"):
+        cfg = AuditConfig(root=str(tmp_path), corpus=CORPUS, gt=str(tmp_path / gt_path), out=str(tmp_path / f"a_{gt_path}"),
+                          mosaics=False, quiet=True)  # fmt: skip
+        metrics[gt_path] = json.loads((run_audit(cfg).parent / "summary.json").read_text())["metrics"]
+    assert metrics["annotation.mat"]["gt_images"] == 2 * PER_SHARD
+    assert metrics["annotation.mat"]["attribute_mA"] == pytest.approx(metrics["gt.parquet"]["attribute_mA"])
+    assert "part_mIoU" not in metrics["annotation.mat"] and "part_mIoU" in metrics["gt.parquet"]
+
+
+def test_user_mistakes_name_the_fix(tmp_path: Path) -> None:
+    from pipeline.errors import ClaspError
+
+    build_corpus(tmp_path, n_shards=1, faults=False)
+    with pytest.raises(ClaspError, match="corpus 'nope' not found"):
+        run_sql(AuditConfig(root=str(tmp_path), corpus="nope"), "SELECT 1")
+    with pytest.raises(ClaspError, match="labelset.json not found"):
+        run_sql(AuditConfig(root=str(tmp_path), corpus=CORPUS, labelset="missing"), "SELECT 1")
+    with pytest.raises(ClaspError, match="ground truth .* does not exist"):
+        run_sql(AuditConfig(root=str(tmp_path), corpus=CORPUS, gt=str(tmp_path / "no.parquet")), "SELECT 1")
+    with pytest.raises(ClaspError, match="memory_limit"):
+        run_sql(AuditConfig(root=str(tmp_path), corpus=CORPUS, memory_limit="lots"), "SELECT 1")
