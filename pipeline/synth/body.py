@@ -184,15 +184,10 @@ def draw_person(cv: Canvas, look: Look, sk: Skeleton, *, offset: int = 0, tag: s
     if sk.view == "back":
         _bags_behind(pen)
         _hair_long_back(pen)
-    else:
-        _bags_front(pen)
-        _held_object(pen)
+    _bags_front(pen)  # straps and a shoulder bag lie on the body, under the arms
+    _held_object(pen)
     for side in ("left", "right"):
         _arm(pen, side, 1.0)
-    if sk.view == "back":
-        _bags_front(pen)
-    else:
-        _bags_behind(pen)
     _head(pen)
 
 
@@ -384,8 +379,8 @@ def _bags_front(pen: _Pen) -> None:
             bag_x = -pen.f * 0.03
         else:
             a = pen.at(mirror * p.shoulder_w * 0.55, p.shoulder_y - 0.01)
-            b = pen.at(-mirror * (p.hip_w + 0.03), p.hip_y - 0.01)
-            bag_x = -mirror * (p.hip_w + 0.04)
+            b = pen.at(-mirror * (p.hip_w + 0.04), p.hip_y - 0.01)
+            bag_x = -mirror * (p.hip_w + 0.06)
         pen.line([a, b], 0.014, STRAP, "strap")
         bx, by = pen.at(bag_x, p.hip_y - 0.03)
         w, h = 0.055 * u, 0.07 * u
@@ -394,7 +389,7 @@ def _bags_front(pen: _Pen) -> None:
 
 def _held_object(pen: _Pen) -> None:
     look, p, sk = pen.look, pen.p, pen.sk
-    if not look.holds_object:
+    if not look.holds_object or sk.view == "back":  # from behind, the body hides it
         return
     if sk.view == "side":
         x0 = (float(sk["left_wrist"][0]) + float(sk["right_wrist"][0])) / 2

@@ -47,6 +47,7 @@ TOP_COLORS = ("black", "white", "grey", "dark grey", "red", "blue", "dark blue",
 LOWER_COLORS = ("black", "dark blue", "blue", "grey", "dark grey", "beige", "khaki", "brown", "white", "red",
                 "pink", "green")  # fmt: skip
 SHOE_COLORS = ("black", "white", "grey", "brown", "red", "blue", "beige")
+BOOT_COLORS = ("black", "brown", "dark grey", "beige")
 BAG_COLORS = ("black", "brown", "red", "blue", "grey", "beige", "pink", "green", "dark blue")
 HAIR_COLORS: dict[str, tuple[int, int, int]] = {
     "black": (22, 20, 20),
@@ -172,7 +173,7 @@ def random_look(rng: np.random.Generator) -> Look:
         lower_color2=_other(rng, ("white", "red", "yellow", "black", "light blue"), lower_color),
         jeans=jeans,
         shoe_type=shoe_type,
-        shoe_color=_pick(rng, SHOE_COLORS),
+        shoe_color=_pick(rng, BOOT_COLORS if shoe_type == "boots" else SHOE_COLORS),
         hat=hat,
         hat_color=_pick(rng, ("black", "white", "red", "blue", "beige", "grey")),
         glasses=glasses,

@@ -305,7 +305,7 @@ def _own(name: str) -> frozenset[str]:
     return frozenset(f"{side}_{s}" for s in segments)
 
 
-_COVER = {"ear": {"hair", "scalp", "hat"}, "shoulder": {"hair", "strap"}, "hip": {"torso", "pelvis", "skirt"},
+_COVER = {"ear": {"hair", "scalp", "hat", "face"}, "shoulder": {"hair", "strap"}, "hip": {"torso", "pelvis", "skirt"},
           "knee": {"torso", "skirt"}}  # fmt: skip
 OWN_TAGS = {name: _own(name) for name in COCO_KEYPOINTS}
 COVER_TAGS = {name: frozenset(_COVER.get(name.split("_", 1)[-1], ())) for name in COCO_KEYPOINTS}
@@ -322,7 +322,10 @@ def _keypoints(sk, sid: Image.Image, tags: list[str], height: int, width: int) -
         far = (far_side is not None and name.startswith(far_side)) or (
             sk.view == "back" and name in ("nose", "left_eye", "right_eye")
         )
-        visible = tag in OWN_TAGS[name] or (not far and tag in COVER_TAGS[name])
+        if far and name.endswith(("_eye", "_ear")):  # the far eye/ear of a profile is behind the head
+            visible = False
+        else:
+            visible = tag in OWN_TAGS[name] or (not far and tag in COVER_TAGS[name])
         out[i] = (x, y, 2.0 if visible else 1.0)
     return out
 
