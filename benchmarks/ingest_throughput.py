@@ -92,11 +92,21 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process. VmHWM, because ru_maxrss survives exec and would report the
+    forking parent's size for a child started by subprocess."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _child(source: str, root: str) -> None:
     """Run one ingest in this (fresh) process and print its figures as JSON."""
     from pipeline.ingest import IngestConfig, ingest
 
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = _peak_rss_mb()
     t0, cpu0 = time.perf_counter(), _cpu_s()
     summary = ingest(
         IngestConfig(
@@ -104,7 +114,7 @@ def _child(source: str, root: str) -> None:
         )
     )
     seconds, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     print(json.dumps({"images": summary.images, "rejects": summary.rejects, "seconds": seconds, "cpu_s": cpu,
                       "rss_after_imports_mb": rss_before, "peak_rss_mb": peak}))  # fmt: skip
 
