@@ -362,44 +362,52 @@ def _attach_keys(ctx: AuditContext, table: pa.Table) -> pa.Table:
 
 
 def _consistency_sample(ctx: AuditContext) -> pa.Table:
-    """Decode a few rows of part maps per shard and recompute area_/row_ to catch summaries out of step."""
+    """Decode a few part maps per shard and recompute area_/row_ to catch summaries out of step with the maps.
+
+    Definitions as labeling.writer stores them: area = cells of the class / all cells * 255 (+-1 for
+    rounding); row = mean of the cells' row positions (0 = top row .. 1 = bottom row) * 255 (+-2).
+    """
     from labeling.audit_metrics import decode_grids
 
-    cfg = ctx.cfg
-    rng = np.random.default_rng(cfg.seed)
+    out = {"shard": [], "rows": [], "bad_length": [], "bad_class": [], "area_mismatch": [], "row_mismatch": []}
+    if ctx.grid is None:
+        return pa.table(out, schema=pa.schema([(k, pa.string() if k == "shard" else pa.int64()) for k in out]))
+    rng = np.random.default_rng(ctx.cfg.seed)
     n_files = min(len(ctx.label_files), 8)
     files = [ctx.label_files[i] for i in sorted(rng.choice(len(ctx.label_files), n_files, replace=False))]
-    per_file = max(1, cfg.consistency_sample // n_files)
-    cols = ["key", "part_map"] + [f"{k}_{p}" for k in ("area", "row") for p in ctx.parts[1:]]
-    out = {"shard": [], "rows": [], "bad_length": [], "bad_class": [], "area_mismatch": [], "row_mismatch": []}
+    per_file = max(1, ctx.cfg.consistency_sample // n_files)
+    cols = ["part_map"] + [f"{k}_{p}" for k in ("area", "row") for p in ctx.parts[1:]]
+    gh, gw = ctx.grid
+    row_of_cell = np.repeat(np.linspace(0.0, 1.0, gh) if gh > 1 else np.zeros(1), gw)
     for f in files:
         pf = pq.ParquetFile(f)
+        if pf.metadata.num_rows == 0:
+            continue
         t = pf.read_row_group(0, columns=cols).slice(0, per_file)
-        lengths = pc.binary_length(t["part_map"]).to_numpy(zero_copy_only=False)
-        cells = ctx.grid[0] * ctx.grid[1] if ctx.grid else int(np.median(lengths))
-        ok = lengths == cells
-        out["shard"].append(f.stem)
-        out["rows"].append(t.num_rows)
-        out["bad_length"].append(int((~ok).sum()))
-        maps = decode_grids(t["part_map"].filter(pa.array(ok)), cells)
-        out["bad_class"].append(int((maps >= len(ctx.parts)).any(1).sum()))
-        gh = ctx.grid[0] if ctx.grid else 1
-        row_of_cell = np.repeat(np.linspace(0.0, 1.0, gh) if gh > 1 else np.zeros(1), cells // gh)
+        ok = pc.equal(pc.binary_length(t["part_map"]), gh * gw)
+        good = t.filter(ok)
+        maps = decode_grids(good["part_map"], gh * gw)
         area_bad = row_bad = 0
         for c, name in enumerate(ctx.parts[1:], start=1):
             hit = maps == c
             cnt = hit.sum(1)
-            area = t[f"area_{name}"].filter(pa.array(ok)).to_numpy(zero_copy_only=False).astype(float)
-            area_bad += int((np.abs(area - cnt / cells * 255) > 1.01).sum())
-            stored = t[f"row_{name}"].filter(pa.array(ok)).to_numpy(zero_copy_only=False).astype(float)
+            area = good[f"area_{name}"].to_numpy(zero_copy_only=False).astype(float)
+            area_bad += int((np.abs(area - cnt / (gh * gw) * 255) > 1.01).sum())
+            stored = good[f"row_{name}"].to_numpy(zero_copy_only=False).astype(float)
             with np.errstate(invalid="ignore", divide="ignore"):
                 mean_row = (hit * row_of_cell).sum(1) / cnt * 255
             both = (cnt > 0) & ~np.isnan(stored)
-            row_bad += int((np.abs(stored[both] - mean_row[both]) > 2.01).sum()) + int(
-                ((cnt > 0) != ~np.isnan(stored)).sum()
-            )
-        out["area_mismatch"].append(area_bad)
-        out["row_mismatch"].append(row_bad)
+            row_bad += int((np.abs(stored[both] - mean_row[both]) > 2.01).sum())
+            row_bad += int(((cnt > 0) != ~np.isnan(stored)).sum())  # present in the map but null, or the reverse
+        for key, value in [
+            ("shard", f.stem),
+            ("rows", t.num_rows),
+            ("bad_length", t.num_rows - good.num_rows),
+            ("bad_class", int((maps >= len(ctx.parts)).any(1).sum())),
+            ("area_mismatch", area_bad),
+            ("row_mismatch", row_bad),
+        ]:
+            out[key].append(value)
     return pa.table(out)
 
 

@@ -39,8 +39,14 @@ SCALE = 4  # image pixels per grid cell, so pooling the GT mask onto the grid is
 ATTRS = load_attributes().names
 PARTS = list(load_parts().names)
 # (class, top, bottom) of a standing person in grid rows
-BODY = (("head", 0, 2), ("face", 2, 3), ("upper_clothes", 3, 8), ("lower_clothes", 8, 12), ("legs", 12, 14),
-        ("shoes", 14, 16))  # fmt: skip
+BODY = (
+    ("head", 0, 2),
+    ("face", 2, 3),
+    ("upper_clothes", 3, 8),
+    ("lower_clothes", 8, 12),
+    ("legs", 12, 14),
+    ("shoes", 14, 16),
+)
 
 
 def _person(rng: np.random.Generator) -> np.ndarray:
@@ -92,7 +98,8 @@ def build_corpus(root: Path, n_shards: int = 6, faults: bool = True, labelset: s
     """Image tars + manifest + sizes.json + label shards + labelset.json + gt.parquet under ``root``.
 
     Faults (when ``faults``): shard 1 rows shuffled, shard 2 label file missing, shard 3 part maps flipped
-    upside down (summaries recomputed, as a labeler bug would), shard 4 row 7 carries row 2's key.
+    upside down (summaries recomputed, as a labeler bug would), shard 4 row 7 carries row 2's key, shard 5
+    row 0 has an area_head that does not match its part map.
     Returns a dict with the ground truth and the labels actually written (for direct metric checks).
     """
     rng = np.random.default_rng(seed)
@@ -146,6 +153,10 @@ def build_corpus(root: Path, n_shards: int = 6, faults: bool = True, labelset: s
             out.setdefault("missing_keys", keys)
         else:
             table = _label_table(lkeys, lprob, lpred)
+            if faults and s == 5:  # a summary column out of step with its part map
+                area = table["area_head"].to_numpy().copy()
+                area[0] += 40
+                table = table.set_column(table.schema.get_field_index("area_head"), "area_head", pa.array(area))
             path = label_shard_path(root, CORPUS, labelset, s)
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, path)
@@ -160,11 +171,26 @@ def build_corpus(root: Path, n_shards: int = 6, faults: bool = True, labelset: s
     img = root / CORPUS / "images"
     pq.write_table(pa.Table.from_pylist(manifest), img / MANIFEST_FILE)
     (img / SIZES_FILE).write_text(json.dumps(sizes))
-    meta = {"labelset": labelset, "corpus": CORPUS, "grid": list(GRID), "attributes": {"names": ATTRS},
-            "parts": {"names": PARTS}, "shards": shard_rows, "rows": sum(shard_rows.values())}  # fmt: skip
+    meta = {
+        "labelset": labelset,
+        "corpus": CORPUS,
+        "grid": list(GRID),
+        "attributes": {"names": ATTRS},
+        "parts": {"names": PARTS},
+        "shards": shard_rows,
+        "rows": sum(shard_rows.values()),
+    }
     (labels_dir(root, CORPUS, labelset) / LABELSET_FILE).write_text(json.dumps(meta))
-    gt_schema = pa.schema([("key", pa.string()), ("source", pa.string()), ("attributes", pa.list_(pa.uint8(), 26)),
-                           ("part_mask", pa.binary()), ("width", pa.int32()), ("height", pa.int32())])  # fmt: skip
+    gt_schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("source", pa.string()),
+            ("attributes", pa.list_(pa.uint8(), 26)),
+            ("part_mask", pa.binary()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+        ]
+    )
     pq.write_table(pa.Table.from_pylist(gt_rows, schema=gt_schema), root / "gt.parquet")
     return {k: (np.concatenate(v) if k in ("gt_attr", "gt_grid", "prob", "pred_grid") else v) for k, v in out.items()}
 
@@ -202,8 +228,9 @@ def test_planted_faults_are_reported(faulty: tuple[Path, dict, dict]) -> None:
     # errors come first, and nothing is reported about the clean shards
     severities = [f["severity"] for f in summary["findings"]]
     assert severities == sorted(severities, key=["error", "warning", "info"].index)
-    for clean in (0, 5):
-        assert not any(shard_stem(CORPUS, clean) in f["where"] for f in summary["findings"] if f["severity"] == "error")
+    stale = _finding(summary, "area_<part> columns disagree")
+    assert stale["count"] == 1 and stale["where"].startswith(shard_stem(CORPUS, 5))
+    assert not any(shard_stem(CORPUS, 0) in f["where"] for f in summary["findings"] if f["severity"] == "error")
     # the report shows the findings at the top and embeds plots and image tiles
     page = report.read_text()
     assert page.index("Findings") < page.index("Attributes")
@@ -282,8 +309,15 @@ def test_compare_two_label_sets(tmp_path: Path) -> None:
     blank = np.zeros((t.num_rows, *GRID), np.uint8)
     pq.write_table(_label_table(t["key"].to_pylist(), prob, blank), path)
     a_maps = np.stack([np.frombuffer(x, np.uint8) for x in t["part_map"].to_pylist()])
-    cfg = AuditConfig(root=str(tmp_path), corpus=CORPUS, labelset="aaaa", compare="bbbb", out=str(tmp_path / "a"),
-                      mosaics=False, quiet=True)  # fmt: skip
+    cfg = AuditConfig(
+        root=str(tmp_path),
+        corpus=CORPUS,
+        labelset="aaaa",
+        compare="bbbb",
+        out=str(tmp_path / "a"),
+        mosaics=False,
+        quiet=True,
+    )
     summary = json.loads((run_audit(cfg).parent / "summary.json").read_text())
     m = summary["metrics"]
     assert m["compare_part_cell_agreement"] == pytest.approx(
@@ -309,8 +343,14 @@ def test_pa100k_annotation_mat_as_ground_truth(tmp_path: Path) -> None:
     )
     metrics = {}
     for gt_path in ("annotation.mat", "gt.parquet"):
-        cfg = AuditConfig(root=str(tmp_path), corpus=CORPUS, gt=str(tmp_path / gt_path), out=str(tmp_path / f"a_{gt_path}"),
-                          mosaics=False, quiet=True)  # fmt: skip
+        cfg = AuditConfig(
+            root=str(tmp_path),
+            corpus=CORPUS,
+            gt=str(tmp_path / gt_path),
+            out=str(tmp_path / f"a_{gt_path}"),
+            mosaics=False,
+            quiet=True,
+        )
         metrics[gt_path] = json.loads((run_audit(cfg).parent / "summary.json").read_text())["metrics"]
     assert metrics["annotation.mat"]["gt_images"] == 2 * PER_SHARD
     assert metrics["annotation.mat"]["attribute_mA"] == pytest.approx(metrics["gt.parquet"]["attribute_mA"])
