@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 Point = tuple[float, float]
 SHADE_LEVELS = ((1.0, 0.0, 150), (0.72, 0.22, 204), (0.42, 0.36, 245))  # (size factor, light shift, value)
+_HALF_CIRCLE = tuple((math.cos(t), math.sin(t)) for t in np.linspace(0.0, math.pi, 7))
 SHADE_SCALE = 0.5  # shading is smooth, so it is drawn at half resolution and interpolated up
 
 
@@ -84,20 +85,16 @@ class Canvas:
 
     @staticmethod
     def _capsule(draw: ImageDraw.ImageDraw, p0: Point, p1: Point, r0: float, r1: float, fill: int) -> None:
-        dx, dy = p1[0] - p0[0], p1[1] - p0[1]
+        """One polygon: the two half circles at the ends joined by the tapered sides (one draw call)."""
+        x0, y0 = p0
+        x1, y1 = p1
+        dx, dy = x1 - x0, y1 - y0
         n = math.hypot(dx, dy)
-        if n > 1e-6:
-            nx, ny = -dy / n, dx / n
-            quad = [
-                (p0[0] + nx * r0, p0[1] + ny * r0),
-                (p1[0] + nx * r1, p1[1] + ny * r1),
-                (p1[0] - nx * r1, p1[1] - ny * r1),
-                (p0[0] - nx * r0, p0[1] - ny * r0),
-            ]
-            draw.polygon(quad, fill=fill)
-        for (x, y), r in ((p0, r0), (p1, r1)):
-            if r >= 0.25:
-                draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        ux, uy = (dx / n, dy / n) if n > 1e-6 else (0.0, 1.0)
+        # from +normal through the outward direction to -normal, around p1 then around p0
+        pts = [(x1 + r1 * (c * -uy + s * ux), y1 + r1 * (c * ux + s * uy)) for c, s in _HALF_CIRCLE]
+        pts += [(x0 + r0 * (c * uy - s * ux), y0 + r0 * (-c * ux - s * uy)) for c, s in _HALF_CIRCLE]
+        draw.polygon(pts, fill=fill)
 
     def ellipse(
         self, center: Point, rx: float, ry: float, material: int, tag: str, *, tone: float = 1.0, shade: bool = True

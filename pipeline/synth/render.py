@@ -264,9 +264,12 @@ def render_shot(look: Look, camera: Camera, shot: Shot, height: int, width: int)
     # Composition: byte table lookups in numpy, per-pixel colour work in PIL's C loops.
     materials = np.zeros(256, np.uint8)
     materials[: len(cv.materials)] = cv.materials
-    mat = np.take(materials, np.asarray(cv.sid))
+    sid = np.asarray(cv.sid)
+    mat = np.take(materials, sid)
+    # the camera's colour cast and exposure (already in its scene), times this person's light
+    light = np.asarray(camera.cast, np.float32) * (camera.gain * shot.brightness * 1.06)
     pal = np.zeros((256, 3), np.uint8)
-    pal[: len(palette)] = np.clip(palette * 1.06, 0, 255)
+    pal[: len(palette)] = np.clip(palette * light, 0, 255)
     base = Image.frombytes("P", (width, height), mat.tobytes())
     base.putpalette(pal.tobytes())
     base = _patterns(look, mat, base.convert("RGB"), pal, unit, top)
@@ -281,15 +284,13 @@ def render_shot(look: Look, camera: Camera, shot: Shot, height: int, width: int)
     if shadow.any():
         bg = Image.composite(ImageChops.multiply(bg, _SHADOW_RGB.resize(bg.size)), bg, Image.fromarray(shadow))
     img = Image.composite(person, bg, Image.fromarray(np.take(_IS_FG, mat)))
-    gain = np.asarray(camera.cast) * (camera.gain * shot.brightness)
-    img = img.point(np.clip(np.arange(256)[None, :] * gain[:, None], 0, 255).astype(np.uint8).ravel().tolist())
     img = ImageChops.add(img, _noise(camera.noise, height, width, rng), 1.0, -128)
     if camera.lowres < 1.0:
         small = (max(8, int(width * camera.lowres)), max(8, int(height * camera.lowres)))
         img = img.resize(small, Image.Resampling.BILINEAR).resize((width, height), Image.Resampling.BILINEAR)
     pil = img.filter(ImageFilter.BoxBlur(camera.blur * height / 256.0))
     part_mask = np.take(body.PART_OF_MATERIAL_256, mat)
-    keypoints = _keypoints(sk, cv.sid, cv.tags, height, width)
+    keypoints = _keypoints(sk, sid, cv.tags, height, width)
     return Sample(rgb=np.asarray(pil), part_mask=part_mask, keypoints=keypoints, view=shot.view)
 
 
@@ -311,14 +312,14 @@ OWN_TAGS = {name: _own(name) for name in COCO_KEYPOINTS}
 COVER_TAGS = {name: frozenset(_COVER.get(name.split("_", 1)[-1], ())) for name in COCO_KEYPOINTS}
 
 
-def _keypoints(sk, sid: Image.Image, tags: list[str], height: int, width: int) -> np.ndarray:  # noqa: ANN001
+def _keypoints(sk, sid: np.ndarray, tags: list[str], height: int, width: int) -> np.ndarray:  # noqa: ANN001
     out = np.zeros((17, 3), dtype=np.float32)
     far_side = ("left" if sk.near_side() == "right" else "right") if sk.view == "side" else None
     for i, name in enumerate(COCO_KEYPOINTS):
         x, y = (float(v) for v in sk[name])
         if not (0.0 <= x < width and 0.0 <= y < height):
             continue  # outside the crop: (0, 0, 0) as in COCO
-        tag = tags[sid.getpixel((int(x), int(y)))]
+        tag = tags[sid[int(y), int(x)]]
         far = (far_side is not None and name.startswith(far_side)) or (
             sk.view == "back" and name in ("nose", "left_eye", "right_eye")
         )

@@ -169,7 +169,7 @@ def _props(draw: ImageDraw.ImageDraw, rng: np.random.Generator, kind: str, base:
 
 @functools.lru_cache(maxsize=64)
 def scene_image(camera: Camera) -> Image.Image:
-    """The wide background scene of ``camera`` (RGB, SCENE_W x SCENE_H), built once per process."""
+    """The wide background scene of ``camera`` as it records it (RGB, SCENE_W x SCENE_H), built once per process."""
     rng = np.random.default_rng([camera.seed, camera.group, camera.index, 0xB6])
     img = Image.new("RGB", (SCENE_W, SCENE_H), (180, 190, 205))
     draw = ImageDraw.Draw(img)
@@ -206,6 +206,7 @@ def scene_image(camera: Camera) -> Image.Image:
     arr += rng.normal(0, 5.0, arr.shape[:2]).astype(np.float32)[..., None]
     rows = np.linspace(0.0, 1.0, SCENE_H, dtype=np.float32)[:, None, None]
     arr *= 0.92 + 0.12 * rows  # ground near the camera is a little brighter
+    arr *= np.asarray(camera.cast, np.float32) * camera.gain  # the camera's white balance and exposure
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 

@@ -51,7 +51,7 @@ OUTPUTS = ("luperson", "luperson_lmdb", "gt.parquet", "pairs.csv", "market1501",
 
 @dataclass
 class SynthConfig:
-    """Size and shape of the synthetic world. Defaults: ~6k images, about a minute on one core."""
+    """Size and shape of the synthetic world. Defaults: 4,820 images (seed 0), under a minute on one core."""
 
     identities: int = 200  # people in the LUPerson-like corpus
     seed: int = 0
