@@ -90,9 +90,26 @@ def write_pa100k_mat(path: Path, names: dict[str, list[str]], labels: dict[str, 
         tmp.write_bytes(bytes(data))
 
 
-def write_gt(path: Path, rows: list[dict]) -> None:
-    """Ground-truth rows (dicts with ``GT_SCHEMA`` fields) as one Parquet file, atomically."""
-    columns = {f.name: [r[f.name] for r in rows] for f in GT_SCHEMA}
-    table = pa.Table.from_pydict(columns, schema=GT_SCHEMA)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+class GtWriter:
+    """Streams ground-truth rows (dicts with ``GT_SCHEMA`` fields) into one Parquet file, a row group per
+    ``rows_per_group`` rows, so memory stays flat however large the world is."""
+
+    def __init__(self, path: Path, rows_per_group: int = 2048) -> None:
+        self.writer = pq.ParquetWriter(str(path), GT_SCHEMA, compression="zstd")
+        self.rows_per_group = rows_per_group
+        self.pending: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self.pending.append(row)
+        if len(self.pending) >= self.rows_per_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            columns = {f.name: [r[f.name] for r in self.pending] for f in GT_SCHEMA}
+            self.writer.write_table(pa.Table.from_pydict(columns, schema=GT_SCHEMA))
+            self.pending = []
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.close()

@@ -40,7 +40,7 @@ from PIL import Image
 from pipeline.config import ConfigError, save_config
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_path, write_json_atomic
-from pipeline.synth.layouts import LmdbWriter, write_gt, write_pa100k_mat
+from pipeline.synth.layouts import GtWriter, LmdbWriter, write_pa100k_mat
 from pipeline.synth.look import attributes, caption
 from pipeline.synth.plan import LUPERSON, MARKET, PA100K, Job, plan_corpus, plan_market, plan_pa100k
 from pipeline.synth.render import render_shot
@@ -172,7 +172,9 @@ def write_world(cfg: SynthConfig, out: Path) -> dict:
 
         bar = tqdm(total=len(jobs), desc="synth", unit="img", smoothing=0.1)
     lmdb = LmdbWriter(tmp / "luperson_lmdb", len(corpus))
-    rows: dict[str, list[dict]] = {LUPERSON: [], MARKET: [], PA100K: []}
+    gt = {LUPERSON: GtWriter(tmp / "gt.parquet"), MARKET: GtWriter(tmp / "market1501_gt.parquet"),
+          PA100K: GtWriter(tmp / "pa100k_gt.parquet")}  # fmt: skip
+    rows: dict[str, list[dict]] = {LUPERSON: [], MARKET: [], PA100K: []}  # without the masks, for the summary
     made_dirs: set[Path] = set()
     try:
         for job, done in zip(jobs, _render_all(jobs, cfg.workers), strict=True):
@@ -183,16 +185,16 @@ def write_world(cfg: SynthConfig, out: Path) -> dict:
             path.write_bytes(done.jpeg)
             if job.dataset == LUPERSON:
                 lmdb.put(job.key, done.jpeg)
-            rows[job.dataset].append(done.row)
+            gt[job.dataset].add(done.row)
+            rows[job.dataset].append({k: v for k, v in done.row.items() if k not in ("part_mask", "keypoints")})
             if bar is not None:
                 bar.update(1)
     finally:
         lmdb.close()
+        for writer in gt.values():
+            writer.close()
         if bar is not None:
             bar.close()
-    write_gt(tmp / "gt.parquet", rows[LUPERSON])
-    write_gt(tmp / "market1501_gt.parquet", rows[MARKET])
-    write_gt(tmp / "pa100k_gt.parquet", rows[PA100K])
     with atomic_path(tmp / "pairs.csv") as p, open(p, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "caption"])
