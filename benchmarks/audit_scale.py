@@ -165,7 +165,8 @@ def build_corpus(root: Path, corpus: str, n_images: int, per_shard: int, grid: t
                 }
             )
         )
-        print(f"  shard {s + 1}/{n_shards}", end="\r", flush=True)
+        if sys.stdout.isatty() or (s + 1) % max(1, n_shards // 10) == 0:
+            print(f"  building: shard {s + 1}/{n_shards}", end="\r" if sys.stdout.isatty() else "\n", flush=True)
     img_dir = images_dir(root, corpus)
     img_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.concat_tables(manifest_parts), img_dir / MANIFEST_FILE, compression="zstd")
@@ -183,6 +184,14 @@ def build_corpus(root: Path, corpus: str, n_images: int, per_shard: int, grid: t
     return labelset
 
 
+def _peak_rss_mb() -> float:
+    """VmHWM of this process (ru_maxrss survives exec, so it could report the parent's peak instead)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _audit_once(root: Path, labelset: str, threads: int, memory_limit: str) -> dict:
     """One standard audit in this process (run in a child so its peak RSS is the audit's alone)."""
     from labeling.audit import AuditConfig, run_standard_audit
@@ -198,7 +207,7 @@ def _audit_once(root: Path, labelset: str, threads: int, memory_limit: str) -> d
         "rows": result.rows,
         "findings": [f"{f.severity}: {f.what}" for f in result.findings],
         "timings_s": result.timings_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
     }
 
 
