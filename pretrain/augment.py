@@ -13,8 +13,8 @@ also renames classes through ``flip_map`` when the vocabulary has left/right cla
 
 All randomness comes from the ``random.Random`` passed in, never from global state, so a data
 stream seeded from (seed, epoch, rank, worker) replays exactly after a resume. Crops are
-returned as uint8 tensors; normalisation happens on the accelerator (``pretrain.data.to_model_batch``),
-which keeps worker CPU time and host-to-device bytes low.
+returned as channels-last uint8 tensors; layout change and normalisation happen on the accelerator
+(``pretrain.data.to_model_batch``), which keeps worker CPU time and host-to-device bytes low.
 """
 
 from __future__ import annotations
@@ -153,8 +153,9 @@ def photometric(image: Image.Image, rng: random.Random, recipe: ViewRecipe) -> I
 
 
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """(3, H, W) uint8 tensor of an RGB PIL image."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    """(H, W, 3) uint8 tensor of an RGB PIL image (channels-last: stacking it is a plain copy; the
+    accelerator permutes to channels-first for free in ``pretrain.data.to_model_batch``)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
 
 
 def person_ratio(out_hw: Sequence[int]) -> tuple[float, float]:
@@ -195,7 +196,7 @@ class MultiCrop:
     def __call__(
         self, image: Image.Image, part_map: np.ndarray, part_conf: np.ndarray, rng: random.Random
     ) -> dict[str, torch.Tensor]:
-        """``global_crops`` (G,3,H,W) uint8, ``local_crops`` (L,3,h,w) uint8, ``part_map`` (G,th,tw) int64,
+        """``global_crops`` (G,H,W,3) uint8, ``local_crops`` (L,h,w,3) uint8, ``part_map`` (G,th,tw) int64,
         ``part_conf`` (G,th,tw) float32."""
         image_hw = (image.height, image.width)
         globals_, maps, confs = [], [], []
@@ -215,7 +216,7 @@ class MultiCrop:
             if self.use_photometric:
                 view = photometric(view, rng, LOCAL_RECIPE)
             locals_.append(to_uint8_tensor(view))
-        empty_local = torch.empty((0, 3, *self.local_hw), dtype=torch.uint8)
+        empty_local = torch.empty((0, *self.local_hw, 3), dtype=torch.uint8)
         return {
             "global_crops": torch.stack(globals_),
             "local_crops": torch.stack(locals_) if locals_ else empty_local,

@@ -73,7 +73,8 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     out: str = "runs/pretrain"
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # "no" | "bf16" | "fp16" (Accelerate's names); YAML reads a bare `no` as false, which means "no" too
+    mixed_precision: Literal["no", "bf16", "fp16"] | bool = "no"
     cpu: bool = False  # force the CPU even where a GPU is visible
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int | None = None  # stop early (the schedules still span `optim.epochs`)

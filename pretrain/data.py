@@ -19,7 +19,8 @@ The pipeline is an explicit list of stages (``build_pipeline``)::
   (seed, epoch, segment start step, rank, worker), so a run resumed from a checkpoint sees exactly
   the batches the uninterrupted run saw, without reading and discarding anything. Shards are
   *resampled*: a segment starts a fresh permutation rather than continuing the last one.
-* Batches are uint8 crops; ``to_model_batch`` moves them to the device and normalises there.
+* Batches hold channels-last uint8 crops; ``to_model_batch`` moves them to the device, normalises
+  and permutes them there.
 """
 
 from __future__ import annotations
@@ -455,16 +456,17 @@ def build_stream(
 def to_model_batch(
     batch: dict[str, Any], device: torch.device | str, mean: Sequence[float], std: Sequence[float]
 ) -> dict[str, Any]:
-    """Move a batch to ``device`` and normalise the uint8 crops there (the meta-arch's input contract)."""
-    mean_t = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, device=device, dtype=torch.float32).view(1, 1, 3, 1, 1) * 255
+    """Move a loader batch to ``device``; its uint8 (B, crops, H, W, 3) crops become the meta-arch's
+    normalised float (B, crops, 3, H, W) there."""
+    mean_t = torch.tensor(mean, device=device, dtype=torch.float32) * 255
+    std_t = torch.tensor(std, device=device, dtype=torch.float32) * 255
     out: dict[str, Any] = {"key": batch["key"]}
     for name, value in batch.items():
         if name == "key":
             continue
         value = value.to(device, non_blocking=True)
         if name in ("global_crops", "local_crops"):
-            value = (value.float() - mean_t) / std_t
+            value = ((value.float() - mean_t) / std_t).permute(0, 1, 4, 2, 3).contiguous()
         out[name] = value
     return out
 

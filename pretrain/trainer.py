@@ -156,6 +156,9 @@ def train(cfg: PretrainConfig) -> RunSummary:
             raise ClaspError(
                 "wandb=true but wandb is not installed: pip install 'clasp[wandb]' or set wandb=false"
             ) from None
+    if cfg.mixed_precision is True:
+        raise ClaspError("mixed_precision must be no, bf16 or fp16 (got true)")
+    cfg.mixed_precision = cfg.mixed_precision or "no"
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         # without a GPU, Accelerate only forms a multi-process (gloo) group when told it runs on the CPU
@@ -190,7 +193,12 @@ def train(cfg: PretrainConfig) -> RunSummary:
 
     # ---- model, optimizer, resume
     model = ClaspMetaArch(cfg.model, num_parts=len(labels.parts), num_attributes=len(labels.attributes))
-    optimizer = torch.optim.AdamW(model.get_params_groups(cfg.optim.weight_decay), lr=0.0, betas=cfg.optim.betas)
+    optimizer = torch.optim.AdamW(
+        model.get_params_groups(cfg.optim.weight_decay),
+        lr=0.0,
+        betas=cfg.optim.betas,
+        fused=accelerator.device.type == "cuda",  # one kernel for all parameters on the GPU
+    )
     resume_from = resolve_resume(cfg)
     step, resumed = 0, None
     if resume_from is not None:

@@ -129,15 +129,15 @@ def test_labels_arrive_with_their_image(tmp_path: Path, workers: int) -> None:
     batches = stream.segment(epoch=0, start_step=0)
     for _ in range(8):
         batch = next(batches)
-        assert batch["global_crops"].shape == (4, 2, 3, 32, 16) and batch["global_crops"].dtype == torch.uint8
-        assert batch["local_crops"].shape == (4, 2, 3, 16, 8)
+        assert batch["global_crops"].shape == (4, 2, 32, 16, 3) and batch["global_crops"].dtype == torch.uint8
+        assert batch["local_crops"].shape == (4, 2, 16, 8, 3)
         assert batch["part_map"].shape == (4, 2, 4, 2) and batch["part_conf"].shape == (4, 2, 4, 2)
         for b, key in enumerate(batch["key"]):
             s, i = int(key[4:6]), int(key[7:10])
             # the label row encodes its key ...
             assert np.allclose(batch["attr_prob"][b].numpy() * 255, [s, i, 7], atol=1e-3)
             # ... and the image pixels encode the same key
-            colour = batch["global_crops"][b].float().mean(dim=(0, 2, 3)).numpy()
+            colour = batch["global_crops"][b].float().mean(dim=(0, 1, 2)).numpy()
             assert np.abs(colour - np.array(image_colour(s, i))).max() < 6, (key, colour)
             seen.append(key)
     assert len(set(seen)) == 32  # one epoch covers the corpus exactly once
@@ -240,7 +240,7 @@ def test_part_map_follows_crop_resize_and_flip(flip_p: float) -> None:
     for _ in range(10):
         out = crop(image, part_map, conf, rng)
         for g in range(2):
-            view = out["global_crops"][g].permute(1, 2, 0).numpy()
+            view = out["global_crops"][g].numpy()
             cells = out["part_map"][g].numpy()
             rows_f, cols_f = decoded_cells(view, (16, 8), img_hw, grid)
             labelled_row, labelled_col = np.divmod(cells, grid[1])

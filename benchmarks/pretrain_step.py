@@ -1,0 +1,308 @@
+"""Pre-training step cost: MoE vs plain ViT, and the full loop (label-joined stream) vs bare compute.
+
+    .venv/bin/python benchmarks/pretrain_step.py                       # CPU-sized: ViT-Ti, batch 8
+    python benchmarks/pretrain_step.py --arch vit_base --batch 128 --precision bf16 --workers 14 \\
+        --steps 20 --warmup 5 --images 8192                                 # one GPU (benchmarks/gpu_pretrain.sh)
+
+Measured in one run, same model settings, same process:
+
+* ``bare fwd+bwd``: forward + backward of ``ClaspMetaArch`` on one batch held on the device (no data
+  loading, no optimizer), MoE on and off.
+* ``bare step``: the same plus gradient clipping, AdamW and the EMA teacher update.
+* ``loop``: ``pretrain.trainer.train`` streaming real WebDataset shards joined with Parquet label
+  shards (written here: LUPerson-like JPEG sizes, blurred-noise content), multi-crop in DataLoader
+  workers, logging every ``--warmup`` steps; timed over the intervals after the first one.
+* ``loader``: the stream alone (batches/s without a model), and its peak RSS at two corpus sizes
+  (fresh subprocesses; the RSS must not grow with the corpus).
+
+Figures: ``moe_ratio`` = bare step images/s with MoE / without (target >= 0.67); ``loop_ratio`` = loop
+images/s / bare fwd+bwd images/s with MoE (target >= 0.85); on CUDA also ``mfu`` = counted FLOPs
+(torch FlopCounterMode, one training step incl. teacher) x images/s / peak dense bf16 FLOP/s. Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def write_corpus(root: Path, corpus: str, n_images: int, n_shards: int, seed: int = 0) -> None:
+    """Image shards (LUPerson-like JPEG sizes) + a complete label set with the default vocabularies."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+    from PIL import Image, ImageFilter
+
+    from pipeline import formats
+    from pipeline.vocab import load_attributes, load_parts
+
+    attrs, parts = load_attributes().names, list(load_parts().names)
+    grid = (16, 8)
+    rng = random.Random(seed)
+    pool = []
+    for _ in range(64):  # 64 distinct encodings, reused with distinct keys
+        h = rng.randint(96, 384)
+        w = max(32, int(h * rng.uniform(0.30, 0.55)))
+        sw, sh = max(2, w // 8), max(2, h // 8)  # low-res noise, upscaled and blurred: compresses like a photo
+        small = Image.frombytes("RGB", (sw, sh), rng.randbytes(3 * sw * sh))
+        img = small.resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(2))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=95)
+        pool.append((buf.getvalue(), w, h))
+    img_dir, lab_dir = formats.images_dir(root, corpus), formats.labels_dir(root, corpus, "bench")
+    img_dir.mkdir(parents=True, exist_ok=True)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    schema = formats.label_schema(len(attrs), parts)
+    np_rng = np.random.default_rng(seed)
+    sizes, per_shard = {}, math.ceil(n_images / n_shards)
+    for s in range(n_shards):
+        keys = [f"bench_{s:04d}_{i:05d}" for i in range(min(per_shard, n_images - s * per_shard))]
+        tar = formats.image_shard_path(root, corpus, s)
+        with wds.TarWriter(str(tar)) as sink:
+            for i, key in enumerate(keys):
+                data, w, h = pool[(s * per_shard + i) % len(pool)]
+                sink.write({"__key__": key, "jpg": data, "json": {"width": w, "height": h, "source": key}})
+        sizes[tar.name] = len(keys)
+        n, cells = len(keys), grid[0] * grid[1]
+        columns = {
+            "key": keys,
+            "attr_prob": np_rng.integers(0, 256, (n, len(attrs)), dtype=np.uint8).tolist(),
+            "part_map": [bytes(r) for r in np_rng.integers(0, len(parts), (n, cells), dtype=np.uint8)],
+            "part_conf": [bytes(r) for r in np_rng.integers(0, 256, (n, cells), dtype=np.uint8)],
+            "fg_ratio": [0.5] * n,
+        }
+        for name in parts[1:]:
+            columns[f"area_{name}"] = [0] * n
+            columns[f"row_{name}"] = [None] * n
+        pq.write_table(pa.table(columns, schema=schema), formats.label_shard_path(root, corpus, "bench", s))
+    (img_dir / formats.SIZES_FILE).write_text(json.dumps(sizes))
+    meta = {"labelset": "bench", "grid": list(grid), "attributes": {"names": attrs}, "parts": {"names": parts}}
+    (lab_dir / formats.LABELSET_FILE).write_text(json.dumps(meta))
+
+
+def make_config(args: argparse.Namespace, root: Path, corpus: str, *extra: str):
+    from pipeline.config import load_config
+    from pretrain.config import PretrainConfig
+
+    data = [f"root={root}", f"corpus={corpus}", f"batch_size={args.batch}", f"workers={args.workers}"]
+    data += [f"num_local_crops={args.local_crops}", "steps_per_epoch=1000000"]
+    model = [f"arch={args.arch}", f"img_size=[{args.img[0]},{args.img[1]}]", f"patch_size={args.patch}"]
+    model.append(f"loss.dino_out_dim={args.dino_out_dim}")
+    run = [f"mixed_precision='{args.precision}'", "tensorboard=false", "quiet=true", "checkpoint_every=1000000000"]
+    overrides = [f"data.{o}" for o in data] + [f"model.{o}" for o in model] + run + ["resume=none", *extra]
+    return load_config(PretrainConfig, overrides=overrides)
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class BareStep:
+    """The meta-arch, its optimizer and one device-resident batch: the step without any data loading."""
+
+    def __init__(self, cfg, batch_cpu: dict, n_parts: int) -> None:
+        import torch
+        from accelerate import Accelerator
+
+        from pretrain.data import to_model_batch
+        from pretrain.meta_arch import ClaspMetaArch
+
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        model = ClaspMetaArch(cfg.model, num_parts=n_parts, num_attributes=batch_cpu["attr_prob"].shape[1])
+        fused = self.accelerator.device.type == "cuda"
+        optimizer = torch.optim.AdamW(model.get_params_groups(0.04), lr=1e-5, fused=fused)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.core = self.accelerator.unwrap_model(self.model)
+        self.batch = to_model_batch(batch_cpu, self.accelerator.device, cfg.data.mean, cfg.data.std)
+        self.images = self.batch["global_crops"].shape[0]
+
+    def fwd_bwd(self) -> None:
+        loss, _ = self.model(self.batch, teacher_temp=0.07)
+        self.accelerator.backward(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        loss, _ = self.model(self.batch, teacher_temp=0.07)
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self.model.parameters(), 3.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.core.update_teacher(0.996)
+
+    def images_per_s(self, fn, steps: int, warmup: int) -> float:
+        for _ in range(warmup):
+            fn()
+        sync(self.accelerator.device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(self.accelerator.device)
+        return steps * self.images / (time.perf_counter() - t)
+
+    def flops_per_image(self) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            self.fwd_bwd()
+        return counter.get_total_flops() / self.images
+
+
+def bare(cfg, batch_cpu: dict, n_parts: int, steps: int, warmup: int) -> dict[str, float]:
+    """Images/s of fwd+bwd and of a full optimizer step on one device-resident batch; counted FLOPs/image."""
+    bench = BareStep(cfg, batch_cpu, n_parts)
+    out = {
+        "fwd_bwd_images_per_s": bench.images_per_s(bench.fwd_bwd, steps, warmup),
+        "step_images_per_s": bench.images_per_s(bench.step, steps, warmup),
+        "flops_per_image": bench.flops_per_image(),
+    }
+    bench.accelerator.free_memory()
+    return out
+
+
+def loop(cfg, out_dir: Path, steps: int, warmup: int) -> float:
+    """Trainer images/s over the log intervals after the first (which holds start-up)."""
+    from pretrain.trainer import train
+
+    cfg.out = str(out_dir)
+    cfg.max_steps = warmup + steps
+    cfg.log_every = warmup
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    # each row's images_per_s covers the steps since the previous row; the first interval holds start-up
+    spans = [(r["step"] - prev["step"], r["images_per_s"]) for prev, r in zip(rows, rows[1:], strict=False)]
+    images = sum(n for n, _ in spans) * summary.global_batch
+    return images / sum(n * summary.global_batch / rate for n, rate in spans)
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """Peak resident set (VmHWM) of a live process in MB; unlike ru_maxrss it does not inherit the parent's."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+
+def loader_rss(root: Path, corpus: str, batches: int) -> dict[str, float]:
+    """Stream ``batches`` batches in a fresh process: images/s, peak RSS of its main process and largest worker."""
+    code = f"""
+import json, sys, time
+sys.path.insert(0, {str(REPO)!r})
+sys.argv = [""] + {sys.argv[1:]!r}
+from benchmarks.pretrain_step import make_config, parse_args, peak_rss_mb
+from pretrain.data import build_stream
+args = parse_args()
+cfg = make_config(args, __import__("pathlib").Path({str(root)!r}), {corpus!r})
+stream = build_stream(cfg.data, global_hw=tuple(cfg.model.img_size), patch_size=cfg.model.patch_size, seed=0)
+it = stream.segment(epoch=0, start_step=0)
+next(it)
+t = time.perf_counter()
+for _ in range({batches}):
+    next(it)
+rate = {batches} * cfg.data.batch_size / (time.perf_counter() - t)
+workers = [peak_rss_mb(w.pid) for w in getattr(it, "_workers", [])]
+print(json.dumps({{"images_per_s": rate, "rss_main_mb": peak_rss_mb(), "rss_worker_mb": max(workers, default=0.0)}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="vit_tiny")
+    p.add_argument("--img", type=int, nargs=2, default=[256, 128])
+    p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8, help="images per step")
+    p.add_argument("--local-crops", type=int, default=8)
+    p.add_argument("--dino-out-dim", type=int, default=65536)
+    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--images", type=int, default=512, help="images in the (small) benchmark corpus")
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--loader-batches", type=int, default=6)
+    p.add_argument("--skip-rss", action="store_true")
+    return p.parse_args()
+
+
+def main() -> None:
+    import torch
+
+    args = parse_args()
+    on_gpu = torch.cuda.is_available()
+    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
+    setting = f"{args.arch} {args.img[0]}x{args.img[1]}/{args.patch}, batch {args.batch}"
+    setting += f", 2 global + {args.local_crops} local crops, precision {args.precision}, {args.workers} workers"
+    print(f"device: {device_name}; {setting}")
+    f: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t = time.perf_counter()
+        write_corpus(root, "small", args.images, args.shards)
+        print(f"corpus: {args.images} images in {args.shards} shards ({time.perf_counter() - t:.1f}s)")
+
+        from pretrain.data import build_stream
+
+        cfg = make_config(args, root, "small")
+        stream = build_stream(cfg.data, global_hw=tuple(cfg.model.img_size), patch_size=cfg.model.patch_size, seed=0)
+        batch = next(stream.segment(epoch=0, start_step=0))
+        n_parts = len(stream.labelset.parts)
+        del stream
+
+        if not args.skip_rss:
+            write_corpus(root, "large", args.images * 4, args.shards * 4, seed=1)
+            for corpus, n in (("small", args.images), ("large", args.images * 4)):
+                res = loader_rss(root, corpus, args.loader_batches)
+                f.update({f"loader_{corpus}_{k}": v for k, v in res.items()})
+                rss = f"peak RSS main {res['rss_main_mb']:.0f} MB, largest worker {res['rss_worker_mb']:.0f} MB"
+                print(f"loader alone, {n} images: {res['images_per_s']:.1f} img/s, {rss}")
+        for moe in (True, False):
+            tag = "moe" if moe else "dense"
+            res = bare(
+                make_config(args, root, "small", f"model.moe.enabled={moe}"), batch, n_parts, args.steps, args.warmup
+            )
+            f.update({f"bare_{k}_{tag}": v for k, v in res.items()})
+            rates = f"fwd+bwd {res['fwd_bwd_images_per_s']:.1f} img/s, full step {res['step_images_per_s']:.1f} img/s"
+            print(f"bare {tag:5s}: {rates}, {res['flops_per_image'] / 1e9:.1f} GFLOP/img (fwd+bwd, counted)")
+        f["loop_images_per_s"] = loop(make_config(args, root, "small"), root / "run", args.steps, args.warmup)
+        print(f"loop (stream + trainer step, MoE): {f['loop_images_per_s']:.1f} img/s")
+
+        f["moe_ratio"] = f["bare_step_images_per_s_moe"] / f["bare_step_images_per_s_dense"]
+        f["moe_ratio_fwd_bwd"] = f["bare_fwd_bwd_images_per_s_moe"] / f["bare_fwd_bwd_images_per_s_dense"]
+        f["loop_ratio"] = f["loop_images_per_s"] / f["bare_fwd_bwd_images_per_s_moe"]
+        f["loop_ratio_vs_step"] = f["loop_images_per_s"] / f["bare_step_images_per_s_moe"]
+        print(f"MoE / dense, full step: {f['moe_ratio']:.3f} (target >= 0.67); fwd+bwd: {f['moe_ratio_fwd_bwd']:.3f}")
+        print(
+            f"loop / bare fwd+bwd: {f['loop_ratio']:.3f} (target >= 0.85); / bare step: {f['loop_ratio_vs_step']:.3f}"
+        )
+        peak = next((v for k, v in PEAK_BF16.items() if k in device_name), None) if on_gpu else None
+        if peak:
+            f["peak_flops"] = peak
+            f["mfu_loop"] = f["loop_images_per_s"] * f["bare_flops_per_image_moe"] / peak
+            f["mfu_bare"] = f["bare_fwd_bwd_images_per_s_moe"] * f["bare_flops_per_image_moe"] / peak
+            mfu = f"loop {f['mfu_loop']:.3f}, bare fwd+bwd {f['mfu_bare']:.3f}"
+            print(f"MFU (counted FLOPs / {peak / 1e12:.0f} TFLOP/s bf16 dense): {mfu}")
+
+    f["device"] = device_name
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in f.items()}))
+
+
+if __name__ == "__main__":
+    main()
