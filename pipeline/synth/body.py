@@ -1,8 +1,7 @@
 """Drawing one person onto a ``Canvas``: filled, shaded body parts and garments in painter's order.
 
-Materials decide colour and part class (``PART_OF_MATERIAL``, ids of ``data_manifests/parts.yaml``);
-tags name the body segment a shape belongs to, which is how keypoint visibility is decided (a joint
-is visible when the topmost shape at its pixel belongs to its own segment).
+Torso, limbs, lower garments, shoes and bags are drawn here, the head in ``head.py``; materials, part
+classes and the ``Pen`` live in ``pen.py``.
 """
 
 from __future__ import annotations
@@ -10,90 +9,44 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.synth.canvas import Canvas, Point
+from pipeline.synth.head import draw_head, draw_long_hair
 from pipeline.synth.look import Look
+from pipeline.synth.pen import (
+    BAG,
+    BAG2,
+    COAT,
+    FAR_TONE,
+    LOGO,
+    LOWER,
+    LOWER2,
+    OBJECT,
+    SHADOW,
+    SHOE,
+    SKIN_ARM,
+    SKIN_FACE,
+    SKIN_LEG,
+    SOLE,
+    STRAP,
+    TOP,
+    TOP2,
+    Pen,
+    lerp,
+)
 from pipeline.synth.pose import Skeleton
-
-# Materials (colour + part class). A second person (drawn as background clutter) uses ids + OTHER.
-SKIN_FACE, SKIN_ARM, SKIN_LEG, HAIR, HAT, TOP, TOP2, COAT, LOWER, LOWER2 = range(1, 11)
-SHOE, SOLE, BAG, BAG2, STRAP, GLASSES, FACE_DETAIL, LOGO, OBJECT, SHADOW = range(11, 21)
-OCC_A, OCC_B, OCC_C, SCALP = 21, 22, 23, 24
-OTHER = 25
-NUM_MATERIALS = 2 * OTHER
-# part classes (data_manifests/parts.yaml order)
-BACKGROUND, HEAD, FACE, UPPER, ARMS, LOWER_CLOTHES, LEGS, SHOES, ACCESSORIES = range(9)
-PART_OF_MATERIAL = np.zeros(NUM_MATERIALS, dtype=np.uint8)
-for _mats, _part in (
-    ((SKIN_FACE, GLASSES, FACE_DETAIL), FACE),
-    ((HAIR, HAT, SCALP), HEAD),
-    ((TOP, TOP2, COAT, LOGO), UPPER),
-    ((SKIN_ARM,), ARMS),
-    ((LOWER, LOWER2), LOWER_CLOTHES),
-    ((SKIN_LEG,), LEGS),
-    ((SHOE, SOLE), SHOES),
-    ((BAG, BAG2, STRAP, OBJECT), ACCESSORIES),
-):
-    PART_OF_MATERIAL[list(_mats)] = _part
-
-PART_OF_MATERIAL_256 = np.zeros(256, dtype=np.uint8)  # the same table padded for byte lookups
-PART_OF_MATERIAL_256[:NUM_MATERIALS] = PART_OF_MATERIAL
-
-FAR_TONE = 0.8  # limbs on the far side of a profile are in the body's shadow
-
-
-class _Pen:
-    """Draws one person: joint lookup in pixels, units, materials, tags (overridable for clutter people)."""
-
-    def __init__(self, cv: Canvas, look: Look, sk: Skeleton, offset: int, tag: str | None) -> None:
-        self.cv, self.look, self.sk, self.offset, self.tag_override = cv, look, sk, offset, tag
-        self.u = sk.unit
-        self.p = sk.prop
-        hips = (sk["left_hip"] + sk["right_hip"]) / 2
-        self.cx, self.top = float(hips[0]), float(sk["head"][1] - sk.prop.head_h * sk.unit / 2)
-        self.f = sk.facing
-
-    def pt(self, name: str, dx: float = 0.0, dy: float = 0.0) -> Point:
-        x, y = self.sk[name]
-        return (float(x) + dx * self.u, float(y) + dy * self.u)
-
-    def at(self, x: float, y: float) -> Point:
-        """Body units (x from the centre line, y from the top of the head) to pixels."""
-        return (self.cx + x * self.u, self.top + y * self.u)
-
-    def m(self, material: int) -> int:
-        return material + self.offset
-
-    def t(self, tag: str) -> str:
-        return self.tag_override or tag
-
-    def capsule(self, a: Point, b: Point, r0: float, r1: float, material: int, tag: str, tone: float = 1.0) -> None:
-        self.cv.capsule(a, b, r0 * self.u, r1 * self.u, self.m(material), self.t(tag), tone=tone)
-
-    def ellipse(self, c: Point, rx: float, ry: float, material: int, tag: str, tone: float = 1.0) -> None:
-        self.cv.ellipse(c, rx * self.u, ry * self.u, self.m(material), self.t(tag), tone=tone)
-
-    def polygon(self, pts: list[Point], material: int, tag: str, tone: float = 1.0, shade: bool = True) -> None:
-        self.cv.polygon(pts, self.m(material), self.t(tag), tone=tone, shade=shade)
-
-    def line(self, pts: list[Point], width: float, material: int, tag: str) -> None:
-        self.cv.line(pts, width * self.u, self.m(material), self.t(tag))
-
-
-def _lerp(a: Point, b: Point, t: float) -> Point:
-    return (a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t)
 
 
 def _top_material(look: Look) -> int:
     return COAT if look.long_coat else TOP
 
 
-def _hem_y(look: Look, pen: _Pen) -> float:
+def _hem_y(look: Look, pen: Pen) -> float:
     p = pen.p
     if look.long_coat:
         return p.knee_y + 0.03
     return p.hip_y + {"tshirt": 0.035, "shirt": 0.05, "sweater": 0.04, "jacket": 0.06}[look.top_type]
 
 
-def _torso_profile(look: Look, pen: _Pen) -> list[tuple[float, float]]:
+def _torso_profile(look: Look, pen: Pen) -> list[tuple[float, float]]:
     """(y, half-width) of the upper garment in a front/back view, top to bottom."""
     p, add = pen.p, {"jacket": 0.012, "sweater": 0.006, "coat": 0.014}.get(look.top_type, 0.0)
     waist = p.hip_w * 1.04 + (0.008 if not look.female else -0.006) + (look.build - 1.0) * 0.05
@@ -109,7 +62,7 @@ def _torso_profile(look: Look, pen: _Pen) -> list[tuple[float, float]]:
     return prof
 
 
-def _side_profile(look: Look, pen: _Pen) -> list[tuple[float, float, float]]:
+def _side_profile(look: Look, pen: Pen) -> list[tuple[float, float, float]]:
     """(y, back offset, front offset) of the upper garment in a profile, body units toward ``facing``."""
     p, b = pen.p, look.build
     chest = 0.064 + (0.012 if look.female and look.age != "child" else 0.0)
@@ -129,7 +82,7 @@ def _interp(prof: list, y: float, col: int) -> float:
     return float(np.interp(y, ys, [r[col] for r in prof]))
 
 
-def _torso_outline(look: Look, pen: _Pen, y0: float, y1: float) -> list[Point]:
+def _torso_outline(look: Look, pen: Pen, y0: float, y1: float) -> list[Point]:
     """Polygon of the upper garment between body heights ``y0`` and ``y1`` (a vertical band)."""
     sk = pen.sk
     neck_x = (float(sk["neck"][0]) - pen.cx) / pen.u
@@ -154,7 +107,7 @@ def _torso_outline(look: Look, pen: _Pen, y0: float, y1: float) -> list[Point]:
 
 def draw_person(cv: Canvas, look: Look, sk: Skeleton, *, offset: int = 0, tag: str | None = None) -> None:
     """Draw ``look`` posed as ``sk``. ``offset``/``tag`` re-map materials/tags for a clutter person."""
-    pen = _Pen(cv, look, sk, offset, tag)
+    pen = Pen(cv, look, sk, offset, tag)
     _shadow(pen)
     if sk.view == "side":
         near = sk.near_side()
@@ -167,14 +120,14 @@ def draw_person(cv: Canvas, look: Look, sk: Skeleton, *, offset: int = 0, tag: s
         _neck(pen)
         _torso(pen)
         _bags_behind(pen)
-        _hair_long_back(pen)
+        draw_long_hair(pen)
         _held_object(pen)
         _arm(pen, near, 1.0)
         _bags_front(pen)
-        _head(pen)
+        draw_head(pen)
         return
     if sk.view == "front":
-        _hair_long_back(pen)
+        draw_long_hair(pen)
     for side in ("left", "right"):
         _leg(pen, side, 1.0)
     _pelvis(pen)
@@ -183,22 +136,22 @@ def draw_person(cv: Canvas, look: Look, sk: Skeleton, *, offset: int = 0, tag: s
     _torso(pen)
     if sk.view == "back":
         _bags_behind(pen)
-        _hair_long_back(pen)
+        draw_long_hair(pen)
     _bags_front(pen)  # straps and a shoulder bag lie on the body, under the arms
     _held_object(pen)
     for side in ("left", "right"):
         _arm(pen, side, 1.0)
-    _head(pen)
+    draw_head(pen)
 
 
-def _shadow(pen: _Pen) -> None:
+def _shadow(pen: Pen) -> None:
     ankles = [pen.sk["left_ankle"], pen.sk["right_ankle"]]
     x = float(sum(a[0] for a in ankles) / 2)
     y = float(max(a[1] for a in ankles)) + 0.03 * pen.u
     pen.cv.ellipse((x + 0.03 * pen.u, y), 0.17 * pen.u, 0.026 * pen.u, pen.m(SHADOW), pen.t("shadow"), shade=False)
 
 
-def _leg(pen: _Pen, side: str, tone: float) -> None:
+def _leg(pen: Pen, side: str, tone: float) -> None:
     look, p = pen.look, pen.p
     hip, knee, ankle = pen.pt(f"{side}_hip"), pen.pt(f"{side}_knee"), pen.pt(f"{side}_ankle")
     thigh, shin, foot = f"{side}_thigh", f"{side}_shin", f"{side}_foot"
@@ -209,9 +162,9 @@ def _leg(pen: _Pen, side: str, tone: float) -> None:
         pen.capsule(hip, knee, p.thigh_r, p.thigh_r * 0.7, SKIN_LEG, thigh, tone)
         pen.capsule(knee, ankle, p.shin_r, p.shin_r * 0.62, SKIN_LEG, shin, tone)
         if look.lower_type == "shorts":
-            pen.capsule(hip, _lerp(hip, knee, 0.62), p.thigh_r * 1.12, p.thigh_r * 1.02, LOWER, thigh, tone)
+            pen.capsule(hip, lerp(hip, knee, 0.62), p.thigh_r * 1.12, p.thigh_r * 1.02, LOWER, thigh, tone)
     if look.lower_pattern == "stripe" and look.lower_type != "skirt":
-        end = ankle if look.lower_type == "trousers" else _lerp(hip, knee, 0.6)
+        end = ankle if look.lower_type == "trousers" else lerp(hip, knee, 0.6)
         if pen.sk.view == "side":
             dx = 0.0
         else:
@@ -220,11 +173,11 @@ def _leg(pen: _Pen, side: str, tone: float) -> None:
     _shoe(pen, side, ankle, tone, foot)
 
 
-def _shoe(pen: _Pen, side: str, ankle: Point, tone: float, tag: str) -> None:
+def _shoe(pen: Pen, side: str, ankle: Point, tone: float, tag: str) -> None:
     look, p, u = pen.look, pen.p, pen.u
     if look.shoe_type == "boots":
         knee = pen.pt(f"{side}_knee")
-        pen.capsule(_lerp(knee, ankle, 0.5), ankle, p.shin_r * 1.22, p.shin_r * 1.15, SHOE, tag, tone)
+        pen.capsule(lerp(knee, ankle, 0.5), ankle, p.shin_r * 1.22, p.shin_r * 1.15, SHOE, tag, tone)
     x, y = ankle
     if pen.sk.view == "side":
         f = pen.f
@@ -239,7 +192,7 @@ def _shoe(pen: _Pen, side: str, ankle: Point, tone: float, tag: str) -> None:
         pen.line([(x - rx * u * 0.9, y + 0.04 * u), (x + rx * u * 0.9, y + 0.04 * u)], 0.008, SOLE, tag)
 
 
-def _pelvis(pen: _Pen) -> None:
+def _pelvis(pen: Pen) -> None:
     look, p = pen.look, pen.p
     if look.lower_type == "skirt":
         return
@@ -254,7 +207,7 @@ def _pelvis(pen: _Pen) -> None:
     pen.polygon(pts, LOWER, "pelvis")
 
 
-def _skirt(pen: _Pen) -> None:
+def _skirt(pen: Pen) -> None:
     look, p = pen.look, pen.p
     if look.lower_type != "skirt":
         return
@@ -272,11 +225,11 @@ def _skirt(pen: _Pen) -> None:
     pen.polygon(pts, LOWER, "skirt")
 
 
-def _neck(pen: _Pen) -> None:
+def _neck(pen: Pen) -> None:
     pen.capsule(pen.pt("neck", 0, -0.03), pen.pt("neck", 0, 0.035), 0.026, 0.029, SKIN_FACE, "neck")
 
 
-def _torso(pen: _Pen) -> None:
+def _torso(pen: Pen) -> None:
     look, p, sk = pen.look, pen.p, pen.sk
     mat = _top_material(look)
     top, hem = p.shoulder_y - 0.02, _hem_y(look, pen)
@@ -311,7 +264,7 @@ def _torso(pen: _Pen) -> None:
         pen.cv.ellipse((cx, cy), r, r, pen.m(LOGO), pen.t("torso"), shade=False)
 
 
-def _arm(pen: _Pen, side: str, tone: float) -> None:
+def _arm(pen: Pen, side: str, tone: float) -> None:
     look, p = pen.look, pen.p
     sh, el, wr = pen.pt(f"{side}_shoulder"), pen.pt(f"{side}_elbow"), pen.pt(f"{side}_wrist")
     sleeve = TOP2 if look.top_pattern == "splice" else _top_material(look)
@@ -325,7 +278,7 @@ def _arm(pen: _Pen, side: str, tone: float) -> None:
     else:
         pen.capsule(sh, el, p.arm_r, p.arm_r * 0.82, SKIN_ARM, uarm, tone)
         pen.capsule(el, wr, p.arm_r * 0.82, p.arm_r * 0.66, SKIN_ARM, farm, tone)
-        pen.capsule(sh, _lerp(sh, el, 0.55), p.arm_r * thick, p.arm_r * thick, sleeve, uarm, tone)
+        pen.capsule(sh, lerp(sh, el, 0.55), p.arm_r * thick, p.arm_r * thick, sleeve, uarm, tone)
     d = np.subtract(wr, el)
     d = d / (np.hypot(*d) or 1.0)
     hand_c = (wr[0] + d[0] * 0.028 * pen.u, wr[1] + d[1] * 0.028 * pen.u)
@@ -334,7 +287,7 @@ def _arm(pen: _Pen, side: str, tone: float) -> None:
         _handbag(pen, hand_c, tone)
 
 
-def _handbag(pen: _Pen, hand: Point, tone: float) -> None:
+def _handbag(pen: Pen, hand: Point, tone: float) -> None:
     u = pen.u
     x, y = hand
     top, h, w = y + 0.035 * u, 0.085 * u, 0.05 * u
@@ -343,7 +296,7 @@ def _handbag(pen: _Pen, hand: Point, tone: float) -> None:
     pen.polygon(pts, BAG, "bag", tone)
 
 
-def _bags_behind(pen: _Pen) -> None:
+def _bags_behind(pen: Pen) -> None:
     """A backpack's body (seen from behind or in profile)."""
     look, p, sk = pen.look, pen.p, pen.sk
     if not look.backpack:
@@ -361,7 +314,7 @@ def _bags_behind(pen: _Pen) -> None:
         pen.polygon(pts, BAG, "bag")
 
 
-def _bags_front(pen: _Pen) -> None:
+def _bags_front(pen: Pen) -> None:
     """Straps and bags on the camera side of the body."""
     look, p, sk, u = pen.look, pen.p, pen.sk, pen.u
     if look.backpack and sk.view == "front":
@@ -387,7 +340,7 @@ def _bags_front(pen: _Pen) -> None:
         pen.polygon([(bx - w, by), (bx + w, by), (bx + w, by + h), (bx - w, by + h)], BAG2, "bag")
 
 
-def _held_object(pen: _Pen) -> None:
+def _held_object(pen: Pen) -> None:
     look, p, sk = pen.look, pen.p, pen.sk
     if not look.holds_object or sk.view == "back":  # from behind, the body hides it
         return
@@ -400,119 +353,3 @@ def _held_object(pen: _Pen) -> None:
         return
     y, w = p.shoulder_y + 0.16, 0.065
     pen.polygon([pen.at(-w, y), pen.at(w, y), pen.at(w, y + 0.1), pen.at(-w, y + 0.1)], OBJECT, "object")
-
-
-def _hair_long_back(pen: _Pen) -> None:
-    look, p, sk = pen.look, pen.p, pen.sk
-    if look.hair_style != "long":
-        return
-    hh = p.head_h
-    hx, hy = pen.pt("head")
-    length = p.shoulder_y + (0.09 if look.female else 0.04)
-    if sk.view == "side":
-        f = pen.f
-        pts = [pen.at(-f * 0.02, hh * 0.3), pen.at(-f * 0.36 * hh - f * 0.01, hh * 0.4),
-               pen.at(-f * 0.075, length), pen.at(-f * 0.02, length - 0.02)]  # fmt: skip
-        pts = [(x + hx - pen.cx, y) for x, y in pts]
-        pen.polygon(pts, HAIR, "hair")
-        return
-    w_top, w_bottom = 0.5 * hh, 0.6 * hh if sk.view == "back" else 0.62 * hh
-    pts = [(hx - w_top * pen.u, hy), (hx + w_top * pen.u, hy), (hx + w_bottom * pen.u, pen.at(0, length)[1]),
-           (hx - w_bottom * pen.u, pen.at(0, length)[1])]  # fmt: skip
-    pen.polygon(pts, HAIR, "hair")
-
-
-def _head(pen: _Pen) -> None:
-    look, p, sk, u = pen.look, pen.p, pen.sk, pen.u
-    hh = p.head_h
-    hx, hy = pen.pt("head")
-    has_hair = look.hair_style != "bald"
-    # the cranium: hair, or bare scalp (part class "head" either way; the face is only the front)
-    cranium, cranium_tag = (HAIR, "hair") if has_hair else (SCALP, "scalp")
-    face_rx, face_ry = 0.34 * hh, 0.44 * hh
-    if sk.view == "side":
-        f = pen.f
-        pen.ellipse((hx - f * 0.06 * hh * u, hy - 0.05 * hh * u), 0.41 * hh, 0.48 * hh, cranium, cranium_tag)
-        face_c = (hx + f * 0.07 * hh * u, hy + 0.05 * hh * u)
-        pen.ellipse(face_c, face_rx * 0.95, face_ry, SKIN_FACE, "face")
-        pen.ellipse(pen.pt("nose"), 0.07 * hh, 0.09 * hh, SKIN_FACE, "face")
-        ear = pen.pt(f"{sk.near_side()}_ear")
-        if look.hair_style != "long":
-            pen.ellipse(ear, 0.08 * hh, 0.13 * hh, SKIN_FACE, f"{sk.near_side()}_ear")
-        if has_hair:  # hair over the top, above the face
-            pen.ellipse((hx - f * 0.03 * hh * u, hy - 0.3 * hh * u), 0.36 * hh, 0.2 * hh, HAIR, "hair")
-        if look.hair_style == "ponytail":
-            pen.capsule((hx - f * 0.4 * hh * u, hy - 0.05 * hh * u), (hx - f * 0.55 * hh * u, hy + 0.5 * hh * u),
-                        0.1 * hh, 0.07 * hh, HAIR, "hair")  # fmt: skip
-        _eye(pen, pen.pt(f"{sk.near_side()}_eye"))
-        if look.glasses:
-            eye = pen.pt(f"{sk.near_side()}_eye")
-            pen.line([(eye[0] + f * 0.05 * hh * u, eye[1]), (ear[0], ear[1] - 0.05 * hh * u)], 0.05 * hh, GLASSES,
-                     "face")  # fmt: skip
-            pen.cv.ellipse(eye, 0.1 * hh * u, 0.08 * hh * u, pen.m(GLASSES), pen.t("face"), shade=False)
-        _hat(pen, hx, hy, hh)
-        return
-    pen.ellipse((hx, hy - 0.06 * hh * u), 0.42 * hh, 0.5 * hh, cranium, cranium_tag)
-    for side in ("left", "right"):
-        ex, ey = pen.pt(f"{side}_ear")
-        if look.hair_style != "long":
-            pen.ellipse((ex, ey), 0.08 * hh, 0.13 * hh, SKIN_FACE, f"{side}_ear")
-    if sk.view == "back":  # the back of the head, narrower than the ears
-        pen.ellipse((hx, hy - 0.02 * hh * u), 0.34 * hh, 0.47 * hh, cranium, cranium_tag)
-        if look.hair_style == "ponytail":
-            pen.capsule((hx, hy + 0.1 * hh * u), (hx, hy + 0.75 * hh * u), 0.1 * hh, 0.07 * hh, HAIR, "hair")
-        _hat(pen, hx, hy, hh)
-        return
-    face_c = (hx, hy + 0.06 * hh * u)
-    pen.ellipse(face_c, face_rx, face_ry, SKIN_FACE, "face")
-    if has_hair:  # fringe
-        pts = [(hx - 0.36 * hh * u, hy - 0.05 * hh * u), (hx - 0.3 * hh * u, hy - 0.36 * hh * u),
-               (hx + 0.3 * hh * u, hy - 0.36 * hh * u), (hx + 0.36 * hh * u, hy - 0.05 * hh * u),
-               (hx + 0.2 * hh * u, hy - 0.2 * hh * u), (hx - 0.25 * hh * u, hy - 0.18 * hh * u)]  # fmt: skip
-        pen.polygon(pts, HAIR, "hair")
-    if look.hair_style == "long":  # strands over the shoulders
-        for sign in (-1.0, 1.0):
-            a = (hx + sign * 0.36 * hh * u, hy - 0.05 * hh * u)
-            b = (hx + sign * 0.5 * hh * u, pen.at(0, p.shoulder_y + (0.06 if look.female else 0.0))[1])
-            pen.capsule(a, b, 0.09 * hh, 0.12 * hh, HAIR, "hair")
-    for side in ("left", "right"):
-        _eye(pen, pen.pt(f"{side}_eye"))
-    mx, my = hx, hy + 0.3 * hh * u
-    pen.line([(mx - 0.1 * hh * u, my), (mx + 0.1 * hh * u, my)], 0.025 * hh, FACE_DETAIL, "face")
-    if look.glasses:
-        le, re = pen.pt("left_eye"), pen.pt("right_eye")
-        pen.line([le, re], 0.05 * hh, GLASSES, "face")
-        for e in (le, re):
-            pen.cv.ellipse(e, 0.12 * hh * u, 0.09 * hh * u, pen.m(GLASSES), pen.t("face"), shade=False)
-    _hat(pen, hx, hy, hh)
-
-
-def _eye(pen: _Pen, eye: Point) -> None:
-    r = max(0.5, 0.045 * pen.p.head_h * pen.u)
-    pen.cv.ellipse(eye, r, r * 0.8, pen.m(FACE_DETAIL), pen.t("face"), shade=False)
-
-
-def _hat(pen: _Pen, hx: float, hy: float, hh: float) -> None:
-    look, u = pen.look, pen.u
-    if look.hat is None:
-        return
-    f = pen.f
-    if look.hat == "sunhat":
-        pen.ellipse((hx, hy - 0.28 * hh * u), 0.78 * hh, 0.13 * hh, HAT, "hat")
-        pen.ellipse((hx, hy - 0.38 * hh * u), 0.38 * hh, 0.26 * hh, HAT, "hat")
-        return
-    dome = [(hx + 0.44 * hh * u * c, hy - 0.22 * hh * u - 0.36 * hh * u * s)
-            for c, s in ((1, 0), (0.8, 0.6), (0.4, 0.92), (0, 1), (-0.4, 0.92), (-0.8, 0.6), (-1, 0))]  # fmt: skip
-    if look.hat == "beanie":
-        dome = [(x, y + 0.06 * hh * u) for x, y in dome]
-        dome[0] = (dome[0][0], hy - 0.1 * hh * u)
-        dome[-1] = (dome[-1][0], hy - 0.1 * hh * u)
-    pen.polygon(dome, HAT, "hat")
-    if look.hat == "cap":
-        if pen.sk.view == "side":
-            k = hh * u
-            brim = [(hx, hy - 0.26 * k), (hx + f * 0.75 * k, hy - 0.2 * k), (hx + f * 0.7 * k, hy - 0.14 * k),
-                    (hx, hy - 0.18 * k)]  # fmt: skip
-            pen.polygon(brim, HAT, "hat")
-        elif pen.sk.view == "front":
-            pen.ellipse((hx, hy - 0.2 * hh * u), 0.46 * hh, 0.07 * hh, HAT, "hat", tone=0.85)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageChops, ImageFilter
 
-from pipeline.synth import body
+from pipeline.synth import pen
 from pipeline.synth.body import draw_person
 from pipeline.synth.canvas import Canvas
 from pipeline.synth.look import HAIR_COLORS, Look, random_look
@@ -104,30 +104,30 @@ def advance_shot(shot: Shot, rng: np.random.Generator) -> Shot:
 @functools.lru_cache(maxsize=4096)
 def _look_palette(look: Look) -> np.ndarray:
     """Colours of ``look``'s materials (rows = material ids), cached: a person is rendered many times."""
-    out = np.zeros((body.OTHER, 3), np.float32)
+    out = np.zeros((pen.OTHER, 3), np.float32)
     c = look.rgb
     skin = np.asarray(look.skin, np.float32)
     rows = {
-        body.SKIN_FACE: skin,
-        body.SKIN_ARM: skin * 0.97,
-        body.SKIN_LEG: skin * 0.95,
-        body.HAIR: np.asarray(HAIR_COLORS[look.hair_color], np.float32),
-        body.HAT: c(look.hat_color),
-        body.TOP: c(look.top_color),
-        body.TOP2: c(look.top_color2),
-        body.COAT: c(look.coat_color),
-        body.LOWER: c(look.lower_color) * (0.92 if look.jeans else 1.0),
-        body.LOWER2: c(look.lower_color2),
-        body.SHOE: c(look.shoe_color),
-        body.SOLE: c(look.shoe_color) * 0.55 + 60,
-        body.BAG: c(look.bag_color),
-        body.BAG2: c(look.bag_color) * 0.8,
-        body.STRAP: c(look.bag_color) * 0.7,
-        body.GLASSES: np.array((20, 20, 24) if look.glasses == "sunglasses" else (60, 56, 54), np.float32),
-        body.FACE_DETAIL: skin * 0.35,
-        body.LOGO: c(look.top_color2),
-        body.OBJECT: c(look.object_color),
-        body.SCALP: skin * 0.96,
+        pen.SKIN_FACE: skin,
+        pen.SKIN_ARM: skin * 0.97,
+        pen.SKIN_LEG: skin * 0.95,
+        pen.HAIR: np.asarray(HAIR_COLORS[look.hair_color], np.float32),
+        pen.HAT: c(look.hat_color),
+        pen.TOP: c(look.top_color),
+        pen.TOP2: c(look.top_color2),
+        pen.COAT: c(look.coat_color),
+        pen.LOWER: c(look.lower_color) * (0.92 if look.jeans else 1.0),
+        pen.LOWER2: c(look.lower_color2),
+        pen.SHOE: c(look.shoe_color),
+        pen.SOLE: c(look.shoe_color) * 0.55 + 60,
+        pen.BAG: c(look.bag_color),
+        pen.BAG2: c(look.bag_color) * 0.8,
+        pen.STRAP: c(look.bag_color) * 0.7,
+        pen.GLASSES: np.array((20, 20, 24) if look.glasses == "sunglasses" else (60, 56, 54), np.float32),
+        pen.FACE_DETAIL: skin * 0.35,
+        pen.LOGO: c(look.top_color2),
+        pen.OBJECT: c(look.object_color),
+        pen.SCALP: skin * 0.96,
     }
     for material, rgb in rows.items():
         out[material] = np.clip(rgb, 0, 255)
@@ -141,9 +141,9 @@ def _table(values: np.ndarray) -> np.ndarray:
     return out
 
 
-_MATERIAL_IDS = np.arange(body.NUM_MATERIALS)
-_IS_SHADOW = _table((_MATERIAL_IDS == body.SHADOW) * 255)
-_IS_FG = _table(((_MATERIAL_IDS > 0) & (_MATERIAL_IDS != body.SHADOW)) * 255)
+_MATERIAL_IDS = np.arange(pen.NUM_MATERIALS)
+_IS_SHADOW = _table((_MATERIAL_IDS == pen.SHADOW) * 255)
+_IS_FG = _table(((_MATERIAL_IDS > 0) & (_MATERIAL_IDS != pen.SHADOW)) * 255)
 _SHADOW_RGB = Image.new("RGB", (1, 1), (158, 158, 158))  # ground shadow: 62% of the light
 _EDGE_LUT = _table(np.r_[0, np.full(255, 42)])  # darken the outline of every shape against what lies behind it
 
@@ -175,9 +175,9 @@ def _patterns(look: Look, mat: np.ndarray, base: Image.Image, pal: np.ndarray, u
     yy = np.arange(mat.shape[0], dtype=np.float32)[:, None]
     xx = np.arange(mat.shape[1], dtype=np.float32)[None, :]
     if look.top_pattern in ("stripes", "plaid"):
-        sel = mat == body.TOP
+        sel = mat == pen.TOP
         period = max(2.0, 0.03 * unit)
-        line = pal[body.TOP2].astype(np.float32)
+        line = pal[pen.TOP2].astype(np.float32)
         if look.top_pattern == "stripes":
             rows = (np.floor((yy - top) / period).astype(np.int32) & 1).astype(bool)
             rgb[sel & rows] = line
@@ -189,10 +189,10 @@ def _patterns(look: Look, mat: np.ndarray, base: Image.Image, pal: np.ndarray, u
             rgb[one] = (rgb[one] * 0.45 + line * 0.55).astype(np.uint8)
             rgb[sel & hb & vb] = (line * 0.8).astype(np.uint8)
     if look.lower_pattern == "pattern":
-        sel = mat == body.LOWER
+        sel = mat == pen.LOWER
         period = max(3.0, 0.035 * unit)
         dots = (np.sin(xx * (6.283 / period)) * np.sin((yy - top) * (6.283 / period))) > 0.55
-        rgb[sel & dots] = pal[body.LOWER2]
+        rgb[sel & dots] = pal[pen.LOWER2]
     return Image.fromarray(rgb)
 
 
@@ -206,7 +206,7 @@ _OCC_COLOURS = {
 
 
 def _occluder(cv: Canvas, kind: str, pos: float, h: int, w: int) -> None:
-    a, b = body.OCC_A, body.OCC_B
+    a, b = pen.OCC_A, pen.OCC_B
     if kind == "pole":
         x, half = pos * w, w * 0.045
         cv.rectangle((x - half, -1, x + half, h + 1), a, "occ")
@@ -240,25 +240,25 @@ def render_shot(look: Look, camera: Camera, shot: Shot, height: int, width: int)
     jitter = rng.normal(0, 0.006, (17, 2)) * (shot.stride > 0)
     sk = skeleton(look, shot.view, shot.facing, shot.phase, shot.stride, cx=cx, top=top, height_px=unit, jitter=jitter)
     cv = Canvas(height, width, light_dx=camera.light_dx)
-    palette = np.zeros((body.NUM_MATERIALS, 3), np.float32)
-    palette[: body.OTHER] = _look_palette(look)
+    palette = np.zeros((pen.NUM_MATERIALS, 3), np.float32)
+    palette[: pen.OTHER] = _look_palette(look)
     other = None
     if shot.other_seed is not None or shot.occluder == "person":
         orng = np.random.default_rng(shot.other_seed if shot.other_seed is not None else shot.seed + 1)
         other = random_look(orng)
-        palette[body.OTHER : 2 * body.OTHER] = _look_palette(other)
+        palette[pen.OTHER : 2 * pen.OTHER] = _look_palette(other)
         o_view = ("front", "back", "side")[int(orng.integers(3))]
         o_unit = unit * float(orng.uniform(0.9, 1.15))
         o_sk = skeleton(other, o_view, int(orng.choice((-1, 1))), float(orng.uniform(0, 6.3)), 0.8,
                         cx=width * (0.5 + shot.other_dx), top=top + unit - o_unit, height_px=o_unit)  # fmt: skip
     if other is not None and shot.occluder != "person":
-        draw_person(cv, other, o_sk, offset=body.OTHER, tag="other")
+        draw_person(cv, other, o_sk, offset=pen.OTHER, tag="other")
     draw_person(cv, look, sk)
     if shot.occluder == "person" and other is not None:
-        draw_person(cv, other, o_sk, offset=body.OTHER, tag="other")
+        draw_person(cv, other, o_sk, offset=pen.OTHER, tag="other")
     elif shot.occluder is not None:
         for k, rgb in enumerate(_OCC_COLOURS[shot.occluder]):
-            palette[body.OCC_A + k] = rgb
+            palette[pen.OCC_A + k] = rgb
         _occluder(cv, shot.occluder, shot.occ_pos, height, width)
 
     # Composition: byte table lookups in numpy, per-pixel colour work in PIL's C loops.
@@ -289,7 +289,7 @@ def render_shot(look: Look, camera: Camera, shot: Shot, height: int, width: int)
         small = (max(8, int(width * camera.lowres)), max(8, int(height * camera.lowres)))
         img = img.resize(small, Image.Resampling.BILINEAR).resize((width, height), Image.Resampling.BILINEAR)
     pil = img.filter(ImageFilter.BoxBlur(camera.blur * height / 256.0))
-    part_mask = np.take(body.PART_OF_MATERIAL_256, mat)
+    part_mask = np.take(pen.PART_OF_MATERIAL_256, mat)
     keypoints = _keypoints(sk, sid, cv.tags, height, width)
     return Sample(rgb=np.asarray(pil), part_mask=part_mask, keypoints=keypoints, view=shot.view)
 
