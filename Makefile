@@ -9,7 +9,14 @@ ROOT ?= data
 CORPUS ?= synthetic
 GPUS ?= 1
 OUT ?= runs/demo
-ACCELERATE := $(VENV)/bin/accelerate launch --num_processes $(GPUS) $(if $(filter-out 1,$(GPUS)),--multi_gpu,)
+# GPUS=n: n processes on this machine. Many machines: add NODES, NODE_RANK, MASTER_ADDR (same command on each).
+NODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+LAUNCH := $(VENV)/bin/accelerate launch --num_processes $$(( $(GPUS) * $(NODES) )) --num_machines $(NODES) \
+	--machine_rank $(NODE_RANK) --main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT) \
+	$(if $(filter-out 1,$(GPUS))$(filter-out 1,$(NODES)),--multi_gpu,) -m pipeline.cli
 
 .PHONY: install demo test test-all lint format bench synth ingest label clip-train audit pretrain export transfer ablation clean
 
@@ -45,6 +52,35 @@ bench: install
 
 synth: install
 	$(CLASP) synth --out $(ROOT)/synthetic-world --identities $(or $(IDENTITIES),200) --preview
+
+# Stage 0: make ingest CORPUS=luperson SOURCE=/data/LUPerson FORMAT=folder|lmdb|list
+ingest: install
+	$(CLASP) ingest --source $(SOURCE) --format $(or $(FORMAT),folder) --corpus $(CORPUS) --root $(ROOT)
+
+# Stage 1: make label CORPUS=luperson [CLIP=ViT-B-16:openai | CLIP_CKPT=path] GPUS=8
+# Every process takes a disjoint set of shards; a rerun skips finished shards.
+label: install
+	$(LAUNCH) label --corpus $(CORPUS) --root $(ROOT) $(if $(CLIP),--clip $(CLIP),) $(if $(CLIP_CKPT),--clip-checkpoint $(CLIP_CKPT),) $(ARGS)
+
+clip-train: install
+	$(CLASP) clip-train --pairs $(PAIRS) --arch $(or $(ARCH),clasp-vit-tiny-8) --out $(or $(CLIP_OUT),runs/clip) $(ARGS)
+
+audit: install
+	$(CLASP) audit --corpus $(CORPUS) --root $(ROOT) --out runs/audit/$(CORPUS) $(if $(GT),--gt $(GT),) $(ARGS)
+
+# Stage 2: make pretrain GPUS=8 CONFIG=configs/pretrain/vit_b_luperson.yaml [ARGS="optim.epochs=50"]
+pretrain: install
+	$(LAUNCH) pretrain --config $(or $(CONFIG),configs/pretrain/demo.yaml) data.root=$(ROOT) data.corpus=$(CORPUS) $(ARGS)
+
+export: install
+	$(CLASP) export $(CKPT) --out $(OUT_DIR)
+
+# Stage 3: make transfer TASK=reid DATASET=market1501 DATA=/data/Market-1501-v15.09.15 CKPT=runs/export/vit_b
+transfer: install
+	$(LAUNCH) transfer $(TASK) --data $(DATA) --dataset $(DATASET) --backbone $(CKPT) --out runs/transfer/$(TASK)-$(DATASET) $(ARGS)
+
+ablation: install
+	$(CLASP) ablate --config $(or $(CONFIG),configs/ablation_synthetic.yaml) $(ARGS)
 
 clean:
 	rm -rf runs $(VENV) *.egg-info
