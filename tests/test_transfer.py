@@ -558,3 +558,18 @@ def test_synthetic_world_end_to_end(
     assert 0 <= record["metrics"][headline] <= 1 and record["training"]["steps"] > 0
     assert record["protocol"] in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["metrics"] == record["metrics"]
+
+
+def test_timm_weights_from_a_local_file(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    kw = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=(32, 16), **kw)
+    weights = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    backbone = build_backbone(BackboneConfig(spec=f"timm:vit_tiny_patch16_224@{weights}", timm_kwargs=kw), (32, 16))
+    assert torch.equal(backbone.model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert backbone.source.startswith("timm:vit_tiny_patch16_224@")
+    with pytest.raises(ClaspError, match="does not exist"):
+        build_backbone(BackboneConfig(spec="timm:vit_tiny_patch16_224@/no/such.safetensors"), (32, 16))
