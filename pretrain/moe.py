@@ -9,6 +9,7 @@ Dispatch has fixed shapes so it needs no host sync and no Python loop over token
 ``capacity`` slots, a token's slot is its running count among the tokens routed to that expert
 (first choices of all tokens before second choices, as in GShard), tokens past the capacity skip the
 FFN (the residual carries them), and all experts run as one batched matmul over (E, capacity, D).
+The cost is ``capacity_factor`` times the dense MLP's at the same active width (padding included).
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ class TaskPrompts(nn.Module):
     def forward(self, prompt: str | Tensor | list[float] | tuple[float, ...] | None, batch_size: int) -> Tensor:
         """Prompt embedding per sample, (batch_size, prompt_dim)."""
         emb = self.weights(prompt).to(self.prompts.dtype) @ self.prompts
-        return emb.expand(batch_size, -1) if emb.dim() == 1 else emb
+        if emb.dim() == 1:
+            return emb.expand(batch_size, -1)
+        if emb.shape[0] != batch_size:
+            raise ValueError(f"per-sample prompt weights have {emb.shape[0]} rows for a batch of {batch_size}")
+        return emb
 
 
 def _fixed_projection(in_dim: int, out_dim: int) -> Tensor:
@@ -166,17 +171,16 @@ class PromptMoE(nn.Module):
         capacity = self.capacity(num_tokens)
         position = ((assign.cumsum(dim=0) - assign) * assign).sum(dim=-1)  # rank of the token at its expert
         kept = position < capacity
-        dummy = e * capacity  # one extra slot that collects the dropped assignments
-        slot = torch.where(kept, expert.T.reshape(-1) * capacity + position, dummy)
+        slots = e * capacity
+        slot = torch.where(kept, expert.T.reshape(-1) * capacity + position, slots)  # dropped -> spare slot
         token = torch.arange(num_tokens, device=x.device).repeat(k)
-        slot_token = torch.full((dummy + 1,), num_tokens, dtype=torch.long, device=x.device)
-        slot_token.scatter_(0, slot, token)  # empty slots point at the appended zero row
+        # empty slots compute on token 0: their outputs are never read, so they get no gradient either
+        slot_token = torch.zeros(slots + 1, dtype=torch.long, device=x.device).scatter_(0, slot, token)[:slots]
 
-        flat = torch.cat([x.reshape(num_tokens, dim), x.new_zeros(1, dim)])
-        h = flat[slot_token[:dummy]].view(e, capacity, dim)
+        h = x.reshape(num_tokens, dim)[slot_token].view(e, capacity, dim)
         h = self.act(torch.baddbmm(self.fc1_bias.unsqueeze(1).to(h.dtype), h, self.fc1_weight.to(h.dtype)))
         h = torch.baddbmm(self.fc2_bias.unsqueeze(1).to(h.dtype), h, self.fc2_weight.to(h.dtype))
-        out = torch.cat([h.reshape(dummy, dim), h.new_zeros(1, dim)])[slot]  # (k*T, D), dropped -> 0
+        out = h.reshape(slots, dim)[torch.where(kept, slot, 0)]  # (k*T, D); dropped rows are zeroed by the gate
         out = out * (gate.T.reshape(-1) * kept).to(out.dtype).unsqueeze(1)
         out = out.view(k, num_tokens, dim).sum(dim=0).view(batch, n, dim)
 

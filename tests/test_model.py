@@ -134,6 +134,12 @@ def test_prompts_change_features_and_every_expert_gets_tokens():
         per_sample = backbone.forward_features(x, mix)
         for i, name in enumerate(("instance", "part", "attribute", "part")):
             assert torch.allclose(per_sample[i], feats[name][i], atol=1e-5)
+        with pytest.raises(ValueError, match="rows for a batch"):
+            backbone.forward_features(x[:3], mix)
+    # a learned mix downstream: the prompt weights get a gradient
+    logits = torch.zeros(3, requires_grad=True)
+    backbone.forward_features(x, logits.softmax(0))[:, 0].sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
     backbone.moe_stats()  # reset the counters
     with torch.no_grad():
         backbone.forward_features(torch.randn(8, 3, *IMG), "instance")
