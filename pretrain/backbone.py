@@ -193,11 +193,15 @@ class ClaspViT(VisionTransformer):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Tensor | None = None,
         prompt: Prompt = None,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]] | dict[str, Any]:
         """timm's ``forward_intermediates`` (same arguments and outputs) under a task prompt."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
+        if attn_mask is not None:
+            raise NotImplementedError("ClaspViT does not take attention masks")
         take, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
         prompt_emb = self.prompt_embedding(prompt, batch)
@@ -214,6 +218,13 @@ class ClaspViT(VisionTransformer):
         if output_fmt == "NCHW":
             gh, gw = self.patch_embed.dynamic_feat_size((height, width))
             feats = [y.reshape(batch, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in feats]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": feats}
+            if return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
         if return_prefix_tokens:
             feats = list(zip(feats, prefix, strict=True))
         if intermediates_only:

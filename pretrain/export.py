@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,11 @@ def export_backbone(checkpoint: Path | str, out_dir: Path, *, card: dict[str, An
         raise ClaspError(
             f"checkpoint {checkpoint} does not exist (pass a training checkpoint file written by the trainer)"
         )
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    missing = [k for k in ("model", "config") if k not in state]
+    try:  # mmap: only the teacher's tensors are read, not the optimizer state
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError) as exc:
+        raise ClaspError(f"{checkpoint} cannot be read as a CLASP training checkpoint: {exc}") from None
+    missing = [k for k in ("model", "config") if not isinstance(state, dict) or k not in state]
     if missing:
         raise ClaspError(f"{checkpoint} is not a CLASP training checkpoint: it has no {missing} entries")
     try:
@@ -105,7 +109,6 @@ def export_backbone(checkpoint: Path | str, out_dir: Path, *, card: dict[str, An
         "prompt_names": list(backbone.prompt_names) if backbone.has_moe else [],
         "step": step,
     }
-    config["timm_kwargs"]["img_size"] = list(model_cfg.img_size)
 
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -173,6 +173,9 @@ def test_forward_intermediates_under_a_prompt():
             x, indices=[3], output_fmt="NLC", intermediates_only=True, prompt="attribute"
         )
         assert other[0].shape == (2, 8, 128) and not torch.allclose(other[0], last, atol=1e-4)
+        # timm's DINO-style helper goes through the same path (default prompt: instance)
+        (patches, cls), *_ = backbone.get_intermediate_layers(x, n=1, reshape=True, return_prefix_tokens=True)
+        assert patches.shape == (2, 128, 4, 2) and cls.shape == (2, 1, 128)
 
 
 def test_prompt_init_keeps_the_geometry_of_the_given_vectors():
