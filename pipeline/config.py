@@ -123,6 +123,11 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Validated dict -> dataclass (the step ``load_config`` ends with), for configs stored inside files."""
+    return _from_dict(cls, data, prefix)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (paths as strings, tuples as lists) ready for YAML/JSON."""
 

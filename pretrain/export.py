@@ -34,8 +34,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# _from_dict: the validated dict -> dataclass step of load_config, for configs stored inside files
-from pipeline.config import ConfigError, _from_dict, to_dict
+from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.errors import ClaspError
 from pretrain.backbone import arch_spec, create_backbone, timm_kwargs
 from pretrain.model_config import TASK_PROMPTS, ModelConfig, MoEConfig
@@ -78,7 +77,7 @@ def export_backbone(checkpoint: Path | str, out_dir: Path, *, card: dict[str, An
     if missing:
         raise ClaspError(f"{checkpoint} is not a CLASP training checkpoint: it has no {missing} entries")
     try:
-        model_cfg = _from_dict(ModelConfig, state["config"]["model"], prefix="model.")
+        model_cfg = from_dict(ModelConfig, state["config"]["model"], prefix="model.")
     except (KeyError, TypeError, ConfigError) as exc:
         raise ClaspError(f"{checkpoint}: its config has no valid 'model' section ({exc})") from None
     weights = _teacher_state(state["model"])
@@ -193,7 +192,7 @@ def load_backbone(path: str | Path, *, img_size: tuple[int, int] | None = None) 
         raise ClaspError(f"{path} is not a CLASP backbone export (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
     config = json.loads(config_path.read_text())
     weights = load_file(str(path / WEIGHTS_FILE))
-    moe = _from_dict(MoEConfig, config["moe"], prefix="moe.")
+    moe = from_dict(MoEConfig, config["moe"], prefix="moe.")
     if moe.enabled:
         model = create_backbone(
             config["arch"], img_size=tuple(config["img_size"]), patch_size=config["patch_size"], moe=moe
