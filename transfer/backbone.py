@@ -45,6 +45,9 @@ class BackboneConfig:
     pool: Literal["cls", "avg"] = "cls"  # class token (TransReID/SOLIDER ViT) or mean of patch tokens
     drop_path_rate: float = 0.1
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args, e.g. depth: 2
+    # Linear probe: the backbone's weights stay fixed (and in eval mode); only the task head and a learned
+    # prompt mix train. The standard read-out of a self-supervised backbone when the fine-tune budget is small.
+    freeze: bool = False
 
 
 class FeatureBackbone(nn.Module):
@@ -61,9 +64,13 @@ class FeatureBackbone(nn.Module):
         pool: str,
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        freeze: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
+        self.frozen = freeze
+        if freeze:
+            self.model.requires_grad_(False)
         self.source = source
         self.prompt_names = prompt_names
         self.prompt_mode = prompt_mode  # none | fixed | mix | learned
@@ -75,6 +82,12 @@ class FeatureBackbone(nn.Module):
             self.prompt_logits = nn.Parameter(torch.log(prompt_weights))
         elif prompt_mode == "mix":
             self.register_buffer("prompt_fixed", prompt_weights, persistent=True)
+
+    def train(self, mode: bool = True) -> FeatureBackbone:
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()  # no drop-path / dropout / BN updates in a frozen backbone
+        return self
 
     def current_prompt(self) -> str | torch.Tensor | None:
         if self.prompt_mode == "fixed":
@@ -138,6 +151,7 @@ def build_backbone(cfg: BackboneConfig, img_size: tuple[int, int]) -> FeatureBac
         pool=cfg.pool,
         mean=tuple(mean),
         std=tuple(std),
+        freeze=cfg.freeze,
     )
 
 
