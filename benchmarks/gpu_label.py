@@ -38,7 +38,10 @@ def check_deps() -> None:
         except ImportError:
             missing.append(mod)
     if missing:
-        sys.exit(f"gpu_label: missing Python packages {missing}; pip install torch open_clip_torch pillow pyarrow pyyaml rich")
+        sys.exit(
+            f"gpu_label: missing Python packages {missing}; "
+            "pip install torch open_clip_torch pillow pyarrow pyyaml rich"
+        )
 
 
 def peak_tflops(name: str) -> float | None:
@@ -96,7 +99,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.arch, args.resolution, args.batch_size, args.seconds, args.e2e_images = (
-            "clasp-vit-tiny-8", "128x64", 16, 2.0, 64)  # fmt: skip
+            "clasp-vit-tiny-8",
+            "128x64",
+            16,
+            2.0,
+            64,
+        )
         args.workers, args.no_compile = 1, True
     res = tuple(int(v) for v in args.resolution.split("x"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,8 +128,10 @@ def main() -> None:
         return fn
 
     eager = timed_rate(run(dense), x, args.seconds, device)
-    print(f"{name}: {args.arch} dense forward at {res[0]}x{res[1]}, batch {args.batch_size}, "
-          f"{'bf16' if bf16 else 'fp32'}: {flops / 1e9:.1f} GFLOP/image")  # fmt: skip
+    print(
+        f"{name}: {args.arch} dense forward at {res[0]}x{res[1]}, batch {args.batch_size}, "
+        f"{'bf16' if bf16 else 'fp32'}: {flops / 1e9:.1f} GFLOP/image"
+    )
     print(f"bare forward eager:    {eager:9.1f} images/s")
     compiled = None
     if not args.no_compile:
@@ -144,16 +154,40 @@ def main() -> None:
         t = time.perf_counter()
         make_corpus(Path(tmp), args.e2e_images, per_shard=max(1, args.e2e_images // 8))
         print(f"corpus of {args.e2e_images} JPEGs ingested in {time.perf_counter() - t:.0f} s")
-        run_labeling(LabelConfig(root=tmp, corpus="bench", clip=args.arch, allow_random_weights=True,
-                                 resolution=res, batch_size=args.batch_size, workers=args.workers, quiet=True))  # fmt: skip
+        run_labeling(
+            LabelConfig(
+                root=tmp,
+                corpus="bench",
+                clip=args.arch,
+                allow_random_weights=True,
+                resolution=res,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                quiet=True,
+            )
+        )
     e2e = LAST_RUN["images"] / LAST_RUN["loop_s"]
-    print(f"end-to-end labeling:   {e2e:9.1f} images/s with {args.workers} decode workers; "
-          f"ratio to eager bare forward {e2e / eager:.3f}")  # fmt: skip
-    print(json.dumps({"device": name, "arch": args.arch, "resolution": list(res), "batch_size": args.batch_size,
-                      "gflop_per_image": round(flops / 1e9, 2), "bare_images_per_s": round(eager, 1),
-                      "compiled_images_per_s": round(compiled, 1) if compiled else None,
-                      "mfu": round(mfu, 4) if mfu is not None else None, "e2e_images_per_s": round(e2e, 1),
-                      "label_efficiency": round(e2e / eager, 4), "workers": args.workers}))  # fmt: skip
+    print(
+        f"end-to-end labeling:   {e2e:9.1f} images/s with {args.workers} decode workers; "
+        f"ratio to eager bare forward {e2e / eager:.3f}"
+    )
+    print(
+        json.dumps(
+            {
+                "device": name,
+                "arch": args.arch,
+                "resolution": list(res),
+                "batch_size": args.batch_size,
+                "gflop_per_image": round(flops / 1e9, 2),
+                "bare_images_per_s": round(eager, 1),
+                "compiled_images_per_s": round(compiled, 1) if compiled else None,
+                "mfu": round(mfu, 4) if mfu is not None else None,
+                "e2e_images_per_s": round(e2e, 1),
+                "label_efficiency": round(e2e / eager, 4),
+                "workers": args.workers,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

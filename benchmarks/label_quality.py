@@ -61,12 +61,12 @@ def build(args: argparse.Namespace) -> tuple[Path, str, dict[str, float]]:
             )
         )
         timings["ingest_s"] = time.perf_counter() - t
-    clip_dir = out / f"clip-e{args.epochs}"
+    clip_dir = out / f"clip-{args.arch}-e{args.epochs}{args.tag}"
     if not (clip_dir / "open_clip_config.json").is_file():
         t = time.perf_counter()
         train_clip(
             ClipTrainConfig(
-                pairs=str(world / "pairs.csv"),
+                pairs=args.pairs or str(world / "pairs.csv"),
                 arch=args.arch,
                 out=str(clip_dir),
                 epochs=args.epochs,
@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--pairs", default=None, help="pairs file/folder (default: the world's pairs.csv)")
+    ap.add_argument("--tag", default="", help="suffix of the CLIP folder name, to keep variants apart")
     ap.add_argument("--label-overrides", default="", help='JSON of LabelConfig fields, e.g. {"value_residual": true}')
     args = ap.parse_args()
 

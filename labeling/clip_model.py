@@ -6,10 +6,14 @@ plus a weights file (what ``clasp clip-train`` writes; open_clip's ``local-dir:`
 weights file for ``ARCH``. An architecture with no weights is random: labels from it are noise, so
 loading one is refused unless ``allow_random_weights`` is set.
 
-Dense features follow MaskCLIP: in the last transformer block the attention's query/key mixing is
-dropped and each patch token's *value* (``W_v`` then the output projection) goes through the final
-LayerNorm and the image projection into the joint image-text space. Patch i's feature then
-describes patch i rather than the whole image, which is what part labels need.
+Dense features (``dense="auto"`` picks by how the tower pools):
+- ``value`` (MaskCLIP; for class-token towers such as OpenAI's ViT-B-16): in the last block the
+  query/key mixing is dropped and each patch token's *value* (``W_v`` then the output projection)
+  goes through the final LayerNorm and the image projection into the joint image-text space, so
+  patch i's feature describes patch i rather than the whole image.
+- ``tokens`` (for average-pooled towers such as the project's tiny CLIP): the image embedding *is*
+  the mean of the projected patch tokens, so each projected token already lives in the joint space
+  and contrastive training made the patches add up to the caption (CAM-style).
 """
 
 from __future__ import annotations
@@ -202,7 +206,9 @@ class DenseClip(nn.Module):
     patches more independent of the rest of the image.
     """
 
-    def __init__(self, model: nn.Module, resolution: tuple[int, int], *, value_residual: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, resolution: tuple[int, int], *, dense: str = "auto", value_residual: bool = False
+    ) -> None:
         super().__init__()
         visual = getattr(model, "visual", None)
         if not isinstance(visual, VisionTransformer) or not all(
@@ -221,6 +227,10 @@ class DenseClip(nn.Module):
         self.visual = visual
         self.grid = (h // ph, w // pw)
         self.value_residual = value_residual
+        if dense not in ("auto", "value", "tokens"):
+            raise ClaspError(f"dense feature mode '{dense}' is not one of auto, value, tokens")
+        avg_pooled = visual.pool_type == "avg" and visual.attn_pool is None
+        self.dense = ("tokens" if avg_pooled else "value") if dense == "auto" else dense
         pos = resize_pos_embed(visual.positional_embedding.detach(), visual.grid_size, self.grid)
         self.register_buffer("pos_embed", pos, persistent=False)
 
@@ -239,6 +249,12 @@ class DenseClip(nn.Module):
         for blk in blocks[:-1]:
             x = blk(x)
         last = blocks[-1]
+        if self.dense == "tokens":
+            out = last(x)
+            pooled = v._pool(out)[0]
+            pooled = pooled @ v.proj if v.proj is not None else pooled
+            patches = self._project(out[:, 1:]).reshape(x.shape[0], self.grid[0], self.grid[1], -1)
+            return F.normalize(pooled.float(), dim=-1), F.normalize(patches.float(), dim=-1)
         y = last.ln_1(x)
         d = x.shape[-1]
         attn = last.attn

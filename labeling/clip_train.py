@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,9 @@ class ClipTrainConfig:
     warmup_steps: int = 50
     hflip: bool = True  # captions say nothing about left/right, so flipping is label-preserving
     crop_scale: float = 0.85  # random crops keep at least this share of each side
+    # Chance that a caption is replaced by a random subset of its phrases ("a woman", "a pink skirt", ...):
+    # teaches the text tower phrases on their own, the form of the labeler's prompts, instead of whole captions.
+    caption_phrases: float = 0.5
     time_limit_s: float | None = None  # stop early (after the running step) and save; None = all epochs
     workers: int = 2
     seed: int = 0
@@ -95,6 +99,26 @@ def read_pairs(path: str | Path) -> tuple[list[Path], list[str]]:
     if absent:
         raise ClaspError(f"--pairs {path}: image {absent[0]} does not exist ({len(absent)} of the first 1000 missing)")
     return images, captions
+
+
+_PHRASE_SPLIT = re.compile(r",\s*|\s+and\s+|\s+(?=with\s|wearing\s|carrying\s)|^(?:with|wearing|carrying)\s+")
+
+
+def caption_phrases(caption: str) -> list[str]:
+    """Split a caption at commas, 'and', 'with', 'wearing', 'carrying' into its noun phrases."""
+    parts = [p.strip() for p in _PHRASE_SPLIT.split(caption)]
+    return [re.sub(r"^(?:with|wearing|carrying)\s+", "", p) for p in parts if p]
+
+
+def sample_caption(caption: str, rng: np.random.Generator, p: float) -> str:
+    """The caption, or with probability ``p`` a random non-empty subset of its phrases (in order)."""
+    if p <= 0 or rng.random() >= p:
+        return caption
+    phrases = caption_phrases(caption)
+    keep = rng.random(len(phrases)) < 0.5
+    if not keep.any():
+        keep[rng.integers(len(phrases))] = True
+    return ", ".join(ph for ph, k in zip(phrases, keep, strict=True) if k)
 
 
 class PairImages(torch.utils.data.Dataset):
@@ -173,7 +197,7 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     images, captions = read_pairs(cfg.pairs)
     model, tokenizer, model_cfg, preprocess_cfg = _build_model(cfg, device)
-    tokens = tokenizer(captions)
+    text_rng = np.random.default_rng(cfg.seed)
     size = tuple(preprocess_cfg["size"])
     mean = torch.tensor(preprocess_cfg["mean"], device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(preprocess_cfg["std"], device=device).view(1, 3, 1, 1) * 255
@@ -209,7 +233,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
                 group["lr"] = lr
             x = (imgs.to(device, non_blocking=True).float() - mean) / std
             with torch.autocast(device_type="cuda" if use_bf16 else "cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                img_f, txt_f, scale = model(x, tokens[ids].to(device))[:3]
+                texts = [sample_caption(captions[i], text_rng, cfg.caption_phrases) for i in ids.tolist()]
+                img_f, txt_f, scale = model(x, tokenizer(texts).to(device))[:3]
                 loss = loss_fn(img_f, txt_f, scale)
             if not torch.isfinite(loss):
                 raise ClaspError(f"clip-train: loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr})")

@@ -29,7 +29,7 @@ from labeling.clip_model import DenseClip, LoadedClip, load_clip
 from labeling.image_shards import ShardImages, ShardIndex, index_shard
 from labeling.labelers import build_labeler
 from labeling.writer import ShardBuffer, blank_rows, code_version, finalize_labelset, write_shard
-from pipeline.config import save_config, to_dict
+from pipeline.config import ConfigError, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import (
     image_shard_path,
@@ -64,9 +64,11 @@ class LabelConfig:
     # CLIP's trained scale across the shoulders, a pedestrian's 2:1 height), or the native size if not square.
     resolution: tuple[int, int] | None = None
     label_grid: tuple[int, int] = (16, 8)  # stored part map cells; 16x8 = the pre-training ViT's patch grid
+    dense: Literal["auto", "value", "tokens"] = "auto"  # patch features; auto: tokens if avg-pooled, else value
     value_residual: bool = False  # MaskCLIP dense path: add the last block's input to the value path
     group_softmax: bool = True  # exclusive attribute groups share one softmax
     fg_threshold: float = 0.5
+    foreground: Literal["both", "parts", "prompts"] = "both"  # person-vs-background prompts and/or part classes
     conf_levels: int = 16  # part_conf quantised to this many levels (keeps labels small after zstd)
     with_embed: bool = False  # also store the CLIP image embedding (fp16) as clip_embed
     batch_size: int = 64
@@ -126,9 +128,11 @@ def labelset_identity(
         },
         "resolution": list(resolution),
         "label_grid": list(cfg.label_grid),
+        "dense": DenseClip(loaded.model, resolution, dense=cfg.dense).dense,
         "value_residual": cfg.value_residual,
         "group_softmax": cfg.group_softmax,
         "fg_threshold": cfg.fg_threshold,
+        "foreground": cfg.foreground,
         "conf_levels": cfg.conf_levels,
         "with_embed": cfg.with_embed,
     }
@@ -172,14 +176,18 @@ def _progress(total: int, quiet: bool):
 
 def run_labeling(cfg: LabelConfig) -> str:
     """Label this process's share of the corpus; returns the label-set id."""
+    _validate(cfg)
     env = dist_env()
-    sizes = read_sizes(cfg.root, cfg.corpus)
+    try:
+        sizes = read_sizes(cfg.root, cfg.corpus)
+        attrs, parts = load_attributes(cfg.attributes), load_parts(cfg.parts)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ClaspError(str(exc)) from None
     if not sizes:
         raise ClaspError(f"corpus '{cfg.corpus}' under {cfg.root} has no image shards (sizes.json is empty)")
     device = resolve_device(cfg.device)
     if device == "cuda" and env.world_size > 1:
         device = f"cuda:{env.local_rank % torch.cuda.device_count()}"
-    attrs, parts = load_attributes(cfg.attributes), load_parts(cfg.parts)
     loaded = load_clip(cfg.clip, cfg.clip_checkpoint, allow_random_weights=cfg.allow_random_weights, device=device)
     resolution = resolve_resolution(cfg, loaded)
     identity = labelset_identity(cfg, loaded, attrs, parts, resolution)
@@ -217,6 +225,20 @@ def run_labeling(cfg: LabelConfig) -> str:
     return set_id
 
 
+def _validate(cfg: LabelConfig) -> None:
+    checks = [
+        (cfg.batch_size >= 1, "batch_size must be at least 1"),
+        (cfg.workers >= 0, "workers must be 0 or more"),
+        (len(cfg.label_grid) == 2 and min(cfg.label_grid) >= 1, "label_grid must be two positive numbers [h, w]"),
+        (cfg.resolution is None or (len(cfg.resolution) == 2 and min(cfg.resolution) >= 1), "resolution must be HxW"),
+        (2 <= cfg.conf_levels <= 256, "conf_levels must be between 2 and 256"),
+        (0.0 <= cfg.fg_threshold <= 1.0, "fg_threshold must be between 0 and 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"label config: {msg}")
+
+
 def _done(cfg: LabelConfig, set_id: str, shard: str) -> bool:
     return label_shard_path(cfg.root, cfg.corpus, set_id, shard_index(shard)).is_file()
 
@@ -248,7 +270,9 @@ def _label_shards(
     if not indices:
         return
 
-    dense = DenseClip(loaded.model, cfg.resolution, value_residual=cfg.value_residual).to(device).eval()
+    dense = (
+        DenseClip(loaded.model, cfg.resolution, dense=cfg.dense, value_residual=cfg.value_residual).to(device).eval()
+    )
     labeler = build_labeler(
         loaded,
         attrs,
@@ -256,6 +280,7 @@ def _label_shards(
         label_grid=cfg.label_grid,
         group_softmax=cfg.group_softmax,
         fg_threshold=cfg.fg_threshold,
+        foreground=cfg.foreground,
         device=device,
     )
     on_gpu = device.startswith("cuda")
@@ -355,8 +380,12 @@ def _finalize(
         "feature_grid": [cfg.resolution[0] // visual.patch_size[0], cfg.resolution[1] // visual.patch_size[1]],
         "grid": list(cfg.label_grid),
         "method": {
-            "dense": "MaskCLIP value path of the last block" + (" + residual" if cfg.value_residual else ""),
-            "foreground": "mean of P(person | person vs background prompts) and 1 - P(background part class)",
+            "dense": _dense_doc(DenseClip(loaded.model, cfg.resolution, dense=cfg.dense).dense, cfg.value_residual),
+            "foreground": {
+                "both": "mean of P(person | person vs background prompts) and 1 - P(background part class)",
+                "parts": "1 - P(background part class)",
+                "prompts": "P(person | person vs background prompts)",
+            }[cfg.foreground],
             "group_softmax": cfg.group_softmax,
             "fg_threshold": cfg.fg_threshold,
             "part_conf_levels": cfg.conf_levels,
@@ -381,3 +410,9 @@ def _finalize(
     }
     paths = [label_shard_path(cfg.root, cfg.corpus, set_id, shard_index(name)) for name in sizes]
     return finalize_labelset(labels_dir(cfg.root, cfg.corpus, set_id), paths, header)
+
+
+def _dense_doc(mode: str, residual: bool) -> str:
+    if mode == "tokens":
+        return "projected output patch tokens of an average-pooled tower (their mean is the image embedding)"
+    return "MaskCLIP value path of the last block" + (" + residual" if residual else "")

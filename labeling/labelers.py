@@ -9,8 +9,8 @@ batch is nil, so the GPU never waits for the host.
 - Parts: patch-text logits are averaged onto the label grid, softmax over the part classes; each
   cell takes the most likely non-background class with its probability as confidence, unless the
   foreground estimate says the cell is background (class 0), where confidence is P(background).
-- Foreground: P(person) per cell, the mean of two estimates: person-vs-background prompts and
-  1 - P(background class of the part vocabulary).
+- Foreground: P(person) per cell from person-vs-background prompts (``prompts``), from
+  1 - P(background class of the part vocabulary) (``parts``), or the mean of the two (``both``).
 """
 
 from __future__ import annotations
@@ -72,8 +72,12 @@ class Labeler(nn.Module):
         label_grid: tuple[int, int],
         group_softmax: bool = True,
         fg_threshold: float = 0.5,
+        foreground: str = "both",
     ) -> None:
         super().__init__()
+        if foreground not in ("both", "parts", "prompts"):
+            raise ValueError(f"foreground estimate '{foreground}' is not one of both, parts, prompts")
+        self.foreground = foreground
         self.register_buffer("attr_pos", attr_pos.float())
         self.register_buffer("attr_neg", attr_neg.float())
         self.register_buffer("part_text", part_text.float())
@@ -100,8 +104,10 @@ class Labeler(nn.Module):
 
     def parts(self, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         prob = self._cell_logits(patches, self.part_text).softmax(1)
-        person = self._cell_logits(patches, self.fg_text).softmax(1)[:, 0]
-        fg_prob = 0.5 * (person + (1.0 - prob[:, 0]))
+        fg_prob = 1.0 - prob[:, 0]
+        if self.foreground != "parts":
+            person = self._cell_logits(patches, self.fg_text).softmax(1)[:, 0]
+            fg_prob = person if self.foreground == "prompts" else 0.5 * (person + fg_prob)
         fg_cls_prob = prob[:, 1:] / prob[:, 1:].sum(1, keepdim=True).clamp_min(1e-12)
         conf, cls = fg_cls_prob.max(1)
         is_fg = fg_prob >= self.fg_threshold
@@ -135,6 +141,7 @@ def build_labeler(
     label_grid: tuple[int, int],
     group_softmax: bool = True,
     fg_threshold: float = 0.5,
+    foreground: str = "both",
     device: str | torch.device = "cpu",
 ) -> Labeler:
     """Embed every prompt ensemble once and return a Labeler on ``device``."""
@@ -160,4 +167,5 @@ def build_labeler(
         label_grid=label_grid,
         group_softmax=group_softmax,
         fg_threshold=fg_threshold,
+        foreground=foreground,
     ).to(device)
