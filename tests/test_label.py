@@ -40,16 +40,17 @@ TINY_CFG = {
 }
 
 
-def write_clip_dir(path: Path, *, seed: int = 0, zero_pos: bool = False) -> Path:
+def write_clip_dir(path: Path, *, seed: int = 0, zero_pos: bool = False, pool: str = "tok") -> Path:
     """A random tiny CLIP in open_clip's local-dir layout; ``zero_pos`` makes patch features position-free."""
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**TINY_CFG)
+    cfg = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "pool_type": pool}}
+    model = open_clip.CLIP(**cfg)
     if zero_pos:
         with torch.no_grad():
             model.visual.positional_embedding.zero_()
     torch.save(model.state_dict(), path / "open_clip_pytorch_model.bin")
-    config = {"arch": "test-tiny", "model_cfg": TINY_CFG, "preprocess_cfg": {}}
+    config = {"arch": "test-tiny", "model_cfg": cfg, "preprocess_cfg": {}}
     (path / "open_clip_config.json").write_text(json.dumps(config))
     return path
 
@@ -136,7 +137,8 @@ def test_stock_duckdb_and_pyarrow_read_labels_without_project_code(labelled: tup
     assert json.loads(out.stdout) == [30, 1, 30, 26, 26]
 
 
-def test_upside_down_image_gives_upside_down_part_map(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pool", ["tok", "avg"])  # MaskCLIP value path / projected output tokens
+def test_upside_down_image_gives_upside_down_part_map(tmp_path: Path, pool: str) -> None:
     # With zero position embeddings a ViT is permutation-equivariant over patches, so the only way
     # the map can follow the image is through correct row/column bookkeeping from pixels to Parquet.
     rng = np.random.default_rng(3)
@@ -144,7 +146,9 @@ def test_upside_down_image_gives_upside_down_part_map(tmp_path: Path) -> None:
     image = np.repeat(np.repeat(colours, 8, 0), 8, 1)  # 64x32, one colour per 8x8 patch
     # PNG: lossless, so the stored upside-down image is exactly the flipped pixels (JPEG rounding is not).
     root = ingest_folder({"a/up.png": image, "a/down.png": image[::-1].copy()}, tmp_path, "flip", per_shard=8)
-    set_id = run_labeling(label_cfg(root, "flip", write_clip_dir(tmp_path / "clip", zero_pos=True), label_grid=(8, 4)))
+    set_id = run_labeling(
+        label_cfg(root, "flip", write_clip_dir(tmp_path / "clip", zero_pos=True, pool=pool), label_grid=(8, 4))
+    )
     table = pq.read_table(label_shard_path(root, "flip", set_id, 0)).to_pylist()
     maps = {r["key"]: np.frombuffer(r["part_map"], np.uint8).reshape(8, 4) for r in table}
     up, down = maps["a_up"], maps["a_down"]
