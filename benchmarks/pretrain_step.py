@@ -8,10 +8,12 @@ Measured in one run, same model settings, same process:
 
 * ``bare fwd+bwd``: forward + backward of ``ClaspMetaArch`` on one batch held on the device (no data
   loading, no optimizer), MoE on and off.
-* ``bare step``: the same plus gradient clipping, AdamW and the EMA teacher update.
+* ``bare step``: the same plus gradient clipping, AdamW and the EMA teacher update. MoE and dense models
+  are timed in interleaved rounds (medians), so a shared machine's changing load affects both alike.
 * ``loop``: ``pretrain.trainer.train`` streaming real WebDataset shards joined with Parquet label
   shards (written here: LUPerson-like JPEG sizes, blurred-noise content), multi-crop in DataLoader
-  workers, logging every ``--warmup`` steps; timed over the intervals after the first one.
+  workers, logging every ``--warmup`` steps; timed over the intervals after the first one. Each of the
+  ``--rounds`` loop runs is compared with bare fwd+bwd runs right before and after it (median ratio).
 * ``loader``: the stream alone (batches/s without a model), and its peak RSS at two corpus sizes
   (fresh subprocesses; the RSS must not grow with the corpus).
 
@@ -27,6 +29,7 @@ import io
 import json
 import math
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -164,16 +167,14 @@ class BareStep:
         return counter.get_total_flops() / self.images
 
 
-def bare(cfg, batch_cpu: dict, n_parts: int, steps: int, warmup: int) -> dict[str, float]:
-    """Images/s of fwd+bwd and of a full optimizer step on one device-resident batch; counted FLOPs/image."""
-    bench = BareStep(cfg, batch_cpu, n_parts)
-    out = {
-        "fwd_bwd_images_per_s": bench.images_per_s(bench.fwd_bwd, steps, warmup),
-        "step_images_per_s": bench.images_per_s(bench.step, steps, warmup),
-        "flops_per_image": bench.flops_per_image(),
-    }
-    bench.accelerator.free_memory()
-    return out
+def interleaved(benches: dict[str, BareStep], rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Rounds of (fwd+bwd, full step) for each model in turn, so a drifting machine load hits all alike."""
+    rates: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for tag, bench in benches.items():
+            rates.setdefault(f"fwd_bwd_{tag}", []).append(bench.images_per_s(bench.fwd_bwd, steps, warmup))
+            rates.setdefault(f"step_{tag}", []).append(bench.images_per_s(bench.step, steps, warmup))
+    return rates
 
 
 def loop(cfg, out_dir: Path, steps: int, warmup: int) -> float:
@@ -233,8 +234,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dino-out-dim", type=int, default=65536)
     p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved MoE/dense measurement rounds")
     p.add_argument("--images", type=int, default=512, help="images in the (small) benchmark corpus")
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--loader-batches", type=int, default=6)
@@ -273,30 +275,43 @@ def main() -> None:
                 f.update({f"loader_{corpus}_{k}": v for k, v in res.items()})
                 rss = f"peak RSS main {res['rss_main_mb']:.0f} MB, largest worker {res['rss_worker_mb']:.0f} MB"
                 print(f"loader alone, {n} images: {res['images_per_s']:.1f} img/s, {rss}")
-        for moe in (True, False):
-            tag = "moe" if moe else "dense"
-            res = bare(
-                make_config(args, root, "small", f"model.moe.enabled={moe}"), batch, n_parts, args.steps, args.warmup
-            )
-            f.update({f"bare_{k}_{tag}": v for k, v in res.items()})
-            rates = f"fwd+bwd {res['fwd_bwd_images_per_s']:.1f} img/s, full step {res['step_images_per_s']:.1f} img/s"
-            print(f"bare {tag:5s}: {rates}, {res['flops_per_image'] / 1e9:.1f} GFLOP/img (fwd+bwd, counted)")
-        f["loop_images_per_s"] = loop(make_config(args, root, "small"), root / "run", args.steps, args.warmup)
-        print(f"loop (stream + trainer step, MoE): {f['loop_images_per_s']:.1f} img/s")
-
-        f["moe_ratio"] = f["bare_step_images_per_s_moe"] / f["bare_step_images_per_s_dense"]
-        f["moe_ratio_fwd_bwd"] = f["bare_fwd_bwd_images_per_s_moe"] / f["bare_fwd_bwd_images_per_s_dense"]
-        f["loop_ratio"] = f["loop_images_per_s"] / f["bare_fwd_bwd_images_per_s_moe"]
-        f["loop_ratio_vs_step"] = f["loop_images_per_s"] / f["bare_step_images_per_s_moe"]
-        print(f"MoE / dense, full step: {f['moe_ratio']:.3f} (target >= 0.67); fwd+bwd: {f['moe_ratio_fwd_bwd']:.3f}")
-        print(
-            f"loop / bare fwd+bwd: {f['loop_ratio']:.3f} (target >= 0.85); / bare step: {f['loop_ratio_vs_step']:.3f}"
+        benches = {
+            tag: BareStep(make_config(args, root, "small", f"model.moe.enabled={moe}"), batch, n_parts)
+            for tag, moe in (("moe", True), ("dense", False))
+        }
+        for tag, bench in benches.items():
+            f[f"flops_per_image_{tag}"] = bench.flops_per_image()
+        rates = interleaved(benches, args.rounds, args.steps, args.warmup)
+        for name, values in rates.items():
+            f[f"bare_{name}_images_per_s"] = statistics.median(values)
+        for tag in benches:
+            line = f"fwd+bwd {f[f'bare_fwd_bwd_{tag}_images_per_s']:.1f} img/s, "
+            line += f"full step {f[f'bare_step_{tag}_images_per_s']:.1f} img/s (median of {args.rounds} rounds)"
+            print(f"bare {tag:5s}: {line}, {f[f'flops_per_image_{tag}'] / 1e9:.1f} GFLOP/img fwd+bwd (counted)")
+        f["moe_ratio"] = statistics.median(m / d for m, d in zip(rates["step_moe"], rates["step_dense"], strict=True))
+        f["moe_ratio_fwd_bwd"] = statistics.median(
+            m / d for m, d in zip(rates["fwd_bwd_moe"], rates["fwd_bwd_dense"], strict=True)
         )
+        print(f"MoE / dense, full step: {f['moe_ratio']:.3f} (target >= 0.67); fwd+bwd: {f['moe_ratio_fwd_bwd']:.3f}")
+
+        # loop rounds, each bracketed by bare fwd+bwd runs of the same model (before: the previous one)
+        moe, loops, ratios, before = benches["moe"], [], [], rates["fwd_bwd_moe"][-1]
+        for r in range(args.rounds):
+            loops.append(loop(make_config(args, root, "small"), root / f"run{r}", args.steps, args.warmup))
+            after = moe.images_per_s(moe.fwd_bwd, args.steps, args.warmup)
+            ratios.append(loops[-1] / ((before + after) / 2))
+            print(f"loop round {r}: {loops[-1]:.1f} img/s; bare fwd+bwd before/after {before:.1f} / {after:.1f} img/s")
+            before = after
+        f["loop_images_per_s"] = statistics.median(loops)
+        f["loop_ratio"] = statistics.median(ratios)
+        f["loop_ratio_vs_step"] = f["loop_images_per_s"] / f["bare_step_moe_images_per_s"]
+        print(f"loop (stream + trainer step, MoE): {f['loop_images_per_s']:.1f} img/s (median)")
+        print(f"loop / bare fwd+bwd: {f['loop_ratio']:.3f} (target >= 0.85); / bare step {f['loop_ratio_vs_step']:.3f}")
         peak = next((v for k, v in PEAK_BF16.items() if k in device_name), None) if on_gpu else None
         if peak:
             f["peak_flops"] = peak
-            f["mfu_loop"] = f["loop_images_per_s"] * f["bare_flops_per_image_moe"] / peak
-            f["mfu_bare"] = f["bare_fwd_bwd_images_per_s_moe"] * f["bare_flops_per_image_moe"] / peak
+            f["mfu_loop"] = f["loop_images_per_s"] * f["flops_per_image_moe"] / peak
+            f["mfu_bare"] = f["bare_fwd_bwd_moe_images_per_s"] * f["flops_per_image_moe"] / peak
             mfu = f"loop {f['mfu_loop']:.3f}, bare fwd+bwd {f['mfu_bare']:.3f}"
             print(f"MFU (counted FLOPs / {peak / 1e12:.0f} TFLOP/s bf16 dense): {mfu}")
 

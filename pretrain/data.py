@@ -12,7 +12,10 @@ The pipeline is an explicit list of stages (``build_pipeline``)::
 * **Disjoint ranks.** Every rank draws the *same* shard permutation (seeded by seed, epoch and
   segment start) and keeps every ``world``-th shard, then every ``workers``-th of those, so within
   a segment ranks and workers read disjoint shards. With fewer shards than readers a shard is split
-  into sample-stride slices (``ShardUnit.offset/stride``) so that still holds.
+  into sample-stride slices (``ShardUnit.offset/stride``) so that still holds. Exactly disjoint when
+  every reader's share is what it consumes; when shards do not divide evenly among readers (or a
+  segment's batches among workers), a reader that runs out starts its next pass early, so a few
+  samples can repeat within an epoch.
 * **Resume without skipping.** A *segment* is the stretch of steps between two restarts of the
   loader: the trainer restarts it at every epoch start and after every checkpoint, at a known
   step. All randomness of a segment (shard order, shuffle buffer, crops) is derived from
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import logging
 import math
 import random
@@ -469,17 +471,3 @@ def to_model_batch(
             value = ((value.float() - mean_t) / std_t).permute(0, 1, 4, 2, 3).contiguous()
         out[name] = value
     return out
-
-
-def describe(stream: PretrainStream) -> str:
-    info = stream.labelset
-    return json.dumps(
-        {
-            "labelset": info.labelset,
-            "images": stream.num_images,
-            "shards": stream.num_shards,
-            "grid": list(info.grid_hw),
-            "attributes": len(info.attributes),
-            "parts": len(info.parts),
-        }
-    )
