@@ -3,10 +3,12 @@
 Launch (every process runs the same command; Accelerate/torchrun set the rank)::
 
     clasp pretrain --config configs/pretrain/demo.yaml                      # one process (CPU or GPU)
-    accelerate launch --num_processes 8 --multi_gpu --mixed_precision bf16 \\
-        -m pipeline.cli pretrain --config configs/pretrain/vit_b_luperson.yaml
+    accelerate launch --multi_gpu --num_processes 8 -m pipeline.cli pretrain \\
+        --config configs/pretrain/vit_b_luperson.yaml [key=value ...]
     # 2 machines x 8 GPUs: the same on each machine with
     #   --num_machines 2 --machine_rank {0,1} --main_process_ip HOST0 --main_process_port 29500 --num_processes 16
+    # precision comes from the config (mixed_precision: bf16), not from launcher flags; without a GPU,
+    # `--multi_gpu --num_processes 2` runs two CPU processes (gloo)
 
 What the loop guarantees:
 
