@@ -249,6 +249,32 @@ def transfer(
 # --- orchestration: demo, ablation -----------------------------------------------------------
 
 
+@app.command()
+def ablate(config: Path = CONFIG_OPT, overrides: list[str] = OVERRIDES_ARG) -> None:
+    """Pre-train every variant, transfer each to every task, write the ablation table (resumable)."""
+    from pipeline.ablate import AblationConfig, run_ablation
+
+    run_ablation(_load_config(AblationConfig, config, overrides))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Where the demo writes everything."),
+    config: Path = CONFIG_OPT,
+    overrides: list[str] = OVERRIDES_ARG,
+) -> None:
+    """The whole pipeline on the built-in synthetic world (offline, CPU, minutes): configs/demo.yaml."""
+    from pipeline.ablate import DEMO_CONFIG, AblationConfig, run_ablation
+
+    run_ablation(_load_config(AblationConfig, config or DEMO_CONFIG, [*(overrides or []), f"out={out}"]))
+
+
+def _load_config(cls: type, config: Path | None, overrides: list[str] | None) -> object:
+    from pipeline.config import load_config
+
+    return load_config(cls, config, list(overrides or []))
+
+
 def main() -> None:
     from pipeline.errors import ClaspError
 

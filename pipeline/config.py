@@ -156,12 +156,26 @@ def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
             raise ConfigError(f"unknown config key '{where}'{_closest(part, names)}")
         tp = typing.get_type_hints(node_cls)[part]
         if i == len(parts) - 1:
-            node[part] = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.safe_load(raw) if raw != "" else ""
+            # YAML reads `no`/`on`/`1.0` as bool/number; a string setting keeps the text as typed
+            node[part] = raw if _wants_string(tp) and value is not None and not isinstance(value, str) else value
             return
         if not _is_dataclass_type(tp):
             raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is a value, not a group of settings")
         node = node.setdefault(part, {})
         node_cls = tp
+
+
+def _wants_string(tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is str:
+        return True
+    if origin is typing.Literal:
+        return all(isinstance(a, str) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return len(rest) == 1 and _wants_string(rest[0])
+    return False
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

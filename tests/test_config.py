@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
@@ -25,6 +26,7 @@ class Experiment:
     tasks: list[str] = field(default_factory=lambda: ["reid"])
     optim: Optim = field(default_factory=Optim)
     use_moe: bool = True
+    precision: Literal["no", "bf16", "fp16"] = "no"
 
 
 def test_defaults_yaml_then_overrides(tmp_path: Path) -> None:
@@ -79,3 +81,10 @@ def test_saved_config_reloads_identically(tmp_path: Path) -> None:
     assert yaml.safe_load(path.read_text())["optim"]["betas"] == [0.8, 0.9]
     assert load_config(Experiment, path) == cfg
     assert to_dict(cfg)["tasks"] == ["reid", "attributes"]
+
+
+def test_string_settings_keep_yaml_keywords_as_typed() -> None:
+    cfg = load_config(Experiment, None, ["precision=no", "name=on", "labelset=1.0"])
+    assert (cfg.precision, cfg.name, cfg.labelset) == ("no", "on", "1.0")
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(Experiment, None, ["precision=yes"])
