@@ -108,6 +108,10 @@ def main() -> None:
         args.workers, args.no_compile = 1, True
     res = tuple(int(v) for v in args.resolution.split("x"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        print("gpu_label: no CUDA GPU visible; nothing measured (use --smoke to check the script on CPU)")
+        print(json.dumps({"skipped": "no GPU"}))
+        return
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     bf16 = device == "cuda"
     if device == "cuda":

@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--arch", default="clasp-vit-tiny-8")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--pairs", default=None, help="pairs file/folder (default: the world's pairs.csv)")
     ap.add_argument("--tag", default="", help="suffix of the CLIP folder name, to keep variants apart")

@@ -53,7 +53,7 @@ class ClipTrainConfig:
     out: str = "runs/clip"
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 50
     hflip: bool = True  # captions say nothing about left/right, so flipping is label-preserving
