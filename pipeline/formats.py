@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from pipeline.errors import ClaspError
+
 SHARD_DIGITS = 6
 MANIFEST_COLUMNS = ("key", "shard", "index", "width", "height", "n_bytes", "content_hash", "source")
 LABELSET_FILE = "labelset.json"
@@ -137,6 +139,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def load_json_input(source: object, what: str) -> object:
+    """A JSON file path (str/Path) -> its parsed content; anything else is returned as given (already loaded)."""
+    if isinstance(source, str | Path):
+        path = Path(source)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ClaspError(f"{what} file {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ClaspError(f"{what} file {path} is not valid JSON: {exc}") from None
+    return source
 
 
 def write_json_atomic(path: str | Path, obj: object) -> Path:

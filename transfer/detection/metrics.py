@@ -39,7 +39,6 @@ truth in the setup) this module returns NaN, so it cannot be averaged in by mist
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ClaspError
+from pipeline.formats import load_json_input
 
 PERSON_CATEGORY_ID = 1
 IOU_THRESHOLD = 0.5
@@ -130,21 +130,9 @@ def citypersons_recall_at_fppi(
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-def _load_json(source: Any, what: str) -> Any:
-    if isinstance(source, str | Path):
-        path = Path(source)
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ClaspError(f"{what} file {path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ClaspError(f"{what} file {path} is not valid JSON: {exc}") from None
-    return source
-
-
 def _prepare(gt_source: Any, dt_source: Any) -> _Prepared:
-    gt = _load_json(gt_source, "CityPersons ground-truth")
-    dets = _load_json(dt_source, "detections")
+    gt = load_json_input(gt_source, "CityPersons ground-truth")
+    dets = load_json_input(dt_source, "detections")
     if not isinstance(gt, Mapping) or "images" not in gt or "annotations" not in gt:
         raise ClaspError("CityPersons ground truth must be a COCO-style dict with 'images' and 'annotations'")
     category_ids = {c.get("id") for c in gt.get("categories", [])}

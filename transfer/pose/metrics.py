@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ClaspError
+from pipeline.formats import load_json_input
 
 COCO_KEYPOINT_NAMES = (
     "nose",
@@ -66,8 +66,8 @@ def coco_keypoint_ap(
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    gt_dict = _load_json(gt, "COCO keypoint ground-truth")
-    results_list = _load_json(results, "keypoint results")
+    gt_dict = load_json_input(gt, "COCO keypoint ground-truth")
+    results_list = load_json_input(results, "keypoint results")
     sigma_array = np.asarray(COCO_KEYPOINT_SIGMAS if sigmas is None else sigmas, dtype=np.float64)
     _validate(gt_dict, results_list, len(sigma_array))
 
@@ -128,18 +128,6 @@ def keypoint_oks(
         e = e[:, labelled]
     # Row by row on purpose: a 2-D reduction may sum in another order and differ from COCOeval in the last bit.
     return np.array([np.sum(np.exp(-row)) / row.shape[0] for row in e])
-
-
-def _load_json(source: Any, what: str) -> Any:
-    if isinstance(source, str | Path):
-        path = Path(source)
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ClaspError(f"{what} file {path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ClaspError(f"{what} file {path} is not valid JSON: {exc}") from None
-    return source
 
 
 def _validate(gt: Any, results: Any, n_joints: int) -> None:
