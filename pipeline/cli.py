@@ -227,7 +227,7 @@ def export(
 
 @app.command()
 def transfer(
-    task: str = typer.Argument(..., help="Downstream task: reid or attributes (see transfer.common.TASKS)."),
+    task: str = typer.Argument(..., help="Downstream task: reid, attributes, pose, detection, person-search or parsing."),
     data: Path = typer.Option(None, "--data", "-d", help="Dataset folder in its official layout."),
     dataset: str = typer.Option(None, "--dataset", help="e.g. market1501, msmt17, pa100k, peta_zs, rap_zs."),
     backbone: str = typer.Option(None, "--backbone", "-b", help="CLASP export folder, timm:NAME or random:ARCH."),

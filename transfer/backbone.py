@@ -116,6 +116,28 @@ class FeatureBackbone(nn.Module):
             return tokens[:, 0]
         return tokens[:, self.num_prefix_tokens :].mean(dim=1)
 
+    @property
+    def patch_size(self) -> int:
+        """Stride of the token grid in pixels (16 for ViT-*/16)."""
+        size = getattr(getattr(self.model, "patch_embed", None), "patch_size", (16, 16))
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def feature_maps(self, images: torch.Tensor, indices: int | list[int] = 1) -> list[torch.Tensor]:
+        """Dense features for pose, detection and parsing heads: a list of (B, C, H/p, W/p) maps.
+
+        ``indices`` follows timm's ``forward_intermediates``: an int takes the last n blocks, a list
+        names block indices (negative from the end). Maps are normalised by the final norm and computed
+        under the chosen prompt (MoE backbones), so the learned prompt mix trains with the dense task.
+        Inputs of any size divisible by the patch size work (position embeddings are resampled).
+        """
+        prompt = self.current_prompt()
+        kwargs: dict[str, Any] = {"indices": indices, "norm": True, "output_fmt": "NCHW", "intermediates_only": True}
+        if prompt is not None:
+            kwargs["prompt"] = prompt
+        if not hasattr(self.model, "forward_intermediates"):
+            raise ClaspError(f"backbone '{self.source}' has no forward_intermediates; dense tasks need a timm ViT")
+        return list(self.model.forward_intermediates(images, **kwargs))
+
     def no_weight_decay(self) -> set[str]:
         inner = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
         names = {f"model.{n}" for n in inner}

@@ -31,6 +31,10 @@ from pipeline.formats import atomic_path, write_json_atomic
 TASKS: dict[str, str] = {
     "reid": "transfer.reid.train",
     "attributes": "transfer.attributes.train",
+    "pose": "transfer.pose.train",
+    "detection": "transfer.detection.train",
+    "person-search": "transfer.person_search.train",
+    "parsing": "transfer.parsing.train",
 }
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"

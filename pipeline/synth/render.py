@@ -57,6 +57,7 @@ class Sample:
     part_mask: np.ndarray  # HxW uint8, class ids of data_manifests/parts.yaml
     keypoints: np.ndarray  # 17x3 float32: x, y (pixels), visibility 0/1/2
     view: str
+    lip_mask: np.ndarray | None = None  # HxW uint8, LIP's 20 classes, this person only (see lip_classes)
 
 
 def random_shot(rng: np.random.Generator, camera: Camera, *, aligned: bool = False) -> Shot:
@@ -291,7 +292,34 @@ def render_shot(look: Look, camera: Camera, shot: Shot, height: int, width: int)
     pil = img.filter(ImageFilter.BoxBlur(camera.blur * height / 256.0))
     part_mask = np.take(pen.PART_OF_MATERIAL_256, mat)
     keypoints = _keypoints(sk, sid, cv.tags, height, width)
-    return Sample(rgb=np.asarray(pil), part_mask=part_mask, keypoints=keypoints, view=shot.view)
+    lip_mask = np.take(lip_classes(look, cv.materials, cv.tags), sid)
+    return Sample(rgb=np.asarray(pil), part_mask=part_mask, keypoints=keypoints, view=shot.view, lip_mask=lip_mask)
+
+
+# LIP class ids (transfer.parsing.metrics.LIP_CLASSES order) of the materials that have one fixed class.
+_LIP_FIXED = {pen.HAT: 1, pen.HAIR: 2, pen.SCALP: 2, pen.TOP: 5, pen.TOP2: 5, pen.LOGO: 5, pen.COAT: 7,
+              pen.SKIN_FACE: 13, pen.FACE_DETAIL: 13}  # fmt: skip
+_LIP_SIDED = {pen.SKIN_ARM: 14, pen.SKIN_LEG: 16, pen.SHOE: 18, pen.SOLE: 18}  # left id; right = left + 1
+
+
+def lip_classes(look: Look, materials: list[int], tags: list[str]) -> np.ndarray:
+    """Per-shape LIP class (256 entries) of the main person: 0 for background, bags, occluders and other people.
+
+    LIP has no bag class; plain glasses count as face, sunglasses as Sunglasses; shorts and trousers
+    are Pants, a skirt is Skirt. Left/right are the person's own sides, as in LIP and COCO.
+    """
+    out = np.zeros(256, np.uint8)
+    lower = 12 if look.lower_type == "skirt" else 9
+    for index, (mat, tag) in enumerate(zip(materials, tags, strict=True)):
+        if mat in _LIP_FIXED:
+            out[index] = _LIP_FIXED[mat]
+        elif mat in (pen.LOWER, pen.LOWER2):
+            out[index] = lower
+        elif mat == pen.GLASSES:
+            out[index] = 4 if look.glasses == "sunglasses" else 13
+        elif mat in _LIP_SIDED:
+            out[index] = _LIP_SIDED[mat] + (1 if tag.startswith("right") else 0)
+    return out
 
 
 # Tags of a joint's own segment, and of clothing that covers it without hiding it (camera side only).
