@@ -1,0 +1,288 @@
+"""Pedestrian detection fine-tuning and CityPersons MR^-2 evaluation.
+
+    clasp transfer detection --data data/CityPersons --dataset citypersons --backbone runs/demo/backbone --out runs/cp
+    clasp transfer detection --data data/CityPersons --dataset citypersons --out runs/cp_eval detections=dets.json
+
+Recipe: ViTDet simple feature pyramid on the last ViT map + torchvision Faster R-CNN with pedestrian
+anchors (``transfer.detection.model``), backbone prompt ``learned`` initialised at the part prompt;
+train on ``train`` with horizontal flip and a random shorter side from ``data.train_sizes``, positives
+the pedestrians >= ``data.min_height_px`` tall, every other annotation an ignore region; AdamW with
+warmup + cosine. Test: the final model on ``val`` at shorter side ``data.test_size``; detections written
+in the official results format (``detections_val.json``: ``{image_id, category_id: 1, bbox [x, y, w,
+h], score}``) and scored with ``transfer.detection.metrics`` (the official ``eval_MR_multisetup.py``
+protocol: MR^-2 on Reasonable, Reasonable_small, Reasonable_occ=heavy and All; lower is better).
+
+``detections=FILE`` skips training and scores an existing detections file on the ``val`` ground truth.
+Resumes from ``out/checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from pipeline.errors import ClaspError
+from pipeline.formats import write_json_atomic
+from transfer.backbone import BackboneConfig
+from transfer.common import (
+    OptimConfig,
+    build_optimizer,
+    fine_tune,
+    finished_results,
+    make_accelerator,
+    pct,
+    save_final_model,
+    write_results,
+)
+from transfer.detection.datasets import LAYOUT, CityPersonsDataset, CityPersonsSplit, collate, load_citypersons
+from transfer.detection.metrics import SETUPS, citypersons_all_setups
+from transfer.detection.model import PEDESTRIAN_ASPECT_RATIO, build_detector
+
+DATASETS = ("citypersons",)
+DETECTIONS_FILE = "detections_val.json"
+PROTOCOL = (
+    "CityPersons MR^-2 (log-average miss rate over 9 FPPI points in [1e-2, 1e0], IoU 0.5, ignore regions by "
+    "IoA) per the official eval_MR_multisetup.py, setups Reasonable (h >= 50 px, vis >= 0.65), Reasonable_small "
+    "(50..75 px), Reasonable_occ=heavy (vis 0.2..0.65), All (h >= 20, vis >= 0.2); lower is better"
+)
+
+
+@dataclass
+class DetDataConfig:
+    train_split: str = "train"
+    val_split: str = "val"
+    train_sizes: tuple[int, ...] = (1024,)  # shorter side(s) in training; several = multi-scale training
+    test_size: int = 1024  # shorter side at test time (1024 = CityPersons' original 2048x1024)
+    max_size: int = 2048
+    batch_size: int = 2
+    workers: int = 4
+    flip_prob: float = 0.5
+    min_height_px: float = 50.0  # training positives (Pedestron / CSP "h50"); the rest are ignore regions
+    min_vis_ratio: float = 0.0
+    skip_empty: bool = True  # train only on images with at least one positive
+
+
+@dataclass
+class DetModelConfig:
+    out_channels: int = 256
+    representation_size: int = 1024
+    p6: bool = True
+    aspect_ratios: tuple[float, ...] = (PEDESTRIAN_ASPECT_RATIO,)
+    score_thresh: float = 0.01  # low, so the miss-rate curve reaches FPPI 1
+    detections_per_img: int = 100
+    extra: dict[str, Any] = field(default_factory=dict)  # further FasterRCNN keywords, e.g. rpn_nms_thresh
+
+
+@dataclass
+class DetConfig:
+    data_dir: str = ""
+    dataset: str = "citypersons"
+    out_dir: str = ""
+    backbone: BackboneConfig = field(
+        default_factory=lambda: BackboneConfig(prompt="learned", prompt_mix={"part": 1.0}, drop_path_rate=0.1)
+    )
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    model: DetModelConfig = field(default_factory=DetModelConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            name="adamw", lr=1e-4, weight_decay=0.1, warmup_epochs=1.0, min_lr_factor=0.01, grad_clip=1.0
+        )
+    )
+    epochs: int = 12
+    max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
+    detections: str = ""  # score this detections file on the val split instead of training
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    quiet: bool = False
+
+
+CONFIG = DetConfig
+
+
+def detector_for(cfg: DetConfig, img_size: tuple[int, int]) -> nn.Module:
+    m = cfg.model
+    return build_detector(
+        cfg.backbone,
+        img_size=img_size,
+        min_size=tuple(cfg.data.train_sizes),  # predict() switches to test_size
+        max_size=cfg.data.max_size,
+        num_classes=2,
+        out_channels=m.out_channels,
+        representation_size=m.representation_size,
+        p6=m.p6,
+        aspect_ratios=tuple(m.aspect_ratios),
+        box_score_thresh=m.score_thresh,
+        box_detections_per_img=m.detections_per_img,
+        **m.extra,
+    )
+
+
+def _vit_size(cfg: DetConfig, data: CityPersonsSplit) -> tuple[int, int]:
+    """(H, W) at the test scale, multiples of 32: what the ViT's position embeddings are resampled to."""
+    image = data.gt["images"][0]
+    height, width = float(image["height"]), float(image["width"])
+    scale = min(cfg.data.test_size / min(height, width), cfg.data.max_size / max(height, width))
+    return (int(math.ceil(height * scale / 32) * 32), int(math.ceil(width * scale / 32) * 32))
+
+
+def run(cfg: DetConfig) -> dict[str, Any]:
+    """Fine-tune on CityPersons train (or take ``cfg.detections``), score val, write results to ``cfg.out_dir``."""
+    if not cfg.data_dir or not cfg.out_dir:
+        raise ClaspError("transfer detection needs --data (CityPersons folder) and --out (output folder)")
+    if cfg.dataset not in DATASETS:
+        raise ClaspError(f"transfer detection: unknown dataset '{cfg.dataset}'; choose one of {', '.join(DATASETS)}")
+    out = Path(cfg.out_dir)
+    finished = finished_results(out, cfg)
+    if finished is not None:
+        return finished
+    val = load_citypersons(cfg.data_dir, cfg.data.val_split)
+    if cfg.detections:
+        path = Path(cfg.detections)
+        if not path.is_file():
+            raise ClaspError(f"detections file {path} does not exist (set detections= to a JSON results file)")
+        return _write(out, cfg, val, citypersons_all_setups(val.gt, path), {"detections": str(path)}, None)
+
+    train = load_citypersons(cfg.data_dir, cfg.data.train_split)
+    accelerator, device = make_accelerator(cfg)
+    model = detector_for(cfg, _vit_size(cfg, val))
+    train_set = CityPersonsDataset(
+        train,
+        train=True,
+        flip_prob=cfg.data.flip_prob,
+        min_height_px=cfg.data.min_height_px,
+        min_vis_ratio=cfg.data.min_vis_ratio,
+        skip_empty=cfg.data.skip_empty,
+    )
+    if len(train_set) == 0:
+        raise ClaspError(f"{train.gt_file}: no image has a pedestrian >= {cfg.data.min_height_px} px to train on")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > cfg.data.batch_size,
+        num_workers=cfg.data.workers,
+        collate_fn=collate,
+        generator=generator,
+    )
+    steps_per_epoch = max(1, len(loader) // accelerator.num_processes)
+    if cfg.max_steps_per_epoch > 0:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    optimizer, schedule = build_optimizer(model, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    def loss_fn(net: nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        losses = net(list(images), targets)
+        return {"loss": sum(losses.values()), **losses}
+
+    training = fine_tune(
+        accelerator,
+        cfg,
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        loader=loader,
+        loss_fn=loss_fn,
+        steps_per_epoch=steps_per_epoch,
+        set_epoch=lambda epoch: generator.manual_seed(cfg.seed * 1000 + epoch),  # same shuffles after a resume
+        name="detection",
+    )
+    model = accelerator.unwrap_model(model)
+    detections = predict(model, val, cfg, accelerator)
+    record: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        write_json_atomic(out / DETECTIONS_FILE, detections)
+        scores = citypersons_all_setups(val.gt, detections)
+        extra = {"train": train_set.data.summary() | {"training_images": len(train_set)}}
+        record = _write(out, cfg, val, scores, {**training, "device": device, **extra}, model)
+    accelerator.wait_for_everyone()
+    return record
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: CityPersonsSplit, cfg: DetConfig, accelerator: Any) -> list[dict[str, Any]]:
+    """Official-format detections on every image of ``data`` (each process takes every n-th image)."""
+    from accelerate.utils import gather_object
+
+    dataset = CityPersonsDataset(data, train=False)
+    mine = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, mine),
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.workers,
+        collate_fn=collate,
+    )
+    model.eval()
+    model.transform.min_size = (cfg.data.test_size,)
+    results: list[dict[str, Any]] = []
+    for images, targets, _ in loader:
+        with accelerator.autocast():
+            outputs = model(list(images.to(accelerator.device)))
+        for target, output in zip(targets, outputs, strict=True):
+            image_id = data.image_ids[int(target["image_id"])]
+            boxes = output["boxes"].float().cpu()
+            scores = output["scores"].float().cpu()
+            labels = output["labels"].cpu()
+            for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=True):
+                if label != 1:
+                    continue
+                x1, y1, x2, y2 = box
+                results.append({"image_id": image_id, "category_id": 1,
+                                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                                "score": round(score, 5)})  # fmt: skip
+    if accelerator.num_processes > 1:
+        results = gather_object(results)
+    return results
+
+
+def _write(
+    out: Path,
+    cfg: DetConfig,
+    val: CityPersonsSplit,
+    scores: dict[str, float],
+    training: dict[str, Any],
+    model: nn.Module | None,
+) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {name: (None if math.isnan(v) else float(v)) for name, v in scores.items()}
+    history = training.pop("history", [])
+    protocol = f"{PROTOCOL}; {val.split} split ({len(val)} images, {val.gt_file.name})"
+    if model is not None:
+        protocol += f"; final model, test shorter side {cfg.data.test_size} px (max {cfg.data.max_size})"
+        vit = model.backbone.vit
+        backbone, prompt = vit.source, vit.describe_prompt()
+    else:
+        protocol += f"; detections from {cfg.detections}"
+        backbone, prompt = None, None
+    record: dict[str, Any] = {
+        "task": "detection",
+        "dataset": cfg.dataset,
+        "layout": LAYOUT,
+        "protocol": protocol,
+        "backbone": backbone,
+        "prompt": prompt,
+        "metrics": {f"MR-2 {name}": value for name, value in metrics.items()},
+        "data": val.summary(),
+    }
+    if model is not None:
+        record["training"] = {
+            "epochs": cfg.epochs,
+            "steps": training.get("steps"),
+            "wall_s": training.get("wall_s"),
+            "device": training.get("device"),
+            "final_loss": round(history[-1]["loss"], 4) if history else None,
+        }
+        record["train_data"] = training.get("train")
+        record["history"] = history
+        record["detections_file"] = DETECTIONS_FILE
+        save_final_model(out, model)
+    else:
+        record["detections_file"] = training["detections"]
+    table = [(f"MR^-2 {name} (%)", "n/a" if metrics[name] is None else pct(metrics[name])) for name in SETUPS]
+    return write_results(out, cfg, record, title=f"Pedestrian detection: {cfg.dataset}", table=table)
