@@ -42,6 +42,7 @@ def lip_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_writer_layout_is_read_by_the_lip_reader(lip_root: Path) -> None:
     data = load_parsing_dataset("lip", lip_root)
+    assert data.layout.startswith("LIP TrainVal_images/")
     assert data.summary() == {"classes": 20, "train_images": 10, "val_images": 4}
     assert (lip_root / "train_id.txt").read_text().split() == [it.image_id for it in data.split("train")]
     sizes, seen = set(), set()
@@ -75,6 +76,15 @@ def test_reader_names_missing_files(tmp_path: Path) -> None:
     (tmp_path / "train_id.txt").write_text("77_471474\n")
     with pytest.raises(ClaspError, match=r"train_images/77_471474.jpg \(listed in .*train_id.txt\) does not exist"):
         load_parsing_dataset("lip", tmp_path)
+    # CE2P/SCHP's flat layout
+    for folder, name in (("train_images", "77_471474.jpg"), ("train_segmentations", "77_471474.png"),
+                         ("val_images", "5_1.jpg"), ("val_segmentations", "5_1.png")):  # fmt: skip
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.zeros((8, 4), np.uint8)).save(tmp_path / folder / name)
+    (tmp_path / "val_id.txt").write_text("5_1\n")
+    data = load_parsing_dataset("lip", tmp_path)
+    assert data.split("val")[0].label == str(tmp_path / "val_segmentations" / "5_1.png")
+    assert data.layout.startswith("LIP flat")
     with pytest.raises(ClaspError, match="unknown parsing dataset"):
         load_parsing_dataset("cityscapes", tmp_path)
 

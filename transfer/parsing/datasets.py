@@ -6,6 +6,9 @@ Layout (``data_manifests/lip.yaml``; ``--data`` is the LIP root)::
     TrainVal_parsing_annotations/{train_segmentations,val_segmentations}/<id>.png   uint8 class ids 0..19
     train_id.txt, val_id.txt                                                         one id per line
 
+CE2P/SCHP's flattened copy (``{train,val}_images/`` and ``{train,val}_segmentations/`` directly in the
+root) is read too.
+
 Geometry (CE2P ``_box2cs`` / ``get_affine_transform``, used by SCHP and SOLIDER's parsing code): the whole
 image is the person box; the box is widened or heightened to the input's aspect ratio around the image
 centre and mapped onto the input, so the image is letterboxed, never distorted. Training draws a zoom
@@ -101,19 +104,20 @@ def load_parsing_dataset(name: str, root: str | Path) -> ParsingData:
         ids = [line.strip() for line in id_file.read_text().splitlines() if line.strip()]
         if not ids:
             raise ClaspError(f"{id_file} lists no image ids")
-        items = [
-            ParsingItem(
-                i,
-                str(root / "TrainVal_images" / image_dir / f"{i}.jpg"),
-                str(root / "TrainVal_parsing_annotations" / label_dir / f"{i}.png"),
-            )
-            for i in ids
-        ]
+        nested = (root / "TrainVal_images" / image_dir, root / "TrainVal_parsing_annotations" / label_dir)
+        flat = (root / image_dir, root / label_dir)  # CE2P / SCHP's data/LIP after moving the folders up
+        images, labels = flat if (flat[0].is_dir() and not nested[0].is_dir()) else nested
+        items = [ParsingItem(i, str(images / f"{i}.jpg"), str(labels / f"{i}.png")) for i in ids]
         for path in (items[0].image, items[0].label, items[-1].image, items[-1].label):
             if not Path(path).is_file():
                 raise ClaspError(f"{path} (listed in {id_file}) does not exist; is the LIP download complete?")
         splits[split] = items
-    layout = "LIP TrainVal_images + TrainVal_parsing_annotations, {train,val}_id.txt"
+    nested_layout = Path(splits["train"][0].image).parent.parent.name == "TrainVal_images"
+    layout = (
+        "LIP TrainVal_images/ + TrainVal_parsing_annotations/, {train,val}_id.txt"
+        if nested_layout
+        else "LIP flat (CE2P/SCHP): {train,val}_images/ + {train,val}_segmentations/, {train,val}_id.txt"
+    )
     return ParsingData(name=key, root=root, layout=layout, classes=LIP_CLASSES, splits=splits)
 
 
