@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from labeling.clip_model import DenseClip, LoadedClip, load_clip
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 # Bump when the label math changes without any config change, so old label sets are not reused.
 LABEL_METHOD_VERSION = 1
 CONFIG_FILE = "label_config.yaml"
+LABEL_BYTES_PER_IMAGE = 256  # disk estimate per image (measured 102-150 at 16x8 without clip_embed)
+EMBED_BYTES_PER_IMAGE = 1024  # + clip_embed: a 512-d fp16 embedding (ViT-B)
 # Figures of the latest run_labeling in this process (benchmarks read them): images, shards, loop_s, total_s.
 LAST_RUN: dict = {}
 
@@ -178,6 +181,7 @@ def run_labeling(cfg: LabelConfig) -> str:
     """Label this process's share of the corpus; returns the label-set id."""
     _validate(cfg)
     env = dist_env()
+    device = resolve_device(cfg.device)  # first: a missing GPU is reported before any work
     try:
         sizes = read_sizes(cfg.root, cfg.corpus)
         attrs, parts = load_attributes(cfg.attributes), load_parts(cfg.parts)
@@ -185,7 +189,6 @@ def run_labeling(cfg: LabelConfig) -> str:
         raise ClaspError(str(exc)) from None
     if not sizes:
         raise ClaspError(f"corpus '{cfg.corpus}' under {cfg.root} has no image shards (sizes.json is empty)")
-    device = resolve_device(cfg.device)
     if device == "cuda" and env.world_size > 1:
         device = f"cuda:{env.local_rank % torch.cuda.device_count()}"
     loaded = load_clip(cfg.clip, cfg.clip_checkpoint, allow_random_weights=cfg.allow_random_weights, device=device)
@@ -193,13 +196,15 @@ def run_labeling(cfg: LabelConfig) -> str:
     identity = labelset_identity(cfg, loaded, attrs, parts, resolution)
     set_id = labelset_id(identity)
     out_dir = labels_dir(cfg.root, cfg.corpus, set_id)
+    mine = [s for s in assign_shards(list(sizes), env.rank, env.world_size) if not _done(cfg, set_id, s, sizes[s])]
+    # before anything is written: the shards still to do at about LABEL_BYTES_PER_IMAGE each
+    per_image = LABEL_BYTES_PER_IMAGE + (EMBED_BYTES_PER_IMAGE if cfg.with_embed else 0)
+    ensure_free_space(out_dir, per_image * sum(sizes[s] for s in mine), what="label shards")
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = dataclasses.replace(cfg, resolution=resolution)
     if env.rank == 0:
         save_config(resolved, out_dir / CONFIG_FILE)
-        ensure_free_space(out_dir, 256 * sum(sizes.values()), what="label shards")
 
-    mine = [s for s in assign_shards(list(sizes), env.rank, env.world_size) if not _done(cfg, set_id, s)]
     t0 = time.perf_counter()
     stats = {"images": 0, "shards": 0, "failures": [], "failed_shards": []}
     if mine:
@@ -239,8 +244,19 @@ def _validate(cfg: LabelConfig) -> None:
             raise ConfigError(f"label config: {msg}")
 
 
-def _done(cfg: LabelConfig, set_id: str, shard: str) -> bool:
-    return label_shard_path(cfg.root, cfg.corpus, set_id, shard_index(shard)).is_file()
+def _done(cfg: LabelConfig, set_id: str, shard: str, rows: int) -> bool:
+    """A label shard is done when its Parquet footer reads and it has the image shard's row count.
+
+    A file damaged after it was written (truncated copy, full disk) is labelled again, not trusted.
+    """
+    path = label_shard_path(cfg.root, cfg.corpus, set_id, shard_index(shard))
+    if not path.is_file():
+        return False
+    try:
+        return pq.read_metadata(path).num_rows == rows
+    except (OSError, ValueError):
+        log.warning("%s is unreadable; labelling that shard again", path)
+        return False
 
 
 def _label_shards(

@@ -9,6 +9,7 @@ key-value metadata under ``clasp``, so labelset.json can be assembled from the f
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -132,4 +133,18 @@ def finalize_labelset(out_dir: Path, shard_paths: list[Path], header: dict) -> b
         stale.unlink(missing_ok=True)
     doc = {**header, "columns": COLUMN_DOC, "shards": rows, "rows": sum(rows.values()), "failures": failures}
     write_json_atomic(out_dir / LABELSET_FILE, doc)
+    for stale in out_dir.glob(f"{LABELSET_FILE}.tmp-*"):  # a run killed while writing it (not a live writer)
+        if not _alive(stale.name.rsplit(".tmp-", 1)[1]):
+            stale.unlink(missing_ok=True)
+    return True
+
+
+def _alive(pid: str) -> bool:
+    """Whether a process with this id runs on this machine (a temp file's writer may still be working)."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
     return True

@@ -203,8 +203,9 @@ def write_shard(task: _ShardTask, progress: Callable[[int], None] | None = None)
                            hashlib.sha256(data).hexdigest(), source)  # fmt: skip
                     for name, value in zip(MANIFEST_COLUMNS, row, strict=True):
                         rows[name].append(value)
-            # Rows first, tar rename second: a tar on disk always has its rows beside it.
-            meta = {"plan_id": task.plan_id, "rejects": rejects}
+            # Rows first, tar rename second: a tar on disk always has its rows beside it. The rows record the
+            # tar's size, so a tar cut short later (copy, full disk) is not taken for a complete shard.
+            meta = {"plan_id": task.plan_id, "rejects": rejects, "tar_bytes": os.path.getsize(tmp_tar)}
             schema = MANIFEST_SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta)})
             with atomic_path(_shard_rows_path(task.out_dir, task.corpus, task.index)) as tmp_rows:
                 pq.write_table(pa.table(rows, schema=schema), tmp_rows, compression="zstd")
@@ -311,11 +312,17 @@ def _lock(out: Path):  # noqa: ANN202 - an open file whose flock is held until c
 
 
 def _shard_complete(out: Path, corpus: str, index: int, plan_id: str) -> bool:
+    """A shard is done when its tar and rows exist, the rows belong to this plan and the tar has its full size."""
     rows = _shard_rows_path(out, corpus, index)
-    if not (image_shard_path(out.parent.parent, corpus, index).is_file() and rows.is_file()):
+    tar = image_shard_path(out.parent.parent, corpus, index)
+    if not (tar.is_file() and rows.is_file()):
         return False
-    meta = pq.read_schema(rows).metadata or {}
-    return json.loads(meta.get(METADATA_KEY, b"{}")).get("plan_id") == plan_id
+    try:
+        meta = json.loads((pq.read_schema(rows).metadata or {}).get(METADATA_KEY, b"{}"))
+    except (OSError, ValueError):  # rows file damaged after the run: redo the shard
+        return False
+    expected = meta.get("tar_bytes")
+    return meta.get("plan_id") == plan_id and (expected is None or tar.stat().st_size == expected)
 
 
 def _resolve_workers(requested: int, n_tasks: int) -> int:
@@ -349,12 +356,9 @@ def _ingest_locked(cfg: IngestConfig, out: Path, start: float) -> IngestSummary:
     n_shards = -(-len(items) // cfg.images_per_shard)
     plan = {"settings": settings, "candidates": len(items), "shards": n_shards, "plan_id": _plan_id(settings, items)}
     _check_previous(out, cfg, plan)
-    write_json_atomic(out / WORK_DIR / PLAN_FILE, plan)
-    for stale in [*out.glob("*.tmp-*"), *(out / WORK_DIR).glob("*.tmp-*")]:
-        stale.unlink()  # left by a crashed run; the lock says no other run owns them
-
+    complete = [_shard_complete(out, cfg.corpus, i, plan["plan_id"]) for i in range(n_shards)]
     if all((out / name).is_file() for name in (SIZES_FILE, MANIFEST_FILE, SUMMARY_FILE)):
-        if all(_shard_complete(out, cfg.corpus, i, plan["plan_id"]) for i in range(n_shards)):
+        if all(complete):
             summary = IngestSummary(**json.loads((out / SUMMARY_FILE).read_text())["summary"])
             summary.seconds = time.perf_counter() - start
             summary.shards_skipped = n_shards
@@ -368,15 +372,19 @@ def _ingest_locked(cfg: IngestConfig, out: Path, start: float) -> IngestSummary:
         _ShardTask(i, items[i * ips : (i + 1) * ips], str(out), cfg.corpus, cfg.format, cfg.source, plan["plan_id"],
                    cfg.full_decode)
         for i in range(n_shards)
-        if not _shard_complete(out, cfg.corpus, i, plan["plan_id"])
+        if not complete[i]
     ]  # fmt: skip
     skipped = n_shards - len(tasks)
     del items  # the tasks' slices are all that is still needed
+    # before the first byte of output: a full disk is refused up front, not found three hours in
+    ensure_free_space(out, _estimate_bytes(tasks, cfg, plan["candidates"]), what=f"image shards of '{cfg.corpus}'")
+    write_json_atomic(out / WORK_DIR / PLAN_FILE, plan)
+    for stale in [*out.glob("*.tmp-*"), *(out / WORK_DIR).glob("*.tmp-*")]:
+        stale.unlink()  # left by a crashed run; the lock says no other run owns them
     if ignored:
         say(f"ignored {ignored} files without an image suffix in {cfg.source}")
     if skipped:
         say(f"resuming: {skipped}/{n_shards} shards already complete")
-    ensure_free_space(out, _estimate_bytes(tasks, cfg, plan["candidates"]), what=f"image shards of '{cfg.corpus}'")
     _run_tasks(tasks, cfg, total=plan["candidates"], done=plan["candidates"] - sum(len(t.items) for t in tasks))
     summary = _finalize(out, cfg, plan, start, shards_skipped=skipped, ignored=ignored)
     say(

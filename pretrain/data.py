@@ -3,7 +3,7 @@
 The pipeline is an explicit list of stages (``build_pipeline``)::
 
     resampled shard order (seed, epoch, segment) -> split by node -> split by worker
-    -> tolerant tar reader joined with the label shard -> shuffle buffer -> decode + multi-crop -> batch
+    -> strict tar reader joined with the label shard -> shuffle buffer -> decode + multi-crop -> batch
 
 * **Label join.** ``ROOT/<corpus>/images/<corpus>-NNNNNN.tar`` pairs with
   ``ROOT/<corpus>/labels/<labelset>/<corpus>-NNNNNN.parquet`` (same rows, same order). The label
@@ -162,7 +162,28 @@ def list_shards(root: str | Path, corpus: str, labelset: str) -> tuple[list[tupl
         )
     if not pairs:
         raise ClaspError(f"{formats.images_dir(root, corpus) / formats.SIZES_FILE} lists no shards")
+    for (tar, labels), count in zip(pairs, sizes.values(), strict=True):
+        _check_label_footer(labels, tar, count)
     return pairs, sum(sizes.values())
+
+
+def _check_label_footer(labels: str, tar: str, count: int) -> None:
+    """Refuse, before training starts, a label shard that does not read or has another row count than its tar.
+
+    Only the Parquet footer is read (cheap for thousands of shards); key-by-key agreement is checked as
+    the stream reads each shard (LabelMismatchError).
+    """
+    try:
+        rows = pq.read_metadata(labels).num_rows
+    except (OSError, ValueError) as exc:
+        raise ClaspError(
+            f"label shard {labels} is unreadable ({exc}); re-run `clasp label` for this corpus, it relabels that shard"
+        ) from None
+    if rows != count:
+        raise LabelMismatchError(
+            f"label shard {labels} has {rows} rows but image shard {tar} has {count} images (sizes.json): the labels "
+            "were made for a different ingest; re-run `clasp label` for this corpus"
+        )
 
 
 def make_units(pairs: Sequence[tuple[str, str]], readers: int) -> list[ShardUnit]:
@@ -216,7 +237,9 @@ def _read_label_shard(path: str, grid_hw: tuple[int, int]) -> dict[str, Any]:
     try:
         table = pq.read_table(path, columns=list(LABEL_COLUMNS))
     except (OSError, KeyError, ValueError) as exc:
-        raise ClaspError(f"cannot read label shard {path}: {exc}") from None
+        raise ClaspError(
+            f"cannot read label shard {path}: {exc}; re-run `clasp label` for this corpus, it relabels that shard"
+        ) from None
     n = table.num_rows
     cells = grid_hw[0] * grid_hw[1]
     attr = table.column("attr_prob").combine_chunks()
@@ -233,7 +256,10 @@ def _read_label_shard(path: str, grid_hw: tuple[int, int]) -> dict[str, Any]:
 
 
 class LabeledTarReader:
-    """Tolerant tar reader (unreadable shards/members are logged and skipped) joined with label rows."""
+    """Tar reader joined with label rows; a shard that ends early (truncated, damaged) stops the run with its name.
+
+    Read errors are logged as they happen; silently training on a shrinking corpus is what is refused.
+    """
 
     def __init__(self, grid_hw: tuple[int, int]) -> None:
         self.grid_hw = grid_hw
@@ -278,7 +304,12 @@ class LabeledTarReader:
                     "part_map": labels["part_map"][i],
                     "part_conf": labels["part_conf"][i],
                 }
-            if count < n_rows and not read_errors:
+            if count < n_rows and read_errors:
+                raise ClaspError(
+                    f"image shard {unit.tar} is damaged: {count} of {n_rows} samples read ({read_errors[0]}); "
+                    "re-run `clasp ingest` with the same settings, it rewrites damaged shards"
+                )
+            if count < n_rows:
                 raise LabelMismatchError(
                     f"image shard {unit.tar} has {count} samples but label shard {unit.labels} has {n_rows} rows: "
                     "they come from different ingests; re-run `clasp label` for this corpus"
@@ -402,7 +433,23 @@ class PretrainStream:
     def segment(self, *, epoch: int, start_step: int) -> Iterator[dict[str, Any]]:
         """Start a new segment of batches (fresh workers) whose randomness depends only on where it starts."""
         self.position.epoch, self.position.start_step = epoch, start_step
-        return iter(self.loader)
+        return _plain_errors(iter(self.loader))
+
+
+def _plain_errors(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Batches as they come; a user error raised in a loader worker keeps its one-line message.
+
+    The DataLoader re-raises a worker's exception with the worker's whole traceback in the message;
+    for a ClaspError (wrong labels, unreadable shard) only the original line is useful to the user.
+    """
+    try:
+        yield from batches
+    except ClaspError as exc:
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        last = text.rstrip().splitlines()[-1]  # "pretrain.data.LabelMismatchError: <message>"
+        raise type(exc)(last.split(": ", 1)[1] if ": " in last else last) from None
 
 
 def build_stream(

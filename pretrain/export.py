@@ -36,6 +36,7 @@ from torch import nn
 
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.errors import ClaspError
+from pipeline.guards import ensure_free_space
 from pretrain.backbone import arch_spec, create_backbone, timm_kwargs
 from pretrain.model_config import TASK_PROMPTS, ModelConfig, MoEConfig
 
@@ -45,6 +46,7 @@ CARD_FILE = "README.md"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_CARD_BYTES = 64 * 1024  # config.json + README.md, generously
 
 
 def _teacher_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -109,6 +111,8 @@ def export_backbone(checkpoint: Path | str, out_dir: Path, *, card: dict[str, An
         "step": step,
     }
 
+    weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    ensure_free_space(out_dir.parent, weight_bytes + _CARD_BYTES, what=f"the backbone export {out_dir.name}")
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from pipeline import formats
+from pipeline import formats, guards
 from pipeline.config import save_config, to_dict
 from pipeline.errors import ClaspError
 from pretrain.config import PretrainConfig
@@ -110,6 +110,38 @@ def save_checkpoint(path: Path, state: dict[str, Any], keep_last: int) -> None:
             old.unlink(missing_ok=True)
 
 
+def _checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Size of one checkpoint: the model state plus AdamW's two moments of every trained parameter."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trained = sum(p.numel() * 4 for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
+    return state + 2 * trained
+
+
+def _forget_after(out: Path, step: int) -> None:
+    """Undo what a killed run left past its last checkpoint: temporary checkpoint files and log rows after ``step``.
+
+    The resumed run recomputes those steps exactly, so keeping their rows would count them twice.
+    """
+    for stale in (out / CHECKPOINT_DIR).glob("*.tmp-*"):
+        stale.unlink(missing_ok=True)
+    log_path = out / "log.jsonl"
+    if not log_path.is_file():
+        return
+    lines = log_path.read_text().splitlines()
+    kept = [line for line in lines if _log_step(line) <= step]
+    if len(kept) != len(lines):
+        with formats.atomic_path(log_path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def _log_step(line: str) -> float:
+    """Step of a log.jsonl row; a row torn by a kill counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 # --- logging ----------------------------------------------------------------------------------
 
 
@@ -161,10 +193,15 @@ def train(cfg: PretrainConfig) -> RunSummary:
     if cfg.mixed_precision is True:
         raise ClaspError("mixed_precision must be no, bf16 or fp16 (got true)")
     cfg.mixed_precision = cfg.mixed_precision or "no"
+    device = guards.resolve_device("cpu" if cfg.cpu else "auto")
+    if cfg.mixed_precision == "fp16" and device == "cpu":
+        raise ClaspError(
+            "mixed_precision=fp16 needs a CUDA GPU and none is in use here: use mixed_precision=bf16 or no on the CPU"
+        )
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         # without a GPU, Accelerate only forms a multi-process (gloo) group when told it runs on the CPU
-        cpu=cfg.cpu or not torch.cuda.is_available(),
+        cpu=device == "cpu",
         log_with=trackers or None,
         project_dir=cfg.out,
         # experts that received no token on one process, or heads switched off mid-run, must not stall DDP
@@ -188,6 +225,12 @@ def train(cfg: PretrainConfig) -> RunSummary:
     labels = stream.labelset
     cfg.data.labelset = labels.labelset  # the resolved config names the label set actually used
     global_batch = cfg.data.batch_size * world * cfg.grad_accum
+    if global_batch > stream.num_images:
+        raise ClaspError(
+            f"global batch {global_batch} (data.batch_size {cfg.data.batch_size} x {world} process(es) x grad_accum "
+            f"{cfg.grad_accum}) is larger than corpus '{cfg.data.corpus}' ({stream.num_images} images): "
+            "lower data.batch_size or grad_accum"
+        )
     steps_per_epoch = cfg.data.steps_per_epoch or max(1, stream.num_images // global_batch)
     cfg.data.steps_per_epoch = steps_per_epoch
     schedules = build_schedules(cfg.optim, cfg.model.loss, steps_per_epoch=steps_per_epoch, global_batch=global_batch)
@@ -218,6 +261,12 @@ def train(cfg: PretrainConfig) -> RunSummary:
     core: ClaspMetaArch = accelerator.unwrap_model(model)
     out = Path(cfg.out)
     if main:
+        every = cfg.checkpoint_every
+        new_checkpoints = last_step // every - step // every + (last_step % every != 0)
+        # at most keep_last kept + the one being written at a time
+        copies = min(new_checkpoints, cfg.keep_last + 1) if cfg.keep_last > 0 else new_checkpoints
+        guards.ensure_free_space(out, copies * _checkpoint_bytes(core, optimizer), what="pre-training checkpoints")
+        _forget_after(out, step)
         save_config(cfg, out / "config.yaml")
         if trackers:
             accelerator.init_trackers("pretrain", config=_flat_hparams(cfg))

@@ -1,0 +1,187 @@
+"""Helpers of the reliability suite: run a stage in a child, stop it at a chosen write and kill -9 it;
+run the ``clasp`` console script; the tiny CLIP and pre-training settings every test uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.formats import PAUSE_WRITE_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+CORPUS = "rel"
+PER_SHARD = 8
+CLASP = Path(sys.executable).with_name("clasp")  # the console script of this environment
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": [64, 32], "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_PRETRAIN = [
+    f"data.corpus={CORPUS}",
+    "data.batch_size=4",
+    "data.workers=0",
+    "data.num_local_crops=2",
+    "data.photometric=false",
+    "data.shuffle_buffer=4",
+    "model.img_size=[32,16]",
+    "model.patch_size=8",
+    "model.arch=vit_micro",
+    "model.loss.dino_out_dim=128",
+    "model.loss.dino_hidden_dim=64",
+    "model.loss.dino_bottleneck_dim=32",
+    "optim.epochs=2",
+    "optim.warmup_epochs=0.5",
+    "log_every=1",
+    "tensorboard=false",
+    "quiet=true",
+]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra}
+
+
+def start_python(code: str, **env: str) -> subprocess.Popen:
+    """``python -c code`` in the repository, output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def kill_at_write(code: str, watch: Path, pattern: str, nth: int = 1, timeout_s: float = 240) -> Path:
+    """Run ``code`` in a child, let it stall at the ``nth`` atomic write of a file matching ``pattern``
+    (temporary file complete, not yet renamed), kill -9 it there; returns the stalled temporary file."""
+    proc = start_python(code, **{PAUSE_WRITE_ENV: f"{pattern}:{nth}"})
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            marks = list(watch.rglob("*.paused")) if watch.exists() else []
+            if marks:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the child ended before reaching write {nth} of {pattern}: {proc.communicate()}"
+        assert marks, f"no write of {pattern} reached within {timeout_s} s"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    mark = marks[0]
+    stalled = mark.with_name(mark.name.removesuffix(".paused"))
+    assert stalled.is_file(), f"{stalled} should be the half-done write"
+    mark.unlink()  # the marker is the test's, not the stage's; what the stage left is the temporary file
+    return stalled
+
+
+def clasp(*args: str, timeout_s: float = 180) -> subprocess.CompletedProcess:
+    """Run the ``clasp`` console script as a user would."""
+    return subprocess.run(
+        [str(CLASP), *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+def clasp_in_process(*args: str) -> tuple[int, str]:
+    """``clasp ARGS`` through the console script's own entry point (pipeline.cli.main), in this process:
+    (exit status, stderr). For cases that need a model, where a fresh interpreter would cost seconds."""
+    import contextlib
+    import io
+
+    from pipeline import cli
+
+    argv, err = sys.argv, io.StringIO()
+    sys.argv = ["clasp", *args]
+    try:
+        with contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, err.getvalue()
+
+
+def assert_user_error(done: subprocess.CompletedProcess | tuple[int, str], *needles: str) -> str:
+    """Exit status 2, one line on stderr that contains every needle, no traceback; returns the line."""
+    code, stderr = (done.returncode, done.stderr) if isinstance(done, subprocess.CompletedProcess) else done
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, (code, stderr[-2000:])
+    assert "Traceback" not in stderr and len(lines) == 1, stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def write_clip_dir(path: Path, seed: int = 0) -> Path:
+    """A random tiny CLIP in open_clip's local-dir layout (labels are meaningless; the plumbing is real)."""
+    import open_clip
+    import torch
+
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP)
+    torch.save(model.state_dict(), path / "open_clip_pytorch_model.bin")
+    config = {"arch": "rel-tiny", "model_cfg": TINY_CLIP, "preprocess_cfg": {}}
+    (path / "open_clip_config.json").write_text(json.dumps(config))
+    return path
+
+
+def ingest_code(source: Path, root: Path, **kw: object) -> str:
+    args = dict(source=str(source), corpus=CORPUS, root=str(root), images_per_shard=PER_SHARD, workers=1, quiet=True)
+    args.update(kw)
+    return f"from pipeline.ingest import IngestConfig, ingest; ingest(IngestConfig(**{args!r}))"
+
+
+def label_args(root: Path, clip_dir: Path, **kw: object) -> dict:
+    args = dict(
+        root=str(root), corpus=CORPUS, clip_checkpoint=str(clip_dir), allow_random_weights=True,
+        resolution=(64, 32), workers=0, batch_size=4, quiet=True,
+    )  # fmt: skip
+    return {**args, **kw}
+
+
+def label_code(root: Path, clip_dir: Path, **kw: object) -> str:
+    args = label_args(root, clip_dir, **kw)
+    return f"from labeling.label import LabelConfig, run_labeling; run_labeling(LabelConfig(**{args!r}))"
+
+
+def label_config(root: Path, clip_dir: Path, **kw: object):  # noqa: ANN201 - LabelConfig
+    from labeling.label import LabelConfig
+
+    return LabelConfig(**label_args(root, clip_dir, **kw))
+
+
+def pretrain_overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.root={root}", *TINY_PRETRAIN, f"out={out}", *extra]
+
+
+def pretrain_config(root: Path, out: Path, *extra: str):  # noqa: ANN201 - PretrainConfig
+    from pipeline.config import load_config
+    from pretrain.config import PretrainConfig
+
+    return load_config(PretrainConfig, overrides=pretrain_overrides(root, out, *extra))
+
+
+def pretrain_code(root: Path, out: Path, *extra: str) -> str:
+    return (
+        "from pipeline.config import load_config; from pretrain.config import PretrainConfig; "
+        "from pretrain.trainer import train; "
+        f"train(load_config(PretrainConfig, overrides={pretrain_overrides(root, out, *extra)!r}))"
+    )
+
+
+def copy_root(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
