@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.config import load_config, save_config, to_dict
 from pipeline.errors import ClaspError
@@ -34,6 +34,9 @@ class Variant:
     name: str = "clasp"
     pretrain: bool = True
     overrides: list[str] = field(default_factory=list)  # dotted PretrainConfig overrides
+    # clip: the CLIP label set; gt: the synthetic world's ground truth in the same format (labeling.oracle),
+    # the upper bound that tells label quality apart from the method
+    labels: Literal["clip", "gt"] = "clip"
 
 
 @dataclass
@@ -204,11 +207,21 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
     labelset = _label(cfg, out, root, world, log)
     report = _audit(cfg, out, root, world, labelset, log) if cfg.audit else None
 
+    gt_labelset = None
+    if any(v.pretrain and v.labels == "gt" for v in cfg.variants):
+        if world is None:
+            raise ClaspError("ablation: variants with `labels: gt` need the synthetic world (leave `root` unset)")
+        from labeling.oracle import write_gt_labelset
+
+        gt_labelset = write_gt_labelset(root, cfg.corpus, labelset, world / "gt.parquet")
+        log(f"label: ground-truth label set {gt_labelset} (upper bound, not CLIP labels)")
+
     rows: list[dict[str, Any]] = []
     for variant in cfg.variants:
         for seed in cfg.seeds:
             if variant.pretrain:
-                backbone = str(_pretrain(cfg, variant, seed, root, labelset, out))
+                variant_labels = gt_labelset if variant.labels == "gt" else labelset
+                backbone = str(_pretrain(cfg, variant, seed, root, variant_labels, out))
                 log(f"pretrain: {variant.name} seed {seed} -> {backbone}")
             else:
                 arch = load_config(_pretrain_cls(), repo_path(cfg.pretrain_config), cfg.pretrain_overrides).model.arch
@@ -230,7 +243,13 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
                 log(f"transfer: {run.task}/{run.dataset} {variant.name} seed {seed}: {run.metric} = {value:.4f}")
 
     table = _summarise(rows, cfg)
-    results = {"labelset": labelset, "audit_report": str(report) if report else None, "rows": rows, "table": table}
+    results = {
+        "labelset": labelset,
+        "gt_labelset": gt_labelset,
+        "audit_report": str(report) if report else None,
+        "rows": rows,
+        "table": table,
+    }
     write_json_atomic(out / "results.json", results)
     md = _markdown(table, cfg, labelset)
     (out / "results.md").write_text(md)
