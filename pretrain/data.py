@@ -125,6 +125,11 @@ def build_flip_map(parts: Sequence[str], pairs: dict[str, str]) -> tuple[int, ..
 
 def read_labelset_info(root: str | Path, corpus: str, labelset: str | None, part_flip: dict[str, str]) -> LabelSetInfo:
     """Resolve the label set (None = the latest completed one) and read its grid and vocabularies."""
+    if not formats.images_dir(root, corpus).is_dir():
+        raise ClaspError(
+            f"data.root={root}, data.corpus={corpus}: {formats.images_dir(root, corpus)} does not exist; "
+            "fix data.root / data.corpus, or run `clasp ingest` and `clasp label` first"
+        )
     try:
         labelset = labelset or formats.latest_labelset(root, corpus)
         meta = formats.read_labelset(root, corpus, labelset)

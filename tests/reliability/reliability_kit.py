@@ -84,11 +84,25 @@ def kill_at_write(code: str, watch: Path, pattern: str, nth: int = 1, timeout_s:
     return stalled
 
 
-def clasp(*args: str, timeout_s: float = 180) -> subprocess.CompletedProcess:
+def clasp(*args: str, env: dict[str, str] | None = None, timeout_s: float = 180) -> subprocess.CompletedProcess:
     """Run the ``clasp`` console script as a user would."""
     return subprocess.run(
-        [str(CLASP), *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout_s
+        [str(CLASP), *args], cwd=REPO, env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout_s
     )
+
+
+def clasp_all(*calls: list[str], timeout_s: float = 240) -> list[subprocess.CompletedProcess]:
+    """Several ``clasp`` commands started together (each pays the interpreter start; this overlaps them)."""
+    procs = [
+        subprocess.Popen([str(CLASP), *args], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+        for args in calls
+    ]  # fmt: skip
+    results = []
+    for args, proc in zip(calls, procs, strict=True):
+        out, err = proc.communicate(timeout=timeout_s)
+        results.append(subprocess.CompletedProcess([str(CLASP), *args], proc.returncode, out, err))
+    return results
 
 
 def clasp_in_process(*args: str) -> tuple[int, str]:
