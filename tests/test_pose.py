@@ -299,3 +299,32 @@ def test_end_to_end_gt_boxes_and_detections(coco: Path, tmp_path: Path) -> None:
     det_record = run(det_cfg)
     assert "detections file" in det_record["protocol"] and "flip test off" in det_record["protocol"]
     assert 0.0 <= det_record["metrics"]["AP"] <= 1.0
+
+
+def test_predictions_map_back_to_image_pixels(coco: Path) -> None:
+    """A heatmap peak at heatmap pixel (6, 8) of a 64x48 crop lands where the geometry says, worked by hand."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from transfer.pose.datasets import PersonBox
+    from transfer.pose.train import CONFIG, predict_keypoints
+
+    class PeakModel(torch.nn.Module):
+        backbone = SimpleNamespace(mean=(0.5,) * 3, std=(0.25,) * 3)
+        stride = 4
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            heat, _ = encode_heatmaps(np.tile([[6.0, 8.0]], (17, 1)), np.ones(17, bool), (16, 12))
+            return torch.from_numpy(heat)[None].repeat(images.shape[0], 1, 1, 1)
+
+    path = str(next((coco / "val2017").iterdir()))
+    # box 30x80 grown to 60x80 (aspect 64:48), padded to 75x100 around (55, 60): 0.64 crop px per image px;
+    # heatmap (6, 8) = crop pixel centre (26, 34) - 0.5 = 2 crop px right of and below the crop centre (24, 32)
+    people = [PersonBox(7, path, (40, 20, 30, 80), 0.8), PersonBox(7, path, (40, 20, 30, 80), 0.5)]
+    cfg = load_config(CONFIG, overrides=[*TINY, "eval.flip_test=false"])
+    results = predict_keypoints(PeakModel(), people, cfg, Accelerator(cpu=True))
+    assert len(results) == 1 and results[0]["score"] == pytest.approx(0.8)  # the duplicate pose is OKS-suppressed
+    kps = np.asarray(results[0]["keypoints"]).reshape(17, 3)
+    np.testing.assert_allclose(kps[:, :2], np.tile([55 + 2 / 0.64 - 0.5, 60 + 2 / 0.64 - 0.5], (17, 1)), atol=1e-3)
+    np.testing.assert_allclose(kps[:, 2], 1.0)
