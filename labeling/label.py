@@ -5,7 +5,8 @@
 
 Every process reads RANK / WORLD_SIZE / LOCAL_RANK (set by accelerate launch and torchrun) and
 takes the image shards at positions ``rank, rank + world, ...``: disjoint across any number of
-nodes, no communication. A finished shard is one renamed Parquet file; a restart skips it. The
+nodes, no communication. A finished shard is one renamed Parquet file; a restart skips it (unless its
+footer no longer reads or its row count is wrong: then it is labelled again). The
 process that finds every shard done writes ``labelset.json``, which marks the label set complete.
 Batches never straddle two shards, so a resumed run computes each shard exactly as an
 uninterrupted run does. Output schema: pipeline/formats.py.

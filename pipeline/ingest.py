@@ -20,7 +20,8 @@ Outputs under ``ROOT/<corpus>/images/`` (paths from pipeline.formats):
 Order of work: list the source (sorted by key; key collisions are an error), shuffle once with the seed
 (consecutive frames of a video must not share a shard), cut the list into shards of ``images_per_shard``
 candidates, then write shards in parallel. A shard's rows and rejects go to ``.ingest/<stem>.parquet``
-before its tar is renamed into place, so a rerun skips every shard whose tar and rows exist. ``manifest.parquet``
+before its tar is renamed into place, so a rerun skips every shard whose tar and rows exist (and whose
+tar still has the size recorded in its rows: a tar cut short after the run is rewritten). ``manifest.parquet``
 and then ``sizes.json`` are written last: their presence means the ingest is complete.
 
 Rejected inputs (empty, truncated, not an image, unsupported format) are skipped and listed. Images with

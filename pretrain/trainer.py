@@ -19,6 +19,9 @@ What the loop guarantees:
 * loss terms are all-reduced before they are checked and logged; a non-finite loss stops every
   process before the optimizer step, naming the step, the terms and the last good checkpoint.
 * only the main process logs (TensorBoard, optional wandb, ``log.jsonl``, progress bar) and saves.
+* a resumed run first removes what a killed run left past its checkpoint (temporary checkpoint
+  files, ``log.jsonl`` rows of later steps): those steps are recomputed and logged once. Before any
+  write, the disk must hold the checkpoints still to come (``pipeline.guards``).
 * checkpoints (``out/checkpoints/step-NNNNNNNNN.pt``) are written atomically and hold
   ``model`` (``ClaspMetaArch`` state: student, EMA teacher, DINO centre), ``optimizer``, ``scaler``,
   ``step``, ``config`` (the resolved config as a dict) and ``data`` (corpus, label set, image count),
@@ -260,12 +263,12 @@ def train(cfg: PretrainConfig) -> RunSummary:
     del resumed
     core: ClaspMetaArch = accelerator.unwrap_model(model)
     out = Path(cfg.out)
+    every = cfg.checkpoint_every
+    new_checkpoints = last_step // every - step // every + (last_step % every != 0)
+    copies = min(new_checkpoints, cfg.keep_last + 1) if cfg.keep_last > 0 else new_checkpoints  # kept + one in writing
+    # every process checks (same shared disk), so a refusal stops all of them rather than leaving peers waiting
+    guards.ensure_free_space(out, copies * _checkpoint_bytes(core, optimizer), what="pre-training checkpoints")
     if main:
-        every = cfg.checkpoint_every
-        new_checkpoints = last_step // every - step // every + (last_step % every != 0)
-        # at most keep_last kept + the one being written at a time
-        copies = min(new_checkpoints, cfg.keep_last + 1) if cfg.keep_last > 0 else new_checkpoints
-        guards.ensure_free_space(out, copies * _checkpoint_bytes(core, optimizer), what="pre-training checkpoints")
         _forget_after(out, step)
         save_config(cfg, out / "config.yaml")
         if trackers:
