@@ -39,26 +39,34 @@ def test_missing_config_file() -> None:
 
 def test_missing_dataset_paths(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_folder"
-    ingest_run, pretrain_run, label_run = clasp_all(
+    ingest_run, pretrain_run, label_run, transfer_run = clasp_all(
         ["ingest", "--source", str(missing), "--corpus", "x"],
         ["pretrain", f"data.root={missing}", f"out={tmp_path / 'run'}"],
         ["label", "--root", str(missing), "--corpus", CORPUS, "--device", "cpu"],
-    )
+        ["transfer", "reid", "--data", str(missing), "--dataset", "market1501", "--backbone", "random:vit_micro",
+         "--out", str(tmp_path / "reid")],
+    )  # fmt: skip
     assert_user_error(ingest_run, str(missing), "does not exist")
     assert_user_error(pretrain_run, f"data.root={missing}", "does not exist", "run `clasp ingest`")
     assert_user_error(label_run, str(missing / CORPUS / "images" / "sizes.json"), "run `clasp ingest`")
+    assert_user_error(transfer_run, str(missing), "does not exist", "--data")
 
 
 @NO_GPU
-def test_gpu_requested_where_none_exists(labelled: tuple[Path, str], tmp_path: Path) -> None:
+def test_gpu_requested_where_none_exists(world: Path, labelled: tuple[Path, str], tmp_path: Path) -> None:
     root, _ = labelled
-    label_run, pretrain_run = clasp_all(
+    label_run, pretrain_run, clip_run, transfer_run = clasp_all(
         ["label", "--root", str(root), "--corpus", CORPUS, "--device", "cuda"],
         ["pretrain", *pretrain_overrides(root, tmp_path / "run", "mixed_precision=fp16")],
-    )
-    assert_user_error(label_run, "device 'cuda'", "no CUDA GPU", "device=cpu")
+        ["clip-train", "--pairs", str(world / "pairs.csv"), "--out", str(tmp_path / "clip"), "--device", "cuda:0"],
+        ["transfer", "reid", "--data", str(world / "market1501"), "--dataset", "market1501", "--backbone",
+         "random:vit_micro", "--out", str(tmp_path / "reid"), "device=cuda"],
+    )  # fmt: skip
+    for done in (label_run, transfer_run):
+        assert_user_error(done, "device 'cuda'", "no CUDA GPU", "device=cpu")
+    assert_user_error(clip_run, "device 'cuda:0'", "no CUDA GPU")
     assert_user_error(pretrain_run, "mixed_precision=fp16 needs a CUDA GPU", "bf16")
-    assert not (tmp_path / "run").exists()
+    assert not any((tmp_path / name).exists() for name in ("run", "reid"))  # clip-train makes its (empty) folder first
 
 
 def test_batch_larger_than_the_data(labelled: tuple[Path, str], tmp_path: Path) -> None:
