@@ -8,8 +8,11 @@ output with the session's uninterrupted run (the ``labelled`` fixture) byte for 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import tarfile
+import time
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from reliability_kit import (
     label_config,
     pretrain_code,
     pretrain_config,
+    start_python,
 )
 
 from labeling import label as label_stage
@@ -44,7 +48,11 @@ def leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if ".tmp" in p.name or p.name.endswith(".paused")]
 
 
-@pytest.mark.parametrize(("pattern", "nth"), [("*.tar", 3), (MANIFEST_FILE, 1)], ids=["third-shard", "manifest"])
+@pytest.mark.parametrize(
+    ("pattern", "nth"),
+    [("*.tar", 3), (f"{CORPUS}-*.parquet", 2), (MANIFEST_FILE, 1)],
+    ids=["third-shard", "second-shard-rows", "manifest"],
+)
 def test_ingest_killed_mid_write_resumes_to_identical_shards(
     world: Path, labelled: tuple[Path, str], tmp_path: Path, pattern: str, nth: int
 ) -> None:
@@ -53,7 +61,7 @@ def test_ingest_killed_mid_write_resumes_to_identical_shards(
     stalled = kill_at_write(ingest_code(source, tmp_path), tmp_path, pattern, nth)
     out = images_dir(tmp_path, CORPUS)
     assert not (out / SIZES_FILE).exists(), "a killed ingest must not look complete"
-    expected_done = nth - 1 if pattern == "*.tar" else 4
+    expected_done = 4 if pattern == MANIFEST_FILE else nth - 1  # shards are written in order with one worker
     assert len(list(out.glob("*.tar"))) == expected_done and fnmatch(stalled.name.split(".tmp-")[0], pattern)
 
     summary = ingest(IngestConfig(source=str(source), corpus=CORPUS, root=str(tmp_path), images_per_shard=8,
@@ -132,3 +140,37 @@ def test_pretraining_killed_mid_checkpoint_resumes_on_the_same_trajectory(
     for name in final_a:
         torch.testing.assert_close(final_b[name], final_a[name], rtol=1e-5, atol=1e-6, msg=name)
     assert not leftovers(run / "checkpoints")
+
+
+@pytest.mark.slow
+def test_pretraining_killed_between_checkpoints_resumes_on_the_same_trajectory(
+    labelled: tuple[Path, str], tmp_path: Path
+) -> None:
+    """A kill at no particular write: as soon as step 3 is logged (mid-way between checkpoints 2 and 4)."""
+    root = labelled[0]
+    schedule = ["checkpoint_every=2", "max_steps=6"]
+    run = tmp_path / "killed"
+    proc = start_python(pretrain_code(root, run, *schedule))
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (run / "log.jsonl").is_file() and len((run / "log.jsonl").read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, f"pre-training ended before it could be killed: {proc.communicate()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    last = list_checkpoints(run)[-1].name
+    assert last in ("step-000000002.pt", "step-000000004.pt")  # wherever it died, one checkpoint was complete
+
+    clean = train(pretrain_config(root, tmp_path / "clean", *schedule))
+    resumed = train(pretrain_config(root, run, *schedule))
+    assert resumed.step == clean.step == 6
+    a, b = logged(tmp_path / "clean"), logged(run)
+    assert [s for s, _ in b] == [1, 2, 3, 4, 5, 6]
+    for (step, loss_a), (_, loss_b) in zip(a, b, strict=True):
+        assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-6), (step, a, b)
