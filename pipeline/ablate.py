@@ -303,12 +303,15 @@ def _markdown(table: list[dict[str, Any]], cfg: AblationConfig, labelset: str) -
             if cell["n"] > 1:
                 text += f" ± {100 * cell['std']:.1f}"
             cells.append(text)
-        lines.append(f"| {entry['variant']} | " + " | ".join(cells) + " |")
+        gt = any(v.name == entry["variant"] and v.labels == "gt" for v in cfg.variants)
+        lines.append(f"| {entry['variant']}{' †' if gt else ''} | " + " | ".join(cells) + " |")
     protocol = (
         f"Values in %, mean over seeds {cfg.seeds} (± = std). re-ID: Market-1501 protocol (same-id same-camera "
         "gallery entries removed), no re-ranking. Attributes: label-based mA (Rethinking_of_PAR definition). "
         f"Label set {labelset}."
     )
+    if any(v.labels == "gt" for v in cfg.variants):
+        protocol += " † pre-trained on the synthetic world's ground-truth labels (upper bound), not CLIP labels."
     return "\n".join(lines) + "\n\n" + protocol + "\n"
 
 
