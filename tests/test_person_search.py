@@ -145,6 +145,9 @@ def test_reader_errors_name_the_file(cuhk: Path, tmp_path: Path) -> None:
         load_person_search("cuhk_sysu", tmp_path)
     with pytest.raises(ClaspError, match="unknown person search dataset"):
         load_person_search("psdb", cuhk)
+    assert sorted(load_person_search("cuhk_sysu", cuhk, gallery_sizes=[8]).cuhk_protocol.galleries) == [8]
+    with pytest.raises(ClaspError, match=r"galleries of sizes \[5, 8\] only"):
+        load_person_search("cuhk_sysu", cuhk, gallery_sizes=[100])
     with pytest.raises(ClaspError, match="gallery sizes"):
         write_cuhk_sysu(tmp_path / "x", seed=0, train_ids=2, test_ids=1, distractor_scenes=0, gallery_sizes=(50,))
 

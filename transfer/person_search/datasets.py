@@ -19,6 +19,7 @@ without an identity; camera ids are 0-based (PRW's c1..c6; 0 for every CUHK-SYSU
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,14 +94,19 @@ class PersonSearchData:
         return out
 
 
-def load_person_search(name: str, root: str | Path) -> PersonSearchData:
-    """Read dataset ``name`` (cuhk_sysu | prw) from ``root``; ClaspError names any missing file."""
+def load_person_search(name: str, root: str | Path, *, gallery_sizes: Sequence[int] | None = None) -> PersonSearchData:
+    """Read dataset ``name`` (cuhk_sysu | prw) from ``root``; ClaspError names any missing file.
+
+    ``gallery_sizes``: the CUHK-SYSU ``TestG<size>.mat`` files to read (None: every one present; the large
+    ones are big, so a run reads only the size it evaluates).
+    """
     key = name.lower().replace("-", "_")
     root = Path(root)
     if not root.is_dir():
         raise ClaspError(f"person search data folder {root} does not exist (pass --data pointing at the {name} folder)")
     if key == "cuhk_sysu":
-        return _read_cuhk_sysu(_find(root, _CUHK_NAMES, ("Image/SSM", "annotation/Images.mat"), "cuhk_sysu"))
+        base = _find(root, _CUHK_NAMES, ("Image/SSM", "annotation/Images.mat"), "cuhk_sysu")
+        return _read_cuhk_sysu(base, gallery_sizes)
     if key == "prw":
         return _read_prw(_find(root, _PRW_NAMES, ("frames", "annotations", "query_info.txt"), "prw"))
     raise ClaspError(f"unknown person search dataset '{name}': choose one of {', '.join(PERSON_SEARCH_DATASETS)}")
@@ -139,7 +145,7 @@ def _match(boxes_xywh: np.ndarray, box: np.ndarray) -> int:
 # --- CUHK-SYSU --------------------------------------------------------------------------------------
 
 
-def _read_cuhk_sysu(base: Path) -> PersonSearchData:
+def _read_cuhk_sysu(base: Path, wanted: Sequence[int] | None) -> PersonSearchData:
     ann, protocol_dir = base / "annotation", base / "annotation" / "test" / "train_test"
     images = base / "Image" / "SSM"
     boxes_of: dict[str, np.ndarray] = {}  # x, y, w, h
@@ -168,6 +174,14 @@ def _read_cuhk_sysu(base: Path) -> PersonSearchData:
     sizes = sorted(int(m.group(1)) for p in protocol_dir.glob("TestG*.mat") if (m := _TESTG_RE.match(p.name)))
     if not sizes:
         raise ClaspError(f"no TestG<size>.mat under {protocol_dir} (the real set has TestG50.mat ... TestG4000.mat)")
+    if wanted is not None:
+        missing_sizes = sorted(set(wanted) - set(sizes))
+        if missing_sizes or not wanted:
+            raise ClaspError(
+                f"gallery size(s) {missing_sizes or list(wanted)} asked for, but {protocol_dir} has galleries of "
+                f"sizes {sizes} only (TestG<size>.mat); pick one of those"
+            )
+        sizes = sorted(set(wanted))
     query_frames: list[str] = []
     queries: list[SearchQueryItem] = []
     galleries: dict[int, list[list[GalleryItem]]] = {}

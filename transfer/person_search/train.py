@@ -428,7 +428,8 @@ def run(cfg: PersonSearchConfig) -> dict[str, Any]:
     finished = finished_results(out, cfg)
     if finished is not None:
         return finished
-    data = load_person_search(cfg.dataset, cfg.data_dir)
+    size = cfg.eval.gallery_size
+    data = load_person_search(cfg.dataset, cfg.data_dir, gallery_sizes=[50 if size == -1 else size])
     gallery_frames(data, cfg)  # a wrong gallery size fails before training
     accelerator, device = make_accelerator(cfg)
     searcher = build_searcher(cfg, len(data.train_ids))
