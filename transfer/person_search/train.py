@@ -385,26 +385,23 @@ def evaluate(searcher: TwoStageSearcher, data: PersonSearchData, cfg: PersonSear
             boxes, scores = searcher.detect([tensor])[0]
             keep = scores >= cfg.eval.det_thresh
             boxes, scores = boxes[keep], scores[keep]
-            feats = searcher.embed(crop_people(image, boxes, transform), batch_size=cfg.eval.batch_size)
-            detected[scene.name] = ps_metrics.FrameDetections(boxes, scores, feats)
+            n_gt = len(scene.boxes_xyxy) if cfg.eval.gt_boxes else 0
+            both = np.concatenate([boxes.reshape(-1, 4), scene.boxes_xyxy[:n_gt].reshape(-1, 4)])
+            feats = searcher.embed(crop_people(image, both, transform), batch_size=cfg.eval.batch_size)
+            detected[scene.name] = ps_metrics.FrameDetections(boxes, scores, feats[: len(boxes)])
+            if n_gt:
+                on_gt[scene.name] = ps_metrics.FrameDetections(
+                    scene.boxes_xyxy, np.ones(n_gt, np.float32), feats[len(boxes) :]
+                )
             n_boxes += len(boxes)
             if len(scene.boxes_xyxy):
                 total += len(scene.boxes_xyxy)
                 if len(boxes):
                     iou = box_iou(torch.as_tensor(scene.boxes_xyxy), torch.as_tensor(boxes))
                     found += int((iou.max(dim=1).values >= 0.5).sum())
-                if cfg.eval.gt_boxes:
-                    gt_feats = searcher.embed(crop_people(image, scene.boxes_xyxy, transform), batch_size=64)
-                    on_gt[scene.name] = ps_metrics.FrameDetections(
-                        scene.boxes_xyxy, np.ones(len(scene.boxes_xyxy), np.float32), gt_feats
-                    )
             advance(1)
-    query_feats = np.concatenate(
-        [
-            searcher.embed(crop_people(_read_image(q.path), q.box_xyxy[None], transform), batch_size=1)
-            for q in data.queries
-        ]
-    )
+    query_crops = torch.cat([crop_people(_read_image(q.path), q.box_xyxy[None], transform) for q in data.queries])
+    query_feats = searcher.embed(query_crops, batch_size=cfg.eval.batch_size)
     scores = {"detected": search_scores(data, query_feats, detected, cfg)}
     if cfg.eval.gt_boxes:
         scores["gt_boxes"] = search_scores(data, query_feats, on_gt, cfg)
