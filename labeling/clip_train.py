@@ -192,8 +192,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     if not cfg.pairs:
         raise ConfigError("clip-train needs --pairs FILE|DIR (a CSV/Parquet of image,caption rows)")
     out = Path(cfg.out)
+    device = resolve_device(cfg.device)  # refuse a missing GPU before creating anything
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     images, captions = read_pairs(cfg.pairs)
     model, tokenizer, model_cfg, preprocess_cfg = _build_model(cfg, device)

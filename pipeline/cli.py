@@ -203,9 +203,10 @@ def pretrain(config: Path = CONFIG_OPT, overrides: list[str] = OVERRIDES_ARG) ->
     """Pre-train the CLASP backbone; under `accelerate launch` every process runs this same command."""
     from pipeline.config import load_config
     from pretrain.config import PretrainConfig
-    from pretrain.trainer import train
 
     cfg = load_config(PretrainConfig, config, list(overrides or []))
+    from pretrain.trainer import train  # after validation: a config error needs no torch import
+
     summary = train(cfg)
     if not cfg.quiet:
         typer.echo(f"pretrain: step {summary.step}/{summary.total_steps}, checkpoint {summary.checkpoint}")
@@ -227,9 +228,9 @@ def export(
 
 @app.command()
 def transfer(
-    task: str = typer.Argument(..., help="Downstream task: reid, attributes, pose, detection, person-search or parsing."),
+    task: str = typer.Argument(..., help="reid, attributes, pose, detection, person-search or parsing."),
     data: Path = typer.Option(None, "--data", "-d", help="Dataset folder in its official layout."),
-    dataset: str = typer.Option(None, "--dataset", help="e.g. market1501, msmt17, pa100k, peta_zs, rap_zs."),
+    dataset: str = typer.Option(None, "--dataset", help="e.g. market1501, msmt17, pa100k, coco, citypersons, lip."),
     backbone: str = typer.Option(None, "--backbone", "-b", help="CLASP export folder, timm:NAME or random:ARCH."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (results.json, results.md, weights)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

@@ -104,12 +104,24 @@ def read_labelset(root: str | Path, corpus: str, labelset: str) -> dict:
 
 
 def latest_labelset(root: str | Path, corpus: str) -> str:
-    """Id of the most recently completed label set of a corpus (one with a labelset.json)."""
+    """Id of the most recently completed CLIP label set of a corpus (one with a labelset.json).
+
+    Ground-truth label sets of the synthetic world (``labeling.oracle``, ``"ground_truth": true``) are
+    never picked implicitly: they are an ablation's upper bound and must be named explicitly.
+    """
     base = labels_dir(root, corpus)
     done = [p.parent for p in base.glob(f"*/{LABELSET_FILE}")] if base.is_dir() else []
+    done = [p for p in done if not _is_ground_truth(p / LABELSET_FILE)]
     if not done:
         raise FileNotFoundError(f"no completed label set under {base} (run `clasp label --corpus {corpus}`)")
     return max(done, key=lambda p: (p / LABELSET_FILE).stat().st_mtime).name
+
+
+def _is_ground_truth(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("ground_truth"))
+    except (OSError, ValueError):
+        return False
 
 
 def label_schema(num_attributes: int, part_names: list[str], with_embed: bool = False) -> pa.Schema:

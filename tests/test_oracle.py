@@ -60,3 +60,16 @@ def test_gt_labelset_needs_a_complete_source(ingested: tuple[Path, str], synth_w
     root, corpus = ingested
     with pytest.raises(ClaspError, match="not complete"):
         write_gt_labelset(root, corpus, "no-such-set", synth_world / "gt.parquet")
+
+
+def test_latest_labelset_never_picks_a_ground_truth_set(tmp_path: Path) -> None:
+    import os
+
+    from pipeline.formats import latest_labelset
+
+    for name, gt in (("clipset", False), ("gt-1234", True)):
+        d = labels_dir(tmp_path, "c", name)
+        d.mkdir(parents=True)
+        (d / LABELSET_FILE).write_text(json.dumps({"labelset": name, "ground_truth": gt}))
+    os.utime(labels_dir(tmp_path, "c", "gt-1234") / LABELSET_FILE, (2e9, 2e9))  # newest
+    assert latest_labelset(tmp_path, "c") == "clipset"
