@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -166,30 +164,6 @@ def _subprocess_label(root: Path, corpus: str, clip: Path, resolution: tuple[int
     return subprocess.Popen(
         [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-
-
-def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path: Path, clip_dir: Path) -> None:
-    images = noise_images(128, seed=5)  # 16 shards: a wide window between the first shard and the last
-    killed_root = ingest_folder(images, tmp_path / "a", "k", per_shard=8)
-    clean_root = ingest_folder(images, tmp_path / "b", "k", per_shard=8)
-    proc = _subprocess_label(killed_root, "k", clip_dir, (128, 64))  # 4x the tokens: slow enough to be caught
-    out_glob = lambda: list((killed_root / "k" / "labels").glob("*/*.parquet"))  # noqa: E731
-    deadline = time.time() + 120
-    while not out_glob() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    assert proc.poll() is None, f"labeling ended before it could be killed: {proc.communicate()}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_at_kill = len(out_glob())
-    assert 1 <= done_at_kill < 16
-    set_id = run_labeling(label_cfg(killed_root, "k", clip_dir, resolution=(128, 64), batch_size=4))
-    assert run_labeling(label_cfg(clean_root, "k", clip_dir, resolution=(128, 64), batch_size=4)) == set_id
-    for i in range(16):
-        resumed = pq.read_table(label_shard_path(killed_root, "k", set_id, i))
-        clean = pq.read_table(label_shard_path(clean_root, "k", set_id, i))
-        assert resumed.equals(clean), f"shard {i} differs after resume"
-    assert (labels_dir(killed_root, "k", set_id) / LABELSET_FILE).is_file()
-    assert not list(labels_dir(killed_root, "k", set_id).glob("*.tmp-*"))
 
 
 def test_two_processes_split_shards_without_overlap_or_gap(tmp_path: Path, clip_dir: Path) -> None:
