@@ -46,7 +46,7 @@ def build(args: argparse.Namespace) -> tuple[Path, str, dict[str, float]]:
     timings = {}
     if not (world / "world.json").is_file():
         t = time.perf_counter()
-        write_world(SynthConfig(identities=args.identities, seed=args.seed, quiet=True), world)
+        write_world(SynthConfig(identities=args.identities, seed=args.seed, quiet=True, dense=[]), world)
         timings["synth_s"] = time.perf_counter() - t
     if not (root / "synthetic" / "images" / "sizes.json").is_file():
         t = time.perf_counter()

@@ -21,7 +21,7 @@ def synth_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline.synth import SynthConfig, write_world
 
     out = tmp_path_factory.mktemp("synth_world")
-    write_world(load_config(SynthConfig, overrides=["identities=12", "seed=7"]), out)
+    write_world(load_config(SynthConfig, overrides=["identities=12", "seed=7", "dense=[]"]), out)
     return out
 
 

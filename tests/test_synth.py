@@ -209,10 +209,12 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_world_is_byte_identical_for_a_seed_whatever_the_workers(tmp_path: Path) -> None:
-    tiny = ["identities=4", "seed=11", "quiet=true", "pa100k_images=10", "frames_per_track=2"]
+    tiny = ["identities=4", "seed=11", "quiet=true", "pa100k_images=10", "frames_per_track=2", "dense=[prw]"]
     one = write_world(load_config(SynthConfig, overrides=[*tiny, "preview=true"]), tmp_path / "one")
     two = write_world(load_config(SynthConfig, overrides=[*tiny, "workers=2"]), tmp_path / "two")
-    other = write_world(load_config(SynthConfig, overrides=["identities=4", "seed=12", "quiet=true"]), tmp_path / "o")
+    other = write_world(
+        load_config(SynthConfig, overrides=["identities=4", "seed=12", "quiet=true", "dense=[]"]), tmp_path / "o"
+    )
     assert one["luperson"] == two["luperson"]
     a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
     a.pop("preview.png")
@@ -225,6 +227,11 @@ def test_world_is_byte_identical_for_a_seed_whatever_the_workers(tmp_path: Path)
     preview = Image.open(tmp_path / "one" / "preview.png")
     assert preview.width > 1000 and preview.height > 256
     assert other["market1501"]["query_images"] > 0
+    # the dense sets are written in place, in their real layout, and only those asked for
+    assert (tmp_path / "one" / "prw" / "query_info.txt").is_file() and "prw" in one["dense"]
+    assert not (tmp_path / "o" / "prw").exists() and other["dense"] == []
+    with pytest.raises(ConfigError, match="dense may list only"):
+        write_world(load_config(SynthConfig, overrides=["dense=[kitti]"]), tmp_path / "k")
 
 
 def test_config_and_output_errors(tmp_path: Path) -> None:

@@ -167,6 +167,20 @@ def _save_jpeg(path: Path, rgb: np.ndarray, quality: int) -> None:
     Image.fromarray(rgb).save(path, quality=quality)
 
 
+def _savemat(path: Path, content: dict) -> None:
+    """scipy's savemat with a fixed text header: its default header holds the creation time, and the world
+    must be byte-identical for a seed."""
+    import io
+
+    from scipy.io import savemat
+
+    buf = io.BytesIO()
+    savemat(buf, content)
+    data = bytearray(buf.getvalue())
+    data[:116] = b"MATLAB 5.0 MAT-file, written by clasp synth".ljust(116)
+    Path(path).write_bytes(bytes(data))
+
+
 # --- MATLAB structs (scipy.io.savemat writes numpy structured arrays as structs, object arrays as cells) ----
 
 
@@ -257,22 +271,20 @@ def write_cuhk_sysu(
 def _write_cuhk_annotation(
     folder: Path, frames: list[_Frame], gallery_sizes: tuple[int, ...], rng: np.random.Generator
 ) -> None:
-    from scipy.io import savemat
-
     protocol = folder / "test" / "train_test"
     protocol.mkdir(parents=True)
     images = []
     for frame in frames:
         boxes = _struct(("idlocate", "ishard"), [(_box_mat(box), _HARD) for _, box in frame.boxes])
         images.append((frame.name, np.array([[len(frame.boxes)]], dtype=np.float64), boxes))
-    savemat(folder / "Images.mat", {"Img": _struct(("imname", "nAppear", "box"), images)})
+    _savemat(folder / "Images.mat", {"Img": _struct(("imname", "nAppear", "box"), images)})
     train_seen, test_seen = _appearances(frames, "train"), _appearances(frames, "test")
     people = {**train_seen, **test_seen}
-    savemat(folder / "Person.mat", {"Person": _struct(_PERSON_FIELDS, [_person_struct(p, people[p]) for p in people])})
+    _savemat(folder / "Person.mat", {"Person": _struct(_PERSON_FIELDS, [_person_struct(p, people[p]) for p in people])})
     train = [_struct(_PERSON_FIELDS, [_person_struct(pid, seen)]) for pid, seen in sorted(train_seen.items())]
-    savemat(protocol / "Train.mat", {"Train": _cell(train)})
+    _savemat(protocol / "Train.mat", {"Train": _cell(train)})
     pool = [frame.name for frame in frames if frame.split == "test"]
-    savemat(folder / "pool.mat", {"pool": _cell(pool)})
+    _savemat(folder / "pool.mat", {"pool": _cell(pool)})
 
     # one query per test identity: its first scene; the gallery holds its other scenes, then distractors
     queries, galleries = [], {size: [] for size in gallery_sizes}
@@ -289,7 +301,7 @@ def _write_cuhk_annotation(
     query_fields = ("imname", "idlocate", "ishard", "idname")
     for size in gallery_sizes:
         rows = [(_struct(query_fields, [q]), g) for q, g in zip(queries, galleries[size], strict=True)]
-        savemat(protocol / f"TestG{size}.mat", {f"TestG{size}": _struct(("Query", "Gallery"), rows)})
+        _savemat(protocol / f"TestG{size}.mat", {f"TestG{size}": _struct(("Query", "Gallery"), rows)})
 
 
 # --- PRW -------------------------------------------------------------------------------------------
@@ -361,16 +373,14 @@ def _write_prw_annotation(
     train_pids: list[int],
     test_pids: list[int],
 ) -> None:
-    from scipy.io import savemat
-
     for frame in frames:
         rows = [[PRW_UNLABELED if pid < 0 else pid, *box] for pid, box in frame.boxes]
-        savemat(root / "annotations" / f"{frame.name}.mat", {"box_new": np.asarray(rows, dtype=np.float64)})
+        _savemat(root / "annotations" / f"{frame.name}.mat", {"box_new": np.asarray(rows, dtype=np.float64)})
     for split in ("train", "test"):
         names = [frame.name[:-4] for frame in frames if frame.split == split]
-        savemat(root / f"frame_{split}.mat", {f"img_index_{split}": _cell(names)})
-    savemat(root / "ID_train.mat", {"ID_train": np.asarray([train_pids], dtype=np.float64)})
-    savemat(root / "ID_test.mat", {"ID_test": np.asarray([test_pids], dtype=np.float64)})
+        _savemat(root / f"frame_{split}.mat", {f"img_index_{split}": _cell(names)})
+    _savemat(root / "ID_train.mat", {"ID_train": np.asarray([train_pids], dtype=np.float64)})
+    _savemat(root / "ID_test.mat", {"ID_test": np.asarray([test_pids], dtype=np.float64)})
 
     lines = []
     for pid, seen in sorted(_appearances(frames, "test").items()):

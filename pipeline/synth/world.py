@@ -14,6 +14,8 @@ Output (everything under ``--out``)::
     market1501_gt.parquet                             ground truth per Market-1501 image (same schema)
     pa100k/data/NNNNNN.jpg, pa100k/annotation.mat     PA-100K layout, 8:1:1 split
     pa100k_gt.parquet
+    coco/, citypersons/, cuhk_sysu/, prw/, lip/       multi-person scenes for the dense tasks, each in its real
+                                                      layout (``dense``: pose, detection, person search, parsing)
     synth_config.yaml, world.json                     resolved config; counts (written last: the world is complete)
     preview.png                                       with --preview: samples, part masks, keypoints
 
@@ -31,7 +33,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,9 @@ from pipeline.synth.plan import LUPERSON, MARKET, PA100K, Job, plan_corpus, plan
 from pipeline.synth.render import render_shot
 
 OUTPUTS = ("luperson", "luperson_lmdb", "gt.parquet", "pairs.csv", "market1501", "market1501_gt.parquet", "pa100k",
-           "pa100k_gt.parquet", "synth_config.yaml", "world.json", "preview.png")  # fmt: skip
+           "pa100k_gt.parquet", "synth_config.yaml", "world.json", "preview.png", "coco", "citypersons", "cuhk_sysu",
+           "prw", "lip")  # fmt: skip
+DENSE_SETS = ("coco", "citypersons", "cuhk_sysu", "prw", "lip")
 
 
 @dataclass
@@ -77,6 +81,9 @@ class SynthConfig:
     # PA-100K
     pa100k_images: int | None = None  # default: 5 x identities
     pa100k_cameras: int = 24
+    # Dense-task sets (multi-person scenes, pipeline.synth.crowd) at their writers' default sizes; each writer
+    # draws from its own camera group and seed stream. [] skips them (the re-ID/attribute world only).
+    dense: list[str] = field(default_factory=lambda: list(DENSE_SETS))
 
 
 def _validate(cfg: SynthConfig) -> None:
@@ -93,6 +100,7 @@ def _validate(cfg: SynthConfig) -> None:
         (cfg.pa100k_images is None or cfg.pa100k_images >= 10, "pa100k_images must be >= 10 (8:1:1 split)"),
         (cfg.pa100k_cameras >= 1, "pa100k_cameras must be >= 1"),
         (cfg.workers >= 1, "workers must be >= 1"),
+        (not set(cfg.dense) - set(DENSE_SETS), f"dense may list only {', '.join(DENSE_SETS)}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -209,8 +217,9 @@ def write_world(cfg: SynthConfig, out: Path) -> dict:
         from pipeline.synth.preview import write_preview
 
         write_preview(tmp / "preview.png", corpus)
+    dense = _write_dense(cfg, tmp)
     save_config(cfg, tmp / "synth_config.yaml")
-    summary = _summary(cfg, corpus, n_videos, rows)
+    summary = {**_summary(cfg, corpus, n_videos, rows), "dense": sorted(dense)}
     for name in OUTPUTS:  # move into place; world.json last, so its presence means "complete"
         if (tmp / name).exists() and name != "world.json":
             os.replace(tmp / name, out / name)
@@ -219,7 +228,26 @@ def write_world(cfg: SynthConfig, out: Path) -> dict:
     seconds = time.perf_counter() - start
     if not cfg.quiet:
         print(f"synth: {len(jobs)} images in {seconds:.1f} s ({len(jobs) / seconds:.0f} img/s) -> {out}")
-    return {**summary, "seconds": round(seconds, 2)}
+    return {**summary, "seconds": round(seconds, 2), "dense_seconds": dense}
+
+
+def _write_dense(cfg: SynthConfig, tmp: Path) -> dict[str, float]:
+    """Write the requested dense-task sets under ``tmp``; returns seconds per set."""
+    from pipeline.synth.citypersons import write_citypersons
+    from pipeline.synth.coco_pose import write_coco_pose
+    from pipeline.synth.lip import write_lip
+    from pipeline.synth.person_search import write_cuhk_sysu, write_prw
+
+    writers = {"coco": write_coco_pose, "citypersons": write_citypersons, "cuhk_sysu": write_cuhk_sysu,
+               "prw": write_prw, "lip": write_lip}  # fmt: skip
+    seconds = {}
+    for name in cfg.dense:
+        start = time.perf_counter()
+        if not cfg.quiet:
+            print(f"synth: {name} (dense-task scenes)", flush=True)
+        writers[name](tmp / name, seed=cfg.seed)
+        seconds[name] = round(time.perf_counter() - start, 2)
+    return seconds
 
 
 def _summary(cfg: SynthConfig, corpus: list[Job], n_videos: int, rows: dict[str, list[dict]]) -> dict:

@@ -21,7 +21,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline.synth import SynthConfig, write_world
 
     out = tmp_path_factory.mktemp("rel_world")
-    overrides = ["identities=4", "seed=11", "quiet=true", "pa100k_images=10", "min_height=64", "max_height=96"]
+    overrides = [
+        "identities=4",
+        "seed=11",
+        "quiet=true",
+        "pa100k_images=10",
+        "min_height=64",
+        "max_height=96",
+        "dense=[]",
+    ]
     write_world(load_config(SynthConfig, overrides=overrides), out)
     return out
 
