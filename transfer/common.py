@@ -122,6 +122,47 @@ class ImageDataset(torch.utils.data.Dataset):
 LossFn = Callable[[nn.Module, torch.Tensor, Any], dict[str, torch.Tensor]]
 
 
+@dataclass
+class Prepared:
+    """What ``fine_tune`` needs, after ``accelerator.prepare``."""
+
+    model: nn.Module
+    optimizer: Any
+    schedule: Any
+    loader: Any
+    steps_per_epoch: int
+    generator: torch.Generator  # the loader's shuffle generator: reseed it per epoch for exact resumes
+
+
+def prepare_training(
+    accelerator: Any,
+    cfg: Any,
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    collate_fn: Callable | None = None,
+) -> Prepared:
+    """Shuffled loader (seeded by ``cfg.seed``; the last short batch dropped when there is more than one batch),
+    steps per epoch per process (capped by ``cfg.max_steps_per_epoch`` when > 0), optimizer and warmup+cosine
+    schedule from ``cfg.optim`` over ``cfg.epochs``, all passed through ``accelerator.prepare``."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) > cfg.data.batch_size,
+        num_workers=cfg.data.workers,
+        collate_fn=collate_fn,
+        generator=generator,
+    )
+    steps_per_epoch = max(1, len(loader) // accelerator.num_processes)
+    if cfg.max_steps_per_epoch > 0:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    optimizer, schedule = build_optimizer(model, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    return Prepared(model, optimizer, schedule, loader, steps_per_epoch, generator)
+
+
 def make_accelerator(cfg: Any) -> tuple[Any, str]:
     """(Accelerator, device name) for ``cfg.device`` / ``cfg.mixed_precision``; seeds ``cfg.seed + rank``."""
     from accelerate import Accelerator, DistributedDataParallelKwargs

@@ -29,12 +29,12 @@ from transfer.backbone import BackboneConfig, FeatureBackbone, build_backbone
 from transfer.common import (
     ImageDataset,
     OptimConfig,
-    build_optimizer,
     fine_tune,
     finished_results,
     make_accelerator,
     pct,
     predict_in_order,
+    prepare_training,
     save_final_model,
     write_results,
 )
@@ -129,20 +129,9 @@ def run(cfg: AttrConfig) -> dict[str, Any]:
     targets = train_labels.astype(np.float32)
     pos_ratio = torch.from_numpy(targets.mean(axis=0)).to(accelerator.device) if cfg.weighted_loss else None
     train_set = ImageDataset(train_paths, list(targets), transforms(backbone, cfg.data, train=True))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > cfg.data.batch_size,
-        num_workers=cfg.data.workers,
-        generator=generator,
-    )
-    steps_per_epoch = max(1, len(loader) // accelerator.num_processes)
-    if cfg.max_steps_per_epoch > 0:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    optimizer, schedule = build_optimizer(model, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    prepared = prepare_training(accelerator, cfg, model, train_set)
+    model, optimizer, schedule, loader = prepared.model, prepared.optimizer, prepared.schedule, prepared.loader
+    steps_per_epoch, generator = prepared.steps_per_epoch, prepared.generator
 
     def loss_fn(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"loss": weighted_bce(net(images), labels.float(), pos_ratio)}

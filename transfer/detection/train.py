@@ -31,11 +31,11 @@ from pipeline.formats import write_json_atomic
 from transfer.backbone import BackboneConfig
 from transfer.common import (
     OptimConfig,
-    build_optimizer,
     fine_tune,
     finished_results,
     make_accelerator,
     pct,
+    prepare_training,
     save_final_model,
     write_results,
 )
@@ -161,21 +161,9 @@ def run(cfg: DetConfig) -> dict[str, Any]:
     )
     if len(train_set) == 0:
         raise ClaspError(f"{train.gt_file}: no image has a pedestrian >= {cfg.data.min_height_px} px to train on")
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > cfg.data.batch_size,
-        num_workers=cfg.data.workers,
-        collate_fn=collate,
-        generator=generator,
-    )
-    steps_per_epoch = max(1, len(loader) // accelerator.num_processes)
-    if cfg.max_steps_per_epoch > 0:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    optimizer, schedule = build_optimizer(model, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    prepared = prepare_training(accelerator, cfg, model, train_set, collate_fn=collate)
+    model, optimizer, schedule, loader = prepared.model, prepared.optimizer, prepared.schedule, prepared.loader
+    steps_per_epoch, generator = prepared.steps_per_epoch, prepared.generator
 
     def loss_fn(net: nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         losses = net(list(images), targets)

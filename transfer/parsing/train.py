@@ -30,11 +30,11 @@ from pipeline.errors import ClaspError
 from transfer.backbone import BackboneConfig, build_backbone
 from transfer.common import (
     OptimConfig,
-    build_optimizer,
     fine_tune,
     finished_results,
     make_accelerator,
     pct,
+    prepare_training,
     save_final_model,
     write_results,
 )
@@ -124,19 +124,9 @@ def run(cfg: ParsingConfig) -> dict[str, Any]:
     train_set = ParsingDataset(
         data.split(cfg.data.train_split), input_size, backbone.mean, backbone.std, cfg.data.augment, seed=cfg.seed
     )
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > cfg.data.batch_size,
-        num_workers=cfg.data.workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    steps_per_epoch = max(1, len(loader) // accelerator.num_processes)
-    if cfg.max_steps_per_epoch > 0:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    optimizer, schedule = build_optimizer(model, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    prepared = prepare_training(accelerator, cfg, model, train_set)
+    model, optimizer, schedule, loader = prepared.model, prepared.optimizer, prepared.schedule, prepared.loader
+    steps_per_epoch = prepared.steps_per_epoch
 
     def loss_fn(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"loss": F.cross_entropy(net(images).float(), labels, ignore_index=IGNORE_INDEX)}

@@ -30,12 +30,12 @@ from pipeline.formats import write_json_atomic
 from transfer.backbone import BackboneConfig, build_backbone
 from transfer.common import (
     OptimConfig,
-    build_optimizer,
     fine_tune,
     finished_results,
     make_accelerator,
     pct,
     predict_in_order,
+    prepare_training,
     save_final_model,
     write_results,
 )
@@ -145,20 +145,9 @@ def run(cfg: PoseConfig) -> dict[str, Any]:
     model = PoseModel(backbone, NUM_JOINTS, head=cfg.head.kind, channels=cfg.head.channels)
     settings = crop_settings(cfg, model.stride)
     train_set = PoseCrops(data.train, settings, mean=backbone.mean, std=backbone.std, train=True, seed=cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        train_set,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > cfg.data.batch_size,
-        num_workers=cfg.data.workers,
-        generator=generator,
-    )
-    steps_per_epoch = max(1, len(loader) // accelerator.num_processes)
-    if cfg.max_steps_per_epoch > 0:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    optimizer, schedule = build_optimizer(model, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    prepared = prepare_training(accelerator, cfg, model, train_set)
+    model, optimizer, schedule, loader = prepared.model, prepared.optimizer, prepared.schedule, prepared.loader
+    steps_per_epoch, generator = prepared.steps_per_epoch, prepared.generator
 
     def loss_fn(net: nn.Module, images: torch.Tensor, targets: Any) -> dict[str, torch.Tensor]:
         heatmaps, weights = targets
