@@ -75,8 +75,8 @@ def write_gt_labelset(root: str | Path, corpus: str, source: str, gt_path: str |
     gt = pq.read_table(gt_path, columns=["key", "attributes", "part_mask"]).to_pydict()
     by_key = {k: i for i, k in enumerate(gt["key"])}
     grid = tuple(header["grid"])
-    parts = _names(header["parts"])
-    attrs = _names(header["attributes"])
+    parts = list(header["parts"]["names"])
+    attrs = list(header["attributes"]["names"])
     schema = label_schema(len(attrs), parts)
     levels = 16
     paths = []
@@ -120,12 +120,3 @@ def write_gt_labelset(root: str | Path, corpus: str, source: str, gt_path: str |
     }
     finalize_labelset(out_dir, paths, new_header)
     return set_id
-
-
-def _names(section: object) -> list[str]:
-    """Vocabulary names from a labelset.json section (a dict with ``names``, or its repr string)."""
-    if isinstance(section, dict):
-        return list(section["names"])
-    import ast
-
-    return list(ast.literal_eval(str(section))["names"])
