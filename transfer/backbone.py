@@ -50,6 +50,11 @@ class BackboneConfig:
     freeze: bool = False
 
 
+def part_prompt_backbone() -> BackboneConfig:
+    """Default backbone of the dense tasks: a learned prompt mix that starts at the part prompt."""
+    return BackboneConfig(prompt="learned", prompt_mix={"part": 1.0})
+
+
 class FeatureBackbone(nn.Module):
     """Uniform wrapper: ``forward(images) -> (B, num_features)`` pooled features under the chosen prompt."""
 

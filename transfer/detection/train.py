@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline.errors import ClaspError
 from pipeline.formats import write_json_atomic
-from transfer.backbone import BackboneConfig
+from transfer.backbone import BackboneConfig, part_prompt_backbone
 from transfer.common import (
     OptimConfig,
     fine_tune,
@@ -83,9 +83,7 @@ class DetConfig:
     data_dir: str = ""
     dataset: str = "citypersons"
     out_dir: str = ""
-    backbone: BackboneConfig = field(
-        default_factory=lambda: BackboneConfig(prompt="learned", prompt_mix={"part": 1.0}, drop_path_rate=0.1)
-    )
+    backbone: BackboneConfig = field(default_factory=part_prompt_backbone)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     model: DetModelConfig = field(default_factory=DetModelConfig)
     optim: OptimConfig = field(

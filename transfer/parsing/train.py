@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ClaspError
-from transfer.backbone import BackboneConfig, build_backbone
+from transfer.backbone import BackboneConfig, build_backbone, part_prompt_backbone
 from transfer.common import (
     OptimConfig,
     fine_tune,
@@ -84,7 +84,7 @@ class ParsingConfig:
     data_dir: str = ""
     dataset: str = "lip"
     out_dir: str = ""
-    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(prompt="learned", prompt_mix={"part": 1.0}))
+    backbone: BackboneConfig = field(default_factory=part_prompt_backbone)
     data: ParsingDataConfig = field(default_factory=ParsingDataConfig)
     head: ParsingHeadConfig = field(default_factory=ParsingHeadConfig)
     optim: OptimConfig = field(

@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline.errors import ClaspError
 from pipeline.formats import write_json_atomic
-from transfer.backbone import BackboneConfig, build_backbone
+from transfer.backbone import BackboneConfig, build_backbone, part_prompt_backbone
 from transfer.common import (
     OptimConfig,
     fine_tune,
@@ -91,9 +91,7 @@ class PoseConfig:
     data_dir: str = ""
     dataset: str = "coco"
     out_dir: str = ""
-    backbone: BackboneConfig = field(
-        default_factory=lambda: BackboneConfig(prompt="learned", prompt_mix={"part": 1.0}, drop_path_rate=0.1)
-    )
+    backbone: BackboneConfig = field(default_factory=part_prompt_backbone)
     data: PoseDataConfig = field(default_factory=PoseDataConfig)
     head: PoseHeadConfig = field(default_factory=PoseHeadConfig)
     eval: PoseEvalConfig = field(default_factory=PoseEvalConfig)
