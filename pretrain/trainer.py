@@ -277,7 +277,9 @@ def train(cfg: PretrainConfig) -> RunSummary:
             accelerator.print(
                 f"pretrain: {stream.num_images} images in {stream.num_shards} shards, label set {labels.labelset}; "
                 f"{world} process(es), global batch {global_batch}, {steps_per_epoch} steps/epoch, "
-                f"steps {step}->{last_step}" + (f" (resumed from {resume_from})" if resume_from else "")
+                f"steps {step}->{last_step}, peak lr {schedules.lr.max():.3g}"
+                + (f" (= {cfg.optim.lr:g} x {global_batch}/256)" if cfg.optim.scale_lr_with_batch else "")
+                + (f" (resumed from {resume_from})" if resume_from else "")
             )
     last_ckpt = resume_from
 
