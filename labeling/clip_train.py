@@ -8,7 +8,10 @@ default, a small CLIP trained on the synthetic world's captions in a few CPU min
 labels with a CLIP that means something. open_clip's own model classes and ClipLoss do the work.
 
 ``--pairs`` is a CSV or Parquet file with ``image`` and ``caption`` columns (image paths relative
-to the file's folder, or absolute), or a folder of such files. The output folder is open_clip's
+to the file's folder, or absolute), or a folder of such files. An optional ``box`` column
+(``"x0 y0 x1 y1"`` in pixels, empty for the whole image) makes a row a region-caption pair: the
+image is cropped to the box first (the synthetic world writes body-part and background regions
+this way, so the patch tokens that dense part labels read learn the part words). The output folder is open_clip's
 ``local-dir`` layout: ``open_clip_model.safetensors`` + ``open_clip_config.json`` (so
 ``open_clip.create_model("local-dir:OUT")`` and ``create_model(arch, pretrained=OUT/open_clip_model.safetensors)``
 both load it, and ``clasp label --clip-checkpoint OUT`` uses it), plus the resolved config and a
@@ -68,37 +71,57 @@ class ClipTrainConfig:
     quiet: bool = False
 
 
-def read_pairs(path: str | Path) -> tuple[list[Path], list[str]]:
-    """(image paths, captions) from one CSV/Parquet file or every such file in a folder."""
+Box = tuple[int, int, int, int]
+
+
+def _parse_box(value: object, where: str) -> Box | None:
+    """``"x0 y0 x1 y1"`` (pixels, x1 > x0, y1 > y0) or empty/null for the whole image."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        box = tuple(int(round(float(v))) for v in str(value).replace(",", " ").split())
+    except ValueError:
+        box = ()
+    if len(box) != 4 or box[0] < 0 or box[1] < 0 or box[2] <= box[0] or box[3] <= box[1]:
+        raise ClaspError(f"{where}: box '{value}' is not 'x0 y0 x1 y1' with x1 > x0 >= 0 and y1 > y0 >= 0")
+    return box  # type: ignore[return-value]
+
+
+def read_pairs(path: str | Path) -> tuple[list[Path], list[str], list[Box | None]]:
+    """(image paths, captions, boxes) from one CSV/Parquet file or every such file in a folder."""
     path = Path(path)
     if not path.exists():
         raise ClaspError(f"--pairs {path} does not exist")
     files = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".parquet")) if path.is_dir() else [path]
     if not files:
         raise ClaspError(f"--pairs {path}: folder holds no .csv or .parquet files")
-    images, captions = [], []
+    images, captions, boxes = [], [], []
     for f in files:
         if f.suffix == ".parquet":
             table = pq.read_table(f)
         elif f.suffix == ".csv":
-            table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={"image": pa.string()}))
+            types = {"image": pa.string(), "box": pa.string()}
+            table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=types))
         else:
             raise ClaspError(f"--pairs {f}: expected a .csv or .parquet file")
         missing = {"image", "caption"} - set(table.column_names)
         if missing:
             raise ClaspError(f"{f}: missing column(s) {sorted(missing)}; found {table.column_names}")
-        for img, cap in zip(table.column("image").to_pylist(), table.column("caption").to_pylist(), strict=True):
+        box_col = table.column("box").to_pylist() if "box" in table.column_names else [None] * table.num_rows
+        rows = zip(table.column("image").to_pylist(), table.column("caption").to_pylist(), box_col, strict=True)
+        for n, (img, cap, box) in enumerate(rows):
             if img is None or not cap:
                 raise ClaspError(f"{f}: a row has an empty image or caption")
             p = Path(img)
             images.append(p if p.is_absolute() else f.parent / p)
             captions.append(str(cap))
+            boxes.append(_parse_box(box, f"{f} row {n + 1}"))
     if not images:
         raise ClaspError(f"--pairs {path}: no pairs found")
     absent = [str(p) for p in images[:1000] if not p.is_file()]
     if absent:
         raise ClaspError(f"--pairs {path}: image {absent[0]} does not exist ({len(absent)} of the first 1000 missing)")
-    return images, captions
+    return images, captions, boxes
 
 
 _PHRASE_SPLIT = re.compile(r",\s*|\s+and\s+|\s+(?=with\s|wearing\s|carrying\s)|^(?:with|wearing|carrying)\s+")
@@ -122,10 +145,13 @@ def sample_caption(caption: str, rng: np.random.Generator, p: float) -> str:
 
 
 class PairImages(torch.utils.data.Dataset):
-    """Image i resized (with a mild random crop and flip) to the CLIP input size, uint8 (3, H, W)."""
+    """Image i (or its box) resized with a mild random crop and flip to the CLIP input size, uint8 (3, H, W)."""
 
-    def __init__(self, images: list[Path], size: tuple[int, int], cfg: ClipTrainConfig) -> None:
+    def __init__(
+        self, images: list[Path], size: tuple[int, int], cfg: ClipTrainConfig, boxes: list[Box | None] | None = None
+    ) -> None:
         self.images, self.size, self.cfg = images, size, cfg
+        self.boxes = boxes if boxes is not None else [None] * len(images)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -134,10 +160,15 @@ class PairImages(torch.utils.data.Dataset):
         rng = np.random.default_rng((self.cfg.seed, i, torch.initial_seed() % (1 << 31)))
         with Image.open(self.images[i]) as img:
             img = img.convert("RGB")
-            w, h = img.size
+            bx0, by0, bx1, by1 = self.boxes[i] or (0, 0, *img.size)
+            if bx1 > img.size[0] or by1 > img.size[1]:
+                raise ClaspError(
+                    f"{self.images[i]}: box {self.boxes[i]} lies outside the {img.size[0]}x{img.size[1]} image"
+                )
+            w, h = bx1 - bx0, by1 - by0
             sw, sh = rng.uniform(self.cfg.crop_scale, 1.0, size=2)
             cw, ch = max(1, round(w * sw)), max(1, round(h * sh))
-            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            x0, y0 = bx0 + int(rng.integers(0, w - cw + 1)), by0 + int(rng.integers(0, h - ch + 1))
             img = img.resize((self.size[1], self.size[0]), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
             if self.cfg.hflip and rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
@@ -195,7 +226,7 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     device = resolve_device(cfg.device)  # refuse a missing GPU before creating anything
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    images, captions = read_pairs(cfg.pairs)
+    images, captions, boxes = read_pairs(cfg.pairs)
     model, tokenizer, model_cfg, preprocess_cfg = _build_model(cfg, device)
     text_rng = np.random.default_rng(cfg.seed)
     size = tuple(preprocess_cfg["size"])
@@ -211,7 +242,7 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     save_config(cfg, out / CONFIG_FILE)
 
     loader = torch.utils.data.DataLoader(
-        PairImages(images, size, cfg),
+        PairImages(images, size, cfg, boxes),
         batch_size=batch,
         shuffle=True,
         drop_last=True,

@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from labeling.clip_model import load_clip
-from labeling.clip_train import ClipTrainConfig, read_pairs, train_clip
+from labeling.clip_train import ClipTrainConfig, PairImages, read_pairs, train_clip
 from pipeline.cli import app
 from pipeline.errors import ClaspError
 
@@ -116,3 +116,31 @@ def test_bad_pairs_files_name_the_problem(tmp_path: Path) -> None:
     bad.write_text("image,caption\nnope.jpg,a person\n")
     with pytest.raises(ClaspError, match="does not exist"):
         read_pairs(bad)
+
+
+def test_box_column_crops_to_the_region(tmp_path: Path) -> None:
+    """A `box` row trains on that region only: the crop of a half-red, half-blue image is all one colour."""
+    img = np.zeros((100, 60, 3), dtype=np.uint8)
+    img[:50] = (255, 0, 0)
+    img[50:] = (0, 0, 255)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_text('image,caption,box\na.png,a person,\na.png,a red top,"0 0 60 50"\n')
+    images, captions, boxes = read_pairs(tmp_path / "pairs.csv")
+    assert captions == ["a person", "a red top"] and boxes == [None, (0, 0, 60, 50)]
+    data = PairImages(images, (32, 16), ClipTrainConfig(hflip=False), boxes)
+    whole, region = data[0][1].float(), data[1][1].float()
+    assert whole[2].mean() > 60  # the whole image holds blue
+    assert region[0].min() > 200 and region[2].max() < 40  # the region is red only
+
+
+def test_bad_boxes_name_the_row(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((40, 20, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    pairs = tmp_path / "pairs.csv"
+    for box in ("1 2 3", "5 5 2 9", "a b c d"):
+        pairs.write_text(f'image,caption,box\na.png,a person,\na.png,a head,"{box}"\n')
+        with pytest.raises(ClaspError, match="row 2: box"):
+            read_pairs(pairs)
+    pairs.write_text('image,caption,box\na.png,a head,"0 0 20 80"\n')
+    images, _, boxes = read_pairs(pairs)
+    with pytest.raises(ClaspError, match="outside the 20x40 image"):
+        PairImages(images, (32, 16), ClipTrainConfig(), boxes)[0]

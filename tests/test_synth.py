@@ -19,6 +19,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from labeling.clip_train import read_pairs
 from pipeline.config import ConfigError, load_config
 from pipeline.errors import ClaspError
 from pipeline.synth import (
@@ -94,8 +95,9 @@ def test_ground_truth_schema_and_contents(synth_world: Path) -> None:
         assert set(r["attributes"]) <= {0, 1}
         assert r["view"] in ("front", "back", "side")
         assert r["caption"].startswith(("a ", "an "))
-    pairs = (synth_world / "pairs.csv").read_text().splitlines()
-    assert pairs[0] == "image,caption" and len(pairs) == len(rows) + 1
+    images, captions, boxes = read_pairs(synth_world / "pairs.csv")
+    assert boxes == [None] * len(rows)  # region_pairs=0 (default): whole images only
+    assert sorted(captions) == sorted(r["caption"] for r in rows)
     assert tuple(load_attributes().names) == ATTRIBUTES
 
 
@@ -209,7 +211,8 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_world_is_byte_identical_for_a_seed_whatever_the_workers(tmp_path: Path) -> None:
-    tiny = ["identities=4", "seed=11", "quiet=true", "pa100k_images=10", "frames_per_track=2", "dense=[prw]"]
+    tiny = ["identities=4", "seed=11", "quiet=true", "pa100k_images=10", "frames_per_track=2", "dense=[prw]",
+            "region_pairs=2"]  # fmt: skip
     one = write_world(load_config(SynthConfig, overrides=[*tiny, "preview=true"]), tmp_path / "one")
     two = write_world(load_config(SynthConfig, overrides=[*tiny, "workers=2"]), tmp_path / "two")
     other = write_world(
@@ -230,6 +233,13 @@ def test_world_is_byte_identical_for_a_seed_whatever_the_workers(tmp_path: Path)
     # the dense sets are written in place, in their real layout, and only those asked for
     assert (tmp_path / "one" / "prw" / "query_info.txt").is_file() and "prw" in one["dense"]
     assert not (tmp_path / "o" / "prw").exists() and other["dense"] == []
+    # region_pairs=2: region rows (boxes inside their image) next to every whole-image row, read by clip-train
+    images, _, boxes = read_pairs(tmp_path / "one" / "pairs.csv")
+    regions = [(i, box) for i, box in zip(images, boxes, strict=True) if box is not None]
+    assert len(regions) > len(images) - len(regions) == one["luperson"]["images"]
+    for image, (x0, y0, x1, y1) in regions:
+        width, height = Image.open(image).size
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
     with pytest.raises(ConfigError, match="dense may list only"):
         write_world(load_config(SynthConfig, overrides=["dense=[kitti]"]), tmp_path / "k")
 

@@ -47,6 +47,8 @@ class Job:
     width: int
     split: str  # "" for the corpus; train/test/query (Market) or train/val/test (PA-100K)
     variant: int  # caption wording
+    regions: int = 0  # region-caption pairs to describe (corpus images; pipeline.synth.regions)
+    index: int = 0  # position in its dataset's plan (varies which regions are described)
 
 
 def _crop_size(rng: np.random.Generator, cfg) -> tuple[int, int]:  # noqa: ANN001 - SynthConfig (import cycle)

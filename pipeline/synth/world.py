@@ -9,7 +9,8 @@ Output (everything under ``--out``)::
     luperson_lmdb/{data.mdb,lock.mdb,keys.pkl}        the same JPEG bytes, LUPerson convert_lmdb.py style;
                                                       key = folder path joined by '_' without '.jpg'
     gt.parquet                                        ground truth per corpus image (layouts.GT_SCHEMA)
-    pairs.csv                                         image,caption (paths relative to --out) for CLIP training
+    pairs.csv                                         image,caption,box (paths relative to --out) for CLIP training;
+                                                      box rows: body-part/background regions (synth.regions)
     market1501/{bounding_box_train,bounding_box_test,query}/PPPP_cCsS_FFFFFF_NN.jpg
     market1501_gt.parquet                             ground truth per Market-1501 image (same schema)
     pa100k/data/NNNNNN.jpg, pa100k/annotation.mat     PA-100K layout, 8:1:1 split
@@ -27,6 +28,7 @@ image is fully determined by the seed and its plan, so the bytes do not depend o
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import multiprocessing as mp
 import os
@@ -45,6 +47,7 @@ from pipeline.formats import atomic_path, write_json_atomic
 from pipeline.synth.layouts import GtWriter, LmdbWriter, write_pa100k_mat
 from pipeline.synth.look import attributes, caption
 from pipeline.synth.plan import LUPERSON, MARKET, PA100K, Job, plan_corpus, plan_market, plan_pa100k
+from pipeline.synth.regions import region_pairs
 from pipeline.synth.render import render_shot
 
 OUTPUTS = ("luperson", "luperson_lmdb", "gt.parquet", "pairs.csv", "market1501", "market1501_gt.parquet", "pa100k",
@@ -84,6 +87,9 @@ class SynthConfig:
     # Dense-task sets (multi-person scenes, pipeline.synth.crowd) at their writers' default sizes; each writer
     # draws from its own camera group and seed stream. [] skips them (the re-ID/attribute world only).
     dense: list[str] = field(default_factory=lambda: list(DENSE_SETS))
+    # Region-caption rows per corpus image in pairs.csv (body-part / background boxes with their phrases,
+    # pipeline.synth.regions), so clip-train can teach patch tokens the part words; 0 = whole images only.
+    region_pairs: int = 0
 
 
 def _validate(cfg: SynthConfig) -> None:
@@ -100,6 +106,7 @@ def _validate(cfg: SynthConfig) -> None:
         (cfg.pa100k_images is None or cfg.pa100k_images >= 10, "pa100k_images must be >= 10 (8:1:1 split)"),
         (cfg.pa100k_cameras >= 1, "pa100k_cameras must be >= 1"),
         (cfg.workers >= 1, "workers must be >= 1"),
+        (cfg.region_pairs >= 0, "region_pairs must be >= 0"),
         (not set(cfg.dense) - set(DENSE_SETS), f"dense may list only {', '.join(DENSE_SETS)}"),
     ]
     for ok, message in checks:
@@ -132,6 +139,9 @@ def render_job(job: Job) -> Rendered:
         "keypoints": sample.keypoints.reshape(-1).tolist(),
         "part_mask": mask.getvalue(),
         "caption": caption(job.look, sample.view, job.variant),
+        "regions": region_pairs(sample.part_mask, job.look, sample.view, count=job.regions, pick=job.index)
+        if job.regions
+        else [],
         "width": job.width,
         "height": job.height,
     }
@@ -171,6 +181,7 @@ def write_world(cfg: SynthConfig, out: Path) -> dict:
     start = time.perf_counter()
     tmp = _prepare_out(out, cfg.overwrite)
     corpus, n_videos = plan_corpus(cfg)
+    corpus = [dataclasses.replace(job, regions=cfg.region_pairs, index=i) for i, job in enumerate(corpus)]
     market = plan_market(cfg)
     pa100k = plan_pa100k(cfg)
     jobs = corpus + market + pa100k
@@ -205,8 +216,11 @@ def write_world(cfg: SynthConfig, out: Path) -> dict:
             bar.close()
     with atomic_path(tmp / "pairs.csv") as p, open(p, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["image", "caption"])
-        writer.writerows((f"{LUPERSON}/{r['source']}", r["caption"]) for r in rows[LUPERSON])
+        writer.writerow(["image", "caption", "box"])
+        for r in rows[LUPERSON]:
+            image = f"{LUPERSON}/{r['source']}"
+            writer.writerow((image, r["caption"], ""))
+            writer.writerows((image, text, " ".join(map(str, box))) for box, text in r["regions"])
     pa_rows = rows[PA100K]
     write_pa100k_mat(
         tmp / PA100K / "annotation.mat",
