@@ -20,6 +20,7 @@ training log. An interrupted run resumes from ``train_state.pt`` at the last fin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -223,6 +224,12 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     if not cfg.pairs:
         raise ConfigError("clip-train needs --pairs FILE|DIR (a CSV/Parquet of image,caption rows)")
     out = Path(cfg.out)
+    digest = _pairs_digest(cfg.pairs)
+    finished = _finished_run(out, cfg, digest)
+    if finished is not None:  # the same config on the same pairs already ran to the end: nothing to do
+        if not cfg.quiet:
+            print(f"clip-train: {finished} is already trained with this config on these pairs; reusing it")
+        return finished
     device = resolve_device(cfg.device)  # refuse a missing GPU before creating anything
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -306,10 +313,44 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
     )
     write_json_atomic(
         out / "train_log.json",
-        {"config": to_dict(cfg), "pairs": len(images), "epochs": history, "stopped_by_time_limit": stopped},
+        {
+            "config": to_dict(cfg),
+            "pairs": len(images),
+            "pairs_sha256": digest,
+            "epochs": history,
+            "stopped_by_time_limit": stopped,
+        },
     )
     (out / STATE_FILE).unlink(missing_ok=True)
     return weights
+
+
+def _pairs_digest(pairs: str) -> str:
+    """sha256 over the pairs file(s) (names and bytes), so a rerun on edited captions is not mistaken for done."""
+    path = Path(pairs)
+    if not path.exists():
+        raise ClaspError(f"--pairs {path} does not exist")
+    files = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".parquet")) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _finished_run(out: Path, cfg: ClipTrainConfig, digest: str) -> Path | None:
+    """The weights of a complete earlier run in ``out`` with the same config and pairs, else None."""
+    log_path, weights = out / "train_log.json", out / WEIGHTS_FILE
+    if not (log_path.is_file() and weights.is_file()) or (out / STATE_FILE).exists():
+        return None
+    try:
+        log = json.loads(log_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = log.get("config") == json.loads(json.dumps(to_dict(cfg))) and log.get("pairs_sha256") == digest
+    return weights if same and not log.get("stopped_by_time_limit") else None
 
 
 def _lr_at(step: int, total: int, cfg: ClipTrainConfig) -> float:

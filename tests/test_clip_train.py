@@ -144,3 +144,22 @@ def test_bad_boxes_name_the_row(tmp_path: Path) -> None:
     images, _, boxes = read_pairs(pairs)
     with pytest.raises(ClaspError, match="outside the 20x40 image"):
         PairImages(images, (32, 16), ClipTrainConfig(), boxes)[0]
+
+
+def test_rerun_reuses_a_finished_run_only_for_the_same_config_and_pairs(tmp_path: Path) -> None:
+    pairs = write_pairs(tmp_path / "pairs", n=8)
+    cfg = ClipTrainConfig(
+        pairs=str(pairs), arch=ARCH, out=str(tmp_path / "clip"), epochs=1, batch_size=8, workers=0, quiet=True
+    )
+    weights = train_clip(cfg)
+    stamp = weights.stat().st_mtime_ns
+    assert train_clip(cfg) == weights and weights.stat().st_mtime_ns == stamp  # nothing retrained
+    pairs.write_text(pairs.read_text().replace("t-shirt", "shirt"))  # edited captions: train again
+    train_clip(cfg)
+    assert weights.stat().st_mtime_ns != stamp
+    stamp = weights.stat().st_mtime_ns
+    cfg.epochs = 2  # another config: train again
+    train_clip(cfg)
+    assert weights.stat().st_mtime_ns != stamp
+    log = json.loads((weights.parent / "train_log.json").read_text())
+    assert len(log["epochs"]) == 2 and len(log["pairs_sha256"]) == 64
