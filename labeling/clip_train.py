@@ -38,7 +38,7 @@ from open_clip.loss import ClipLoss
 from PIL import Image
 from safetensors.torch import save_file
 
-from labeling.clip_model import OPEN_CLIP_CONFIG, load_clip, parse_clip_spec
+from labeling.clip_model import OPEN_CLIP_CONFIG, file_sha256, load_clip, parse_clip_spec
 from pipeline.config import ConfigError, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_path, write_json_atomic
@@ -88,16 +88,21 @@ def _parse_box(value: object, where: str) -> Box | None:
     return box  # type: ignore[return-value]
 
 
-def read_pairs(path: str | Path) -> tuple[list[Path], list[str], list[Box | None]]:
-    """(image paths, captions, boxes) from one CSV/Parquet file or every such file in a folder."""
-    path = Path(path)
+def _pairs_files(path: Path) -> list[Path]:
+    """``path`` itself, or the .csv/.parquet files of the folder ``path`` in name order."""
     if not path.exists():
         raise ClaspError(f"--pairs {path} does not exist")
     files = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".parquet")) if path.is_dir() else [path]
     if not files:
         raise ClaspError(f"--pairs {path}: folder holds no .csv or .parquet files")
+    return files
+
+
+def read_pairs(path: str | Path) -> tuple[list[Path], list[str], list[Box | None]]:
+    """(image paths, captions, boxes) from one CSV/Parquet file or every such file in a folder."""
+    path = Path(path)
     images, captions, boxes = [], [], []
-    for f in files:
+    for f in _pairs_files(path):
         if f.suffix == ".parquet":
             table = pq.read_table(f)
         elif f.suffix == ".csv":
@@ -327,17 +332,8 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
 
 def _pairs_digest(pairs: str) -> str:
     """sha256 over the pairs file(s) (names and bytes), so a rerun on edited captions is not mistaken for done."""
-    path = Path(pairs)
-    if not path.exists():
-        raise ClaspError(f"--pairs {path} does not exist")
-    files = sorted(p for p in path.iterdir() if p.suffix in (".csv", ".parquet")) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    files = _pairs_files(Path(pairs))
+    return hashlib.sha256(" ".join(f"{f.name}:{file_sha256(f, 64)}" for f in files).encode()).hexdigest()
 
 
 def _finished_run(out: Path, cfg: ClipTrainConfig, digest: str) -> Path | None:

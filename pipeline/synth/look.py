@@ -270,6 +270,10 @@ def _lower_phrase(look: Look) -> str:
     return f"{look.lower_color} {noun}"
 
 
+def _hat_phrase(look: Look) -> str:
+    return _a(f"{look.hat_color} {'sun hat' if look.hat == 'sunhat' else look.hat}")
+
+
 def _shoe_phrase(look: Look) -> str:
     return f"{look.shoe_color} {'boots' if look.shoe_type == 'boots' else look.shoe_type}"
 
@@ -281,7 +285,7 @@ def caption(look: Look, view: str, variant: int = 0) -> str:
     wear = [_top_phrase(look), _lower_phrase(look), _shoe_phrase(look)]
     extras = []
     if look.hat is not None:
-        extras.append(_a(f"{look.hat_color} {'sun hat' if look.hat == 'sunhat' else look.hat}"))
+        extras.append(_hat_phrase(look))
     if look.glasses is not None and view != "back":
         extras.append(look.glasses)
     wear = extras[:1] + wear if variant % 2 else wear + extras

@@ -18,17 +18,12 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.synth import pen
-from pipeline.synth.look import Look, _lower_phrase, _shoe_phrase, _top_phrase
+from pipeline.synth.look import Look, _hat_phrase, _lower_phrase, _shoe_phrase, _top_phrase
 
 Box = tuple[int, int, int, int]
 
 MIN_PIXELS = 24  # smaller regions (a sliver of an arm) are not described
 _BACKGROUND_PHRASES = ("the background", "an empty street")
-
-
-def _hat_phrase(look: Look) -> str:
-    hat = "sun hat" if look.hat == "sunhat" else str(look.hat)
-    return f"a {look.hat_color} {hat}"
 
 
 def region_caption(part: int, look: Look, view: str, pick: int) -> str | None:
