@@ -45,6 +45,9 @@ class BackboneConfig:
     pool: Literal["cls", "avg"] = "cls"  # class token (TransReID/SOLIDER ViT) or mean of patch tokens
     drop_path_rate: float = 0.1
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args, e.g. depth: 2
+    # Layer-wise lr decay (BEiT / MAE / ViTPose): block i of n trains at lr x layer_decay ** (n - i), the embeddings
+    # at layer_decay ** (n + 1), the final norm and the task head at lr. 1.0 = off (one lr for every weight).
+    layer_decay: float = 1.0
     # Linear probe: the backbone's weights stay fixed (and in eval mode); only the task head and a learned
     # prompt mix train. The standard read-out of a self-supervised backbone when the fine-tune budget is small.
     freeze: bool = False
@@ -70,10 +73,12 @@ class FeatureBackbone(nn.Module):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         freeze: bool = False,
+        layer_decay: float = 1.0,
     ) -> None:
         super().__init__()
         self.model = model
         self.frozen = freeze
+        self.layer_decay = layer_decay
         if freeze:
             self.model.requires_grad_(False)
         self.source = source
@@ -179,7 +184,29 @@ def build_backbone(cfg: BackboneConfig, img_size: tuple[int, int]) -> FeatureBac
         mean=tuple(mean),
         std=tuple(std),
         freeze=cfg.freeze,
+        layer_decay=cfg.layer_decay,
     )
+
+
+def layer_lr_scales(backbone: FeatureBackbone) -> dict[str, float]:
+    """lr multiplier of each parameter of ``backbone`` (names relative to it) under ``backbone.layer_decay``.
+
+    Layers from timm's ``group_matcher`` (embeddings 0, block i -> i + 1, final norm last), as timm's
+    ``param_groups_layer_decay`` and ViTPose's ``LayerDecayOptimizerConstructor`` number them.
+    """
+    from timm.models import group_parameters
+
+    if not 0.0 < backbone.layer_decay <= 1.0:
+        raise ClaspError(f"backbone.layer_decay={backbone.layer_decay} must be in (0, 1]; 1 turns it off")
+    names = [f"model.{n}" for n, _ in backbone.model.named_parameters()]
+    if backbone.layer_decay == 1.0:
+        return dict.fromkeys(names, 1.0)
+    if not hasattr(backbone.model, "group_matcher"):
+        raise ClaspError(f"backbone.layer_decay needs timm's group_matcher; '{backbone.source}' has none (use 1.0)")
+    layer_of = group_parameters(backbone.model, backbone.model.group_matcher(coarse=False), reverse=True)
+    top = max(layer_of.values())
+    decay = backbone.layer_decay
+    return {f"model.{n}": decay ** (top - layer_of.get(n, top)) for n, _ in backbone.model.named_parameters()}
 
 
 def _create_timm(

@@ -44,6 +44,7 @@ from transfer.common import (
 class AttrDataConfig:
     img_size: tuple[int, int] = (256, 192)  # (height, width), Rethinking_of_PAR; SOLIDER used 256x128
     batch_size: int = 64
+    global_batch: int = 0  # >0: images per step over all processes (batch_size per process is then derived)
     workers: int = 8
     flip_prob: float = 0.5
     padding_px: int = 10
