@@ -158,6 +158,8 @@ class FeatureBackbone(nn.Module):
 
 def build_backbone(cfg: BackboneConfig, img_size: tuple[int, int]) -> FeatureBackbone:
     """Create the backbone named by ``cfg.spec`` at input size ``img_size`` (height, width)."""
+    if not 0.0 < cfg.layer_decay <= 1.0:
+        raise ClaspError(f"backbone.layer_decay={cfg.layer_decay} must be in (0, 1]; 1 turns it off")
     spec = cfg.spec.strip()
     if spec.startswith("random:"):
         model = _create_timm(spec[len("random:") :], False, img_size, cfg)
@@ -204,7 +206,10 @@ def layer_lr_scales(backbone: FeatureBackbone) -> dict[str, float]:
     if not hasattr(backbone.model, "group_matcher"):
         raise ClaspError(f"backbone.layer_decay needs timm's group_matcher; '{backbone.source}' has none (use 1.0)")
     layer_of = group_parameters(backbone.model, backbone.model.group_matcher(coarse=False), reverse=True)
-    top = max(layer_of.values())
+    top = max(layer_of.values()) + 1  # the task head's layer (BEiT / ViTPose count num_blocks + 2 layers)
+    # timm files the final norm with the last block; it feeds the head, so it trains at the head's lr
+    # (ViTPose's last_norm), not one decay step lower
+    layer_of |= {n: top for n, _ in backbone.model.named_parameters() if n.startswith(("norm.", "fc_norm."))}
     decay = backbone.layer_decay
     return {f"model.{n}": decay ** (top - layer_of.get(n, top)) for n, _ in backbone.model.named_parameters()}
 

@@ -98,10 +98,11 @@ def layer_decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict
     """Param groups keyed by (lr scale, weight decay): backbone parameters scaled by ``layer_lr_scales``,
     everything else (heads, necks, prompt logits) at scale 1; no decay on 1-d tensors and ``no_weight_decay``."""
     scale_of: dict[str, float] = {}
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     for prefix, module in model.named_modules():
         if isinstance(module, FeatureBackbone):
             scale_of.update({f"{prefix}.{n}" if prefix else n: v for n, v in layer_lr_scales(module).items()})
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+            skip |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -295,7 +296,7 @@ def fine_tune(
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 if ema is not None:
-                    ema.update(accelerator.unwrap_model(model), step=step)
+                    ema.update(accelerator.unwrap_model(model))  # constant decay from the start (mean teacher)
                 step, done, seen = step + 1, done + 1, seen + images.shape[0] * accelerator.num_processes
                 for key, value in losses.items():  # all-reduced so every rank logs the same numbers
                     sums[key] = sums.get(key, 0.0) + accelerator.reduce(value.detach(), reduction="mean").item()
