@@ -148,6 +148,17 @@ class FeatureBackbone(nn.Module):
             raise ClaspError(f"backbone '{self.source}' has no forward_intermediates; dense tasks need a timm ViT")
         return list(self.model.forward_intermediates(images, **kwargs))
 
+    def allow_any_input_size(self) -> None:
+        """Let a timm ViT built for one size take any size divisible by the patch size (position embeddings
+        resampled per input, as timm's ``dynamic_img_size=True``), e.g. for a multi-scale test."""
+        from timm.layers import Format
+
+        model, patch_embed = self.model, getattr(self.model, "patch_embed", None)
+        if getattr(model, "dynamic_img_size", True) or patch_embed is None:
+            return  # already dynamic (CLASP's ViT) or not a timm ViT
+        model.dynamic_img_size = True
+        patch_embed.strict_img_size, patch_embed.flatten, patch_embed.output_fmt = False, False, Format.NHWC
+
     def no_weight_decay(self) -> set[str]:
         inner = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
         names = {f"model.{n}" for n in inner}

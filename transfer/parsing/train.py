@@ -124,6 +124,8 @@ def run(cfg: ParsingConfig) -> dict[str, Any]:
     # --- model, data, optimiser
     input_size = tuple(cfg.data.input_size)
     backbone = build_backbone(cfg.backbone, _padded(input_size))
+    if list(cfg.eval.scales) != [1.0]:
+        backbone.allow_any_input_size()  # the multi-scale test feeds other sizes
     model = ParsingModel(backbone, len(data.classes), levels=cfg.head.levels, dim=cfg.head.dim)
     train_set = ParsingDataset(
         data.split(cfg.data.train_split), input_size, backbone.mean, backbone.std, cfg.data.augment, seed=cfg.seed
