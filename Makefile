@@ -1,5 +1,7 @@
-# The user's verbs. `make demo` sets everything up and runs the pipeline on the synthetic world;
-# `make test` runs the test suite. Variables: CORPUS, ROOT, SOURCE, FORMAT, CLIP, GPUS, CONFIG, TASK, DATASET, CKPT.
+# The user's verbs. `make demo` sets everything up and runs the pipeline on the synthetic world (its own configs);
+# `make test` runs the test suite. The stage verbs (ingest, label, audit, pretrain, export, transfer) are the
+# real-data verbs: LUPerson, ViT-B/16 and the paper-row configs unless told otherwise; `make -n VERB ...` shows
+# what a line runs. Variables: CORPUS, ROOT, SOURCE, FORMAT, CLIP, GPUS, CONFIG, TASK, DATASET, CKPT.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv

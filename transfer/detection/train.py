@@ -163,13 +163,13 @@ def run(cfg: DetConfig) -> dict[str, Any]:
     )
     if len(train_set) == 0:
         raise ClaspError(f"{train.gt_file}: no image has a pedestrian >= {cfg.data.min_height_px} px to train on")
-    ema = None
-    if cfg.ema_decay > 0:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.ema_decay)
     prepared = prepare_training(accelerator, cfg, model, train_set, collate_fn=collate)
     model, optimizer, schedule, loader = prepared.model, prepared.optimizer, prepared.schedule, prepared.loader
+    ema = None
+    if cfg.ema_decay > 0:  # copied after prepare, so the average lives on the training device
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay)
     steps_per_epoch, generator = prepared.steps_per_epoch, prepared.generator
 
     def loss_fn(net: nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -189,7 +189,7 @@ def run(cfg: DetConfig) -> dict[str, Any]:
         name="detection",
         ema=ema,
     )
-    model = accelerator.unwrap_model(model) if ema is None else ema.module.to(accelerator.device)
+    model = accelerator.unwrap_model(model) if ema is None else ema.module
     detections = predict(model, val, cfg, accelerator)
     record: dict[str, Any] = {}
     if accelerator.is_main_process:
