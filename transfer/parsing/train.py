@@ -12,7 +12,8 @@ pixel-wise cross-entropy, label 255 ignored; CE2P/SCHP augmentation (letterbox i
 channels swapped, averaged with the plain logits), logits mapped back to each label's own resolution,
 one confusion matrix over the val set -> mIoU / pixel accuracy / mean accuracy over LIP's 20 classes
 (``transfer/parsing/metrics.py``). The defaults are a ViT fine-tuning recipe (AdamW) at CE2P's 473x473, not
-tuned on real LIP. No edge branch, Lovasz loss or self-correction (SCHP's extras). The run resumes from
+tuned on real LIP. ``eval.scales`` gives SCHP's multi-scale test (the LIP paper row,
+configs/transfer/parsing_lip.yaml). No edge branch, Lovasz loss or self-correction (SCHP's extras). The run resumes from
 ``out/checkpoint.pt`` after an interruption.
 """
 
