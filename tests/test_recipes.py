@@ -426,3 +426,26 @@ def test_parsing_with_the_lip_row_options_runs_end_to_end(tmp_path: Path) -> Non
     record = run(load_config(CONFIG, overrides=overrides))
     assert "multi-scale test [0.5, 1.0, 1.5]" in record["protocol"]
     assert 0.0 <= record["metrics"]["mIoU"] <= 1.0
+
+
+def test_half_body_box_frames_the_upper_or_lower_body_as_vitpose() -> None:
+    from transfer.pose.datasets import CropSettings, half_body_box
+
+    kps = np.zeros((17, 3))
+    kps[:11] = [[100 + 2 * j, 50 + j, 2] for j in range(11)]  # upper body near y 50..60
+    kps[11:] = [[100 + j, 200 + 10 * j, 2] for j in range(6)]  # lower body near y 200..250
+    on = CropSettings(img_size=(256, 192), half_body_prob=1.0)
+    picks = [half_body_box(kps, 256 / 192, on, np.random.default_rng(seed)) for seed in range(200)]
+    centres_y = np.array([centre[1] for centre, _ in picks])
+    upper = centres_y < 100
+    assert 0.6 < upper.mean() < 0.78  # randn < 0.5 picks the upper body with p ~ 0.69, as the reference
+    centre, size = picks[int(np.argmax(upper))]
+    np.testing.assert_allclose(centre, kps[:11, :2].mean(axis=0))
+    w = 20.0  # the upper joints span 20 x 10 px: the width sets the 192:256 box, scaled 1.5
+    np.testing.assert_allclose(size, np.array([w, w * 256 / 192]) * 1.5)
+    # few labelled joints or probability 0: no half-body crop
+    assert half_body_box(kps, 256 / 192, CropSettings(img_size=(256, 192)), np.random.default_rng(0)) is None
+    few = kps.copy()
+    few[8:, 2] = 0
+    assert half_body_box(few, 256 / 192, on, np.random.default_rng(0)) is None
+    assert load_row("pose_coco").data.half_body_prob == 0.3

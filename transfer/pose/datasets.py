@@ -38,6 +38,8 @@ NUM_JOINTS = 17
 # Left/right joint pairs in COCO order (eyes, ears, shoulders, elbows, wrists, hips, knees, ankles).
 FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
 BOX_PADDING = 1.25
+UPPER_BODY = tuple(range(11))  # nose, eyes, ears, shoulders, elbows, wrists (COCO order)
+HALF_BODY_PADDING = 1.5  # ViTPose / mmpose TopDownHalfBodyTransform's scale factor
 
 
 def flip_permutation(num_joints: int = NUM_JOINTS, pairs: Sequence[tuple[int, int]] = FLIP_PAIRS) -> list[int]:
@@ -345,10 +347,49 @@ class CropSettings:
     rotation_factor: float = 40.0  # random rotation in degrees (normal, clipped to 2x), applied with rotation_prob
     rotation_prob: float = 0.6
     udp: bool = False  # UDP's unit-length heatmap mapping instead of the stride mapping
+    # Half-body augmentation (ViTPose's TopDownHalfBodyTransform): with this probability, a person with more than
+    # half_body_min_joints labelled joints is cropped around its upper or lower body only. 0 = off.
+    half_body_prob: float = 0.0
+    half_body_min_joints: int = 8
 
     @property
     def udp_scale(self) -> tuple[float, float] | None:
         return udp_scale(self.img_size, self.stride) if self.udp else None
+
+
+def half_body_box(
+    keypoints: np.ndarray | None, aspect_hw: float, settings: CropSettings, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(centre, (w, h)) around the upper or the lower body's labelled joints, or None (no half-body this time).
+
+    As mmpose's ``TopDownHalfBodyTransform``: applied with ``half_body_prob`` to people with more than
+    ``half_body_min_joints`` labelled joints; the upper body is taken when a standard normal draw is below 0.5
+    (the reference's ``np.random.randn() < 0.5``, p ~ 0.69) and it has more than 2 joints, else the lower body
+    when it has more than 2, else the upper; the joints' extent grown to the input aspect and scaled 1.5.
+    """
+    if keypoints is None:
+        return None
+    visible = keypoints[:, 2] > 0
+    if visible.sum() <= settings.half_body_min_joints or rng.random() >= settings.half_body_prob:
+        return None
+    upper = np.zeros(len(keypoints), bool)
+    upper[list(UPPER_BODY)] = True
+    upper_xy, lower_xy = keypoints[visible & upper, :2], keypoints[visible & ~upper, :2]
+    if rng.standard_normal() < 0.5 and len(upper_xy) > 2:
+        chosen = upper_xy
+    elif len(lower_xy) > 2:
+        chosen = lower_xy
+    else:
+        chosen = upper_xy
+    if len(chosen) < 2:
+        return None
+    center = chosen.mean(axis=0)
+    w, h = chosen.max(axis=0) - chosen.min(axis=0)
+    if w * aspect_hw > h:
+        h = w * aspect_hw
+    else:
+        w = h / aspect_hw
+    return center, np.array([w, h]) * HALF_BODY_PADDING
 
 
 class PoseCrops(torch.utils.data.Dataset):
@@ -386,6 +427,10 @@ class PoseCrops(torch.utils.data.Dataset):
         s = self.settings
         center, size = self.box(index)
         rotation, flip = 0.0, False
+        if rng is not None and s.half_body_prob > 0:
+            half = half_body_box(self.people[index].keypoints, s.img_size[0] / s.img_size[1], s, rng)
+            if half is not None:
+                center, size = half
         if rng is not None:
             size = size * float(np.clip(rng.normal() * s.scale_factor + 1, 1 - s.scale_factor, 1 + s.scale_factor))
             if rng.random() < s.rotation_prob:

@@ -13,7 +13,7 @@ flipped back with left/right joints swapped, averaged), argmax + quarter-pixel o
 box score x mean confidence of joints above 0.2, OKS-NMS at 0.9 per image, then pycocotools OKS AP/AR
 on ground-truth boxes or on a detections file. The run resumes from ``out/checkpoint.pt``.
 ``data.encoding=udp`` and ``backbone.layer_decay`` give ViTPose's UDP and layer-wise lr decay
-(configs/transfer/pose_coco.yaml). Not reproduced from ViTPose: half-body augmentation.
+and ``data.half_body_prob`` its half-body augmentation (configs/transfer/pose_coco.yaml).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class PoseDataConfig:
     scale_factor: float = 0.35
     rotation_factor: float = 40.0
     rotation_prob: float = 0.6
+    half_body_prob: float = 0.0  # ViTPose: 0.3 (crop the upper or lower body of people with > 8 labelled joints)
     train_split: str = "train2017"
     test_split: str = "val2017"
     detections: str = ""  # person detections JSON for evaluation (relative: under --data); empty = ground-truth boxes
@@ -199,6 +200,7 @@ def crop_settings(cfg: PoseConfig, stride: int) -> CropSettings:
         rotation_factor=d.rotation_factor,
         rotation_prob=d.rotation_prob,
         udp=d.encoding == "udp",
+        half_body_prob=d.half_body_prob,
     )
 
 
