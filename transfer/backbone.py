@@ -204,8 +204,8 @@ def build_backbone(cfg: BackboneConfig, img_size: tuple[int, int]) -> FeatureBac
 def layer_lr_scales(backbone: FeatureBackbone) -> dict[str, float]:
     """lr multiplier of each parameter of ``backbone`` (names relative to it) under ``backbone.layer_decay``.
 
-    Layers from timm's ``group_matcher`` (embeddings 0, block i -> i + 1, final norm last), as timm's
-    ``param_groups_layer_decay`` and ViTPose's ``LayerDecayOptimizerConstructor`` number them.
+    Layers from timm's ``group_matcher``: embeddings 0, block i -> i + 1, the final norm with the task head at
+    num_blocks + 1, as ViTPose's ``LayerDecayOptimizerConstructor`` (and BEiT / MAE) number them.
     """
     from timm.models import group_parameters
 
