@@ -252,6 +252,7 @@ def _write(
     if model is not None:
         weights = f"mean-teacher EMA {cfg.ema_decay}" if cfg.ema_decay > 0 else "final model"
         protocol += f"; {weights}, test shorter side {cfg.data.test_size} px (max {cfg.data.max_size})"
+        protocol += "; detector: ViTDet simple feature pyramid + Faster R-CNN (not SOLIDER's CSP head)"
         vit = model.backbone.vit
         backbone, prompt = vit.source, vit.describe_prompt()
     else:
