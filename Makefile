@@ -1,12 +1,22 @@
-# The user's verbs. `make demo` sets everything up and runs the pipeline on the synthetic world;
-# `make test` runs the test suite. Variables: CORPUS, ROOT, SOURCE, FORMAT, CLIP, GPUS, CONFIG, TASK, DATASET, CKPT.
+# The user's verbs. `make demo` sets everything up and runs the pipeline on the synthetic world (its own configs);
+# `make test` runs the test suite. The stage verbs (ingest, label, audit, pretrain, export, transfer) are the
+# real-data verbs: LUPerson, ViT-B/16 and the paper-row configs unless told otherwise; `make -n VERB ...` shows
+# what a line runs. Variables: CORPUS, ROOT, SOURCE, FORMAT, CLIP, GPUS, CONFIG, TASK, DATASET, CKPT.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CLASP := $(VENV)/bin/clasp
 ROOT ?= data
-CORPUS ?= synthetic
+# The stage verbs are the real-data verbs. CORPUS: the one named on the command line, else the one the last
+# `make ingest` / `make label` under ROOT used ($(ROOT)/.clasp-corpus), else luperson. Only a corpus that was
+# named or remembered is passed to pre-training: a Makefile default never overrides a YAML's own `data.corpus`.
+CORPUS_FILE = $(ROOT)/.clasp-corpus
+LAST_CORPUS := $(strip $(shell cat $(ROOT)/.clasp-corpus 2>/dev/null))
+CORPUS ?= $(or $(LAST_CORPUS),luperson)
+CORPUS_CHOSEN = $(if $(filter command line environment override,$(origin CORPUS)),$(CORPUS),$(LAST_CORPUS))
+ROOT_CHOSEN = $(if $(filter command line environment override,$(origin ROOT)),$(ROOT),)
+PRETRAIN_CONFIG ?= configs/pretrain/vit_b_luperson.yaml
 GPUS ?= 1
 OUT ?= runs/demo
 # GPUS=n: n processes on this machine. Many machines: add NODES, NODE_RANK, MASTER_ADDR (same command on each).
@@ -56,11 +66,13 @@ synth: install
 # Stage 0: make ingest CORPUS=luperson SOURCE=/data/LUPerson FORMAT=folder|lmdb|list
 ingest: install
 	$(CLASP) ingest --source $(SOURCE) --format $(or $(FORMAT),folder) --corpus $(CORPUS) --root $(ROOT)
+	echo $(CORPUS) > $(CORPUS_FILE)
 
 # Stage 1: make label CORPUS=luperson [CLIP=ViT-B-16:openai | CLIP_CKPT=path] GPUS=8
 # Every process takes a disjoint set of shards; a rerun skips finished shards.
 label: install
 	$(LAUNCH) label --corpus $(CORPUS) --root $(ROOT) $(if $(CLIP),--clip $(CLIP),) $(if $(CLIP_CKPT),--clip-checkpoint $(CLIP_CKPT),) $(ARGS)
+	echo $(CORPUS) > $(CORPUS_FILE)
 
 clip-train: install
 	$(CLASP) clip-train --pairs $(PAIRS) --arch $(or $(ARCH),clasp-vit-tiny-8) --out $(or $(CLIP_OUT),runs/clip) $(ARGS)
@@ -68,16 +80,20 @@ clip-train: install
 audit: install
 	$(CLASP) audit --corpus $(CORPUS) --root $(ROOT) --out runs/audit/$(CORPUS) $(if $(GT),--gt $(GT),) $(ARGS)
 
-# Stage 2: make pretrain GPUS=8 CONFIG=configs/pretrain/vit_b_luperson.yaml [ARGS="optim.epochs=50"]
+# Stage 2: make pretrain GPUS=8 [CONFIG=configs/pretrain/vit_s_luperson.yaml] [ARGS="optim.epochs=50"]
+# ViT-B/16 on LUPerson by default; data.root / data.corpus are passed only when named or remembered (see CORPUS).
 pretrain: install
-	$(LAUNCH) pretrain --config $(or $(CONFIG),configs/pretrain/demo.yaml) data.root=$(ROOT) data.corpus=$(CORPUS) $(ARGS)
+	$(LAUNCH) pretrain --config $(or $(CONFIG),$(PRETRAIN_CONFIG)) $(if $(ROOT_CHOSEN),data.root=$(ROOT_CHOSEN),) $(if $(CORPUS_CHOSEN),data.corpus=$(CORPUS_CHOSEN),) $(ARGS)
 
 export: install
 	$(CLASP) export $(CKPT) --out $(OUT_DIR)
 
 # Stage 3: make transfer TASK=reid DATASET=market1501 DATA=/data/Market-1501-v15.09.15 CKPT=runs/export/vit_b
+# The paper row's config configs/transfer/<task>_<dataset>.yaml is used when it exists (TRANSFER_CONFIG=... to choose
+# another); its batch sizes are global, so GPUS changes the per-process batch, not the recipe.
+TRANSFER_CONFIG ?= $(wildcard configs/transfer/$(subst -,_,$(TASK))_$(DATASET).yaml)
 transfer: install
-	$(LAUNCH) transfer $(TASK) --data $(DATA) --dataset $(DATASET) --backbone $(CKPT) --out runs/transfer/$(TASK)-$(DATASET) $(ARGS)
+	$(LAUNCH) transfer $(TASK) --data $(DATA) --dataset $(DATASET) --backbone $(CKPT) --out runs/transfer/$(TASK)-$(DATASET) $(if $(TRANSFER_CONFIG),--config $(TRANSFER_CONFIG),) $(ARGS)
 
 ablation: install
 	$(CLASP) ablate --config $(or $(CONFIG),configs/ablation_synthetic.yaml) $(ARGS)

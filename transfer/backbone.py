@@ -45,6 +45,9 @@ class BackboneConfig:
     pool: Literal["cls", "avg"] = "cls"  # class token (TransReID/SOLIDER ViT) or mean of patch tokens
     drop_path_rate: float = 0.1
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args, e.g. depth: 2
+    # Layer-wise lr decay (BEiT / MAE / ViTPose): block i of n trains at lr x layer_decay ** (n - i), the embeddings
+    # at layer_decay ** (n + 1), the final norm and the task head at lr. 1.0 = off (one lr for every weight).
+    layer_decay: float = 1.0
     # Linear probe: the backbone's weights stay fixed (and in eval mode); only the task head and a learned
     # prompt mix train. The standard read-out of a self-supervised backbone when the fine-tune budget is small.
     freeze: bool = False
@@ -70,10 +73,12 @@ class FeatureBackbone(nn.Module):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         freeze: bool = False,
+        layer_decay: float = 1.0,
     ) -> None:
         super().__init__()
         self.model = model
         self.frozen = freeze
+        self.layer_decay = layer_decay
         if freeze:
             self.model.requires_grad_(False)
         self.source = source
@@ -143,6 +148,17 @@ class FeatureBackbone(nn.Module):
             raise ClaspError(f"backbone '{self.source}' has no forward_intermediates; dense tasks need a timm ViT")
         return list(self.model.forward_intermediates(images, **kwargs))
 
+    def allow_any_input_size(self) -> None:
+        """Let a timm ViT built for one size take any size divisible by the patch size (position embeddings
+        resampled per input, as timm's ``dynamic_img_size=True``), e.g. for a multi-scale test."""
+        from timm.layers import Format
+
+        model, patch_embed = self.model, getattr(self.model, "patch_embed", None)
+        if getattr(model, "dynamic_img_size", True) or patch_embed is None:
+            return  # already dynamic (CLASP's ViT) or not a timm ViT
+        model.dynamic_img_size = True
+        patch_embed.strict_img_size, patch_embed.flatten, patch_embed.output_fmt = False, False, Format.NHWC
+
     def no_weight_decay(self) -> set[str]:
         inner = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
         names = {f"model.{n}" for n in inner}
@@ -153,6 +169,8 @@ class FeatureBackbone(nn.Module):
 
 def build_backbone(cfg: BackboneConfig, img_size: tuple[int, int]) -> FeatureBackbone:
     """Create the backbone named by ``cfg.spec`` at input size ``img_size`` (height, width)."""
+    if not 0.0 < cfg.layer_decay <= 1.0:
+        raise ClaspError(f"backbone.layer_decay={cfg.layer_decay} must be in (0, 1]; 1 turns it off")
     spec = cfg.spec.strip()
     if spec.startswith("random:"):
         model = _create_timm(spec[len("random:") :], False, img_size, cfg)
@@ -179,7 +197,32 @@ def build_backbone(cfg: BackboneConfig, img_size: tuple[int, int]) -> FeatureBac
         mean=tuple(mean),
         std=tuple(std),
         freeze=cfg.freeze,
+        layer_decay=cfg.layer_decay,
     )
+
+
+def layer_lr_scales(backbone: FeatureBackbone) -> dict[str, float]:
+    """lr multiplier of each parameter of ``backbone`` (names relative to it) under ``backbone.layer_decay``.
+
+    Layers from timm's ``group_matcher``: embeddings 0, block i -> i + 1, the final norm with the task head at
+    num_blocks + 1, as ViTPose's ``LayerDecayOptimizerConstructor`` (and BEiT / MAE) number them.
+    """
+    from timm.models import group_parameters
+
+    if not 0.0 < backbone.layer_decay <= 1.0:
+        raise ClaspError(f"backbone.layer_decay={backbone.layer_decay} must be in (0, 1]; 1 turns it off")
+    names = [f"model.{n}" for n, _ in backbone.model.named_parameters()]
+    if backbone.layer_decay == 1.0:
+        return dict.fromkeys(names, 1.0)
+    if not hasattr(backbone.model, "group_matcher"):
+        raise ClaspError(f"backbone.layer_decay needs timm's group_matcher; '{backbone.source}' has none (use 1.0)")
+    layer_of = group_parameters(backbone.model, backbone.model.group_matcher(coarse=False), reverse=True)
+    top = max(layer_of.values()) + 1  # the task head's layer (BEiT / ViTPose count num_blocks + 2 layers)
+    # timm files the final norm with the last block; it feeds the head, so it trains at the head's lr
+    # (ViTPose's last_norm), not one decay step lower
+    layer_of |= {n: top for n, _ in backbone.model.named_parameters() if n.startswith(("norm.", "fc_norm."))}
+    decay = backbone.layer_decay
+    return {f"model.{n}": decay ** (top - layer_of.get(n, top)) for n, _ in backbone.model.named_parameters()}
 
 
 def _create_timm(

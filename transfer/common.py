@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.config import save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_path, write_json_atomic
+from transfer.backbone import FeatureBackbone, layer_lr_scales
 
 TASKS: dict[str, str] = {
     "reid": "transfer.reid.train",
@@ -65,12 +66,19 @@ class OptimConfig:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, *, steps_per_epoch: int, epochs: int) -> tuple[Any, Any]:
-    """timm optimiser (no weight decay on norms, biases, embeddings) and a per-step warmup + cosine schedule."""
+    """timm optimiser (no weight decay on norms, biases, embeddings) and a per-step warmup + cosine schedule.
+
+    A backbone built with ``layer_decay < 1`` gets per-layer lr multipliers (``lr_scale`` param groups, which
+    timm's schedulers apply at every step).
+    """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
+    params: Any = model
+    if any(isinstance(m, FeatureBackbone) and m.layer_decay < 1.0 for m in model.modules()):
+        params = layer_decay_param_groups(model, cfg.weight_decay)
     optimizer = create_optimizer_v2(
-        model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+        params, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
     )
     total = max(1, steps_per_epoch * epochs)
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
@@ -84,6 +92,26 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, steps_per_epoch: int,
         t_in_epochs=False,
     )
     return optimizer, schedule
+
+
+def layer_decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Param groups keyed by (lr scale, weight decay): backbone parameters scaled by ``layer_lr_scales``,
+    everything else (heads, necks, prompt logits) at scale 1; no decay on 1-d tensors and ``no_weight_decay``."""
+    scale_of: dict[str, float] = {}
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, FeatureBackbone):
+            scale_of.update({f"{prefix}.{n}" if prefix else n: v for n, v in layer_lr_scales(module).items()})
+            skip |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = 0.0 if param.ndim <= 1 or name in skip else weight_decay
+        scale = scale_of.get(name, 1.0)
+        group = groups.setdefault((scale, decay), {"params": [], "lr_scale": scale, "weight_decay": decay})
+        group["params"].append(param)
+    return list(groups.values())
 
 
 def seed_everything(seed: int) -> None:
@@ -117,6 +145,31 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(image), self.targets[index], index
 
 
+# --- batch semantics -------------------------------------------------------------------------------
+
+
+def per_process_batch(*, global_batch: int, batch_size: int, num_processes: int, key: str, unit: int = 1) -> int:
+    """Images per process per step. ``global_batch > 0`` is the recipe's batch over all processes (what a paper
+    row states, so its lr stays right on 1 or 8 GPUs): each process takes ``global_batch / num_processes``,
+    which must be a whole number of ``unit`` (e.g. K images per identity). ``global_batch = 0`` keeps
+    ``batch_size`` per process (the global batch then grows with the number of processes)."""
+    if global_batch <= 0:
+        return batch_size
+    if global_batch % (num_processes * unit):
+        raise ClaspError(
+            f"{key}={global_batch} does not split over {num_processes} processes"
+            + (f" in whole groups of {unit}" if unit > 1 else "")
+            + f"; use a multiple of {num_processes * unit} or another number of processes"
+        )
+    return global_batch // num_processes
+
+
+def describe_batch(per_process: int, num_processes: int, global_batch: int) -> str:
+    """The line printed at start, e.g. ``global batch 512 = 8 processes x 64 (set by the config)``."""
+    source = "set by the config" if global_batch > 0 else "per-process batch_size x processes"
+    return f"global batch {per_process * num_processes} = {num_processes} processes x {per_process} ({source})"
+
+
 # --- the fine-tuning loop --------------------------------------------------------------------------
 
 LossFn = Callable[[nn.Module, torch.Tensor, Any], dict[str, torch.Tensor]]
@@ -144,13 +197,22 @@ def prepare_training(
 ) -> Prepared:
     """Shuffled loader (seeded by ``cfg.seed``; the last short batch dropped when there is more than one batch),
     steps per epoch per process (capped by ``cfg.max_steps_per_epoch`` when > 0), optimizer and warmup+cosine
-    schedule from ``cfg.optim`` over ``cfg.epochs``, all passed through ``accelerator.prepare``."""
+    schedule from ``cfg.optim`` over ``cfg.epochs``, all passed through ``accelerator.prepare``. The per-process
+    batch is ``cfg.data.global_batch / processes`` when the config states a global batch (``per_process_batch``)."""
+    batch_size = per_process_batch(
+        global_batch=cfg.data.global_batch,
+        batch_size=cfg.data.batch_size,
+        num_processes=accelerator.num_processes,
+        key="data.global_batch",
+    )
+    if accelerator.is_main_process and not cfg.quiet:
+        print(describe_batch(batch_size, accelerator.num_processes, cfg.data.global_batch))
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=cfg.data.batch_size,
+        batch_size=batch_size,
         shuffle=True,
-        drop_last=len(dataset) > cfg.data.batch_size,
+        drop_last=len(dataset) > batch_size,
         num_workers=cfg.data.workers,
         collate_fn=collate_fn,
         generator=generator,
@@ -189,11 +251,13 @@ def fine_tune(
     steps_per_epoch: int,
     set_epoch: Callable[[int], None],
     name: str,
+    ema: Any = None,
 ) -> dict[str, Any]:
     """Train ``cfg.epochs`` epochs of at most ``steps_per_epoch`` steps, resuming from ``out/checkpoint.pt``.
 
     ``loss_fn(model, images, targets)`` returns named scalar losses including ``"loss"`` (the one
-    optimised); their epoch means are logged in the returned ``history``.
+    optimised); their epoch means are logged in the returned ``history``. ``ema`` (a timm ``ModelEmaV3`` of the
+    unwrapped model) is updated after every optimizer step and saved with the checkpoint.
     """
     out = Path(cfg.out_dir)
     quiet = cfg.quiet or not accelerator.is_main_process
@@ -203,6 +267,8 @@ def fine_tune(
         accelerator.unwrap_model(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         if not quiet:
             print(f"resuming {out / CHECKPOINT} after epoch {start_epoch}")
     t0 = time.perf_counter()
@@ -229,6 +295,8 @@ def fine_tune(
                 if cfg.optim.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
+                if ema is not None:
+                    ema.update(accelerator.unwrap_model(model))  # constant decay from the start (mean teacher)
                 step, done, seen = step + 1, done + 1, seen + images.shape[0] * accelerator.num_processes
                 for key, value in losses.items():  # all-reduced so every rank logs the same numbers
                     sums[key] = sums.get(key, 0.0) + accelerator.reduce(value.detach(), reduction="mean").item()
@@ -247,6 +315,7 @@ def fine_tune(
                     "step": step,
                     "history": history,
                     "config": to_dict(cfg),
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
                 },
             )
         accelerator.wait_for_everyone()

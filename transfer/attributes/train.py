@@ -9,6 +9,8 @@ exp(r) on negatives; Li et al. TIP 2020, as Rethinking_of_PAR's ``bceloss`` with
 ``SAMPLE_WEIGHT: weight``), summed over attributes and averaged over images; resize to 256x192,
 10 px pad + crop, random flip; train on ``trainval``, evaluate the final model on ``test`` with
 ``attribute_metrics`` (no model selection on the test set). Resumes from ``out/checkpoint.pt``.
+The paper rows (``configs/transfer/attributes_{pa100k,peta_zs,rap_zs}.yaml``) follow SOLIDER's settings:
+Adam lr 1e-5, batch 64, gradient clipping at 10.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from transfer.common import (
 class AttrDataConfig:
     img_size: tuple[int, int] = (256, 192)  # (height, width), Rethinking_of_PAR; SOLIDER used 256x128
     batch_size: int = 64
+    global_batch: int = 0  # >0: images per step over all processes (batch_size per process is then derived)
     workers: int = 8
     flip_prob: float = 0.5
     padding_px: int = 10
@@ -180,7 +183,9 @@ def _write(
     h, w = cfg.data.img_size
     protocol = (
         f"{attr_metrics.PROTOCOL.replace('threshold 0.5', f'threshold {cfg.threshold}')}; "
-        f"trained on '{cfg.data.train_split}', final model evaluated on '{cfg.data.test_split}'; input {h}x{w}"
+        f"trained on '{cfg.data.train_split}', final-epoch model evaluated on '{cfg.data.test_split}' (no model "
+        "selection on the test split; Rethinking_of_PAR / SOLIDER report their best test epoch, which does); "
+        f"input {h}x{w}"
     )
     summary = {k: float(scores[k]) for k in ("mA", "accuracy", "precision", "recall", "f1")}
     per_attribute = {

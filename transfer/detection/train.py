@@ -60,6 +60,7 @@ class DetDataConfig:
     test_size: int = 1024  # shorter side at test time (1024 = CityPersons' original 2048x1024)
     max_size: int = 2048
     batch_size: int = 2
+    global_batch: int = 0  # >0: images per step over all processes (batch_size per process is then derived)
     workers: int = 4
     flip_prob: float = 0.5
     min_height_px: float = 50.0  # training positives (Pedestron / CSP "h50"); the rest are ignore regions
@@ -92,6 +93,9 @@ class DetConfig:
         )
     )
     epochs: int = 12
+    # Mean teacher (SOLIDER/Pedestron's CSP: alpha 0.999): an exponential moving average of the weights,
+    # updated after every step; the average is what is evaluated and saved. 0 = off (the final weights).
+    ema_decay: float = 0.0
     max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
     detections: str = ""  # score this detections file on the val split instead of training
     seed: int = 0
@@ -161,6 +165,11 @@ def run(cfg: DetConfig) -> dict[str, Any]:
         raise ClaspError(f"{train.gt_file}: no image has a pedestrian >= {cfg.data.min_height_px} px to train on")
     prepared = prepare_training(accelerator, cfg, model, train_set, collate_fn=collate)
     model, optimizer, schedule, loader = prepared.model, prepared.optimizer, prepared.schedule, prepared.loader
+    ema = None
+    if cfg.ema_decay > 0:  # copied after prepare, so the average lives on the training device
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay)
     steps_per_epoch, generator = prepared.steps_per_epoch, prepared.generator
 
     def loss_fn(net: nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -178,8 +187,9 @@ def run(cfg: DetConfig) -> dict[str, Any]:
         steps_per_epoch=steps_per_epoch,
         set_epoch=lambda epoch: generator.manual_seed(cfg.seed * 1000 + epoch),  # same shuffles after a resume
         name="detection",
+        ema=ema,
     )
-    model = accelerator.unwrap_model(model)
+    model = accelerator.unwrap_model(model) if ema is None else ema.module
     detections = predict(model, val, cfg, accelerator)
     record: dict[str, Any] = {}
     if accelerator.is_main_process:
@@ -240,7 +250,9 @@ def _write(
     history = training.pop("history", [])
     protocol = f"{PROTOCOL}; {val.split} split ({len(val)} images, {val.gt_file.name})"
     if model is not None:
-        protocol += f"; final model, test shorter side {cfg.data.test_size} px (max {cfg.data.max_size})"
+        weights = f"mean-teacher EMA {cfg.ema_decay}" if cfg.ema_decay > 0 else "final model"
+        protocol += f"; {weights}, test shorter side {cfg.data.test_size} px (max {cfg.data.max_size})"
+        protocol += "; detector: ViTDet simple feature pyramid + Faster R-CNN (not SOLIDER's CSP head)"
         vit = model.backbone.vit
         backbone, prompt = vit.source, vit.describe_prompt()
     else:

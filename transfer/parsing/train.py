@@ -12,7 +12,8 @@ pixel-wise cross-entropy, label 255 ignored; CE2P/SCHP augmentation (letterbox i
 channels swapped, averaged with the plain logits), logits mapped back to each label's own resolution,
 one confusion matrix over the val set -> mIoU / pixel accuracy / mean accuracy over LIP's 20 classes
 (``transfer/parsing/metrics.py``). The defaults are a ViT fine-tuning recipe (AdamW) at CE2P's 473x473, not
-tuned on real LIP. No edge branch, Lovasz loss or self-correction (SCHP's extras). The run resumes from
+tuned on real LIP. ``eval.scales`` gives SCHP's multi-scale test (the LIP paper row,
+configs/transfer/parsing_lip.yaml). No edge branch, Lovasz loss or self-correction (SCHP's extras). The run resumes from
 ``out/checkpoint.pt`` after an interruption.
 """
 
@@ -61,6 +62,7 @@ PROTOCOL = (
 class ParsingDataConfig:
     input_size: tuple[int, int] = (473, 473)  # (height, width); CE2P/SCHP. Padded inside the model to /16
     batch_size: int = 16
+    global_batch: int = 0  # >0: images per step over all processes (batch_size per process is then derived)
     workers: int = 8
     augment: ParsingAugment = field(default_factory=ParsingAugment)
     train_split: str = "train"
@@ -76,6 +78,9 @@ class ParsingHeadConfig:
 @dataclass
 class ParsingEvalConfig:
     flip: bool = True
+    # Multi-scale test (SCHP / SOLIDER: 0.5, 0.75, 1.0, 1.25, 1.5): the input resized by each factor, its
+    # (flip-averaged) logits resized back to the input and averaged over the scales. [1.0] = single scale.
+    scales: list[float] = field(default_factory=lambda: [1.0])
     batch_size: int = 16
 
 
@@ -120,6 +125,8 @@ def run(cfg: ParsingConfig) -> dict[str, Any]:
     # --- model, data, optimiser
     input_size = tuple(cfg.data.input_size)
     backbone = build_backbone(cfg.backbone, _padded(input_size))
+    if list(cfg.eval.scales) != [1.0]:
+        backbone.allow_any_input_size()  # the multi-scale test feeds other sizes
     model = ParsingModel(backbone, len(data.classes), levels=cfg.head.levels, dim=cfg.head.dim)
     train_set = ParsingDataset(
         data.split(cfg.data.train_split), input_size, backbone.mean, backbone.std, cfg.data.augment, seed=cfg.seed
@@ -154,14 +161,24 @@ def run(cfg: ParsingConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def predict_logits(model: ParsingModel, images: torch.Tensor, *, flip: bool) -> torch.Tensor:
-    """Logits at the input size; with ``flip`` averaged with the mirrored image's (left/right channels swapped)."""
-    logits = model(images).float()
-    if flip:
-        perm = torch.from_numpy(flip_permutation(logits.shape[1])).to(logits.device)
-        mirrored = model(images.flip(-1)).float().flip(-1)
-        logits = (logits + mirrored[:, perm]) / 2
-    return logits
+def predict_logits(
+    model: ParsingModel, images: torch.Tensor, *, flip: bool, scales: tuple[float, ...] = (1.0,)
+) -> torch.Tensor:
+    """Logits at the input size; with ``flip`` averaged with the mirrored image's (left/right channels swapped);
+    with several ``scales`` the mean over the input resized by each (bilinear, logits resized back)."""
+    size = images.shape[-2:]
+    total = None
+    for scale in scales:
+        scaled = images if scale == 1.0 else F.interpolate(images, scale_factor=scale, mode="bilinear")
+        logits = model(scaled).float()
+        if flip:
+            perm = torch.from_numpy(flip_permutation(logits.shape[1])).to(logits.device)
+            mirrored = model(scaled.flip(-1)).float().flip(-1)
+            logits = (logits + mirrored[:, perm]) / 2
+        if scale != 1.0:
+            logits = F.interpolate(logits, size=size, mode="bilinear")
+        total = logits if total is None else total + logits
+    return total / len(scales)
 
 
 @torch.no_grad()
@@ -179,7 +196,9 @@ def evaluate(model: ParsingModel, data: ParsingData, cfg: ParsingConfig, acceler
     model.eval()
     for images, meta in loader:
         with accelerator.autocast():
-            logits = predict_logits(model, images.to(accelerator.device), flip=cfg.eval.flip)
+            logits = predict_logits(
+                model, images.to(accelerator.device), flip=cfg.eval.flip, scales=tuple(cfg.eval.scales)
+            )
         for b in range(images.shape[0]):
             item = items[int(meta["index"][b])]
             height, width = int(meta["height"][b]), int(meta["width"][b])
@@ -213,6 +232,7 @@ def _write(
     protocol = (
         f"{PROTOCOL}; split {cfg.data.eval_split}; input {h}x{w}; "
         f"{'flip test with left/right swap' if cfg.eval.flip else 'no flip test'}"
+        + (f"; multi-scale test {list(cfg.eval.scales)}" if list(cfg.eval.scales) != [1.0] else "")
     )
     absent = [n for n, px in metrics["gt_pixels"].items() if px == 0]
     table = [

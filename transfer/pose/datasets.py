@@ -14,6 +14,10 @@ flipped heatmap lines up with the flipped input without any shift.
 Targets: an unnormalised Gaussian (sigma 2 heatmap pixels) at the joint's sub-pixel position; target
 weight 1 for labelled joints (v > 0) whose Gaussian touches the heatmap, else 0.
 Decoding: per-joint argmax, then a quarter-pixel step toward the higher neighbour (SimpleBaseline).
+UDP (Huang et al. CVPR 2020, ViTPose's COCO setting ``use_udp=True``, ``encoding='UDP'``): heatmap and input
+are related by unit length instead (heatmap pixel ``j`` sits at input pixel ``j * (W - 1) / (w - 1)``), and
+decoding refines the argmax by one Newton step on the log of the Gaussian-blurred heatmap (DARK; mmpose's
+``post_dark_udp`` with ``modulate_kernel=11``). Both conventions line up a mirrored heatmap with a mirrored input.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ NUM_JOINTS = 17
 # Left/right joint pairs in COCO order (eyes, ears, shoulders, elbows, wrists, hips, knees, ankles).
 FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
 BOX_PADDING = 1.25
+UPPER_BODY = tuple(range(11))  # nose, eyes, ears, shoulders, elbows, wrists (COCO order)
+HALF_BODY_PADDING = 1.5  # ViTPose / mmpose TopDownHalfBodyTransform's scale factor
 
 
 def flip_permutation(num_joints: int = NUM_JOINTS, pairs: Sequence[tuple[int, int]] = FLIP_PAIRS) -> list[int]:
@@ -114,7 +120,11 @@ def _detections(path: Path, record: dict[str, Any], image_dir: Path, score_thr: 
     try:
         dets = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ClaspError(f"detections file {path} does not exist (data.detections)") from None
+        raise ClaspError(
+            f"detections file {path} does not exist (data.detections): put the person detections there "
+            "(SimpleBaseline / ViTPose publish COCO_val2017_detections_AP_H_56_person.json), or set "
+            "data.detections='' to evaluate on ground-truth boxes (about 2 AP higher, not comparable with papers)"
+        ) from None
     except json.JSONDecodeError as exc:
         raise ClaspError(f"detections file {path} is not valid JSON: {exc}") from None
     if not isinstance(dets, list):
@@ -156,7 +166,10 @@ def load_coco_keypoints(
             raise ClaspError(f"{root / split} not found: COCO images go in <data>/{split}/")
     train = _people(train_record, root / train_split, paths[train_split])
     if detections:
-        test = _detections(Path(detections), test_record, root / test_split, det_score_thr)
+        det_path = Path(detections)
+        if not det_path.is_absolute() and not det_path.is_file():
+            det_path = root / det_path  # a paper-row config names the file relative to the dataset folder
+        test = _detections(det_path, test_record, root / test_split, det_score_thr)
         boxes = f"detections file {detections} (score >= {det_score_thr})"
     else:
         test = _people(test_record, root / test_split, paths[test_split])
@@ -231,13 +244,25 @@ def warp_image(image: Any, matrix: np.ndarray, out_hw: tuple[int, int]) -> Any:
 # --- heatmaps --------------------------------------------------------------------------------------
 
 
-def to_heatmap_coords(points: np.ndarray, stride: int) -> np.ndarray:
-    """Crop pixel coordinates -> heatmap pixel coordinates (both with pixel centres at integers)."""
+def to_heatmap_coords(points: np.ndarray, stride: int, *, udp_scale: tuple[float, float] | None = None) -> np.ndarray:
+    """Crop pixel coordinates -> heatmap pixel coordinates (both with pixel centres at integers).
+
+    ``udp_scale`` = ((W - 1) / (w - 1), (H - 1) / (h - 1)) switches to UDP's unit-length mapping."""
+    if udp_scale is not None:
+        return np.asarray(points, dtype=np.float64) / np.asarray(udp_scale)
     return (np.asarray(points, dtype=np.float64) + 0.5) / stride - 0.5
 
 
-def from_heatmap_coords(points: np.ndarray, stride: int) -> np.ndarray:
+def from_heatmap_coords(points: np.ndarray, stride: int, *, udp_scale: tuple[float, float] | None = None) -> np.ndarray:
+    if udp_scale is not None:
+        return np.asarray(points, dtype=np.float64) * np.asarray(udp_scale)
     return (np.asarray(points, dtype=np.float64) + 0.5) * stride - 0.5
+
+
+def udp_scale(img_size: tuple[int, int], stride: int) -> tuple[float, float]:
+    """(x, y) input pixels per heatmap pixel under UDP: (W - 1) / (w - 1), (H - 1) / (h - 1)."""
+    h, w = img_size
+    return ((w - 1) / (w // stride - 1), (h - 1) / (h // stride - 1))
 
 
 def encode_heatmaps(
@@ -281,6 +306,33 @@ def decode_heatmaps(heatmaps: torch.Tensor) -> torch.Tensor:
     return torch.stack([px.reshape(b, k), py.reshape(b, k), peak], dim=2)
 
 
+def decode_heatmaps_dark(heatmaps: torch.Tensor, kernel: int = 11) -> torch.Tensor:
+    """(B, K, h, w) heatmaps -> (B, K, 3): argmax refined by one Newton step on the log of the blurred heatmap
+    (DARK as UDP uses it: Gaussian blur of size ``kernel``, values clipped to [0.001, 50], edge padding), peak."""
+    import torchvision.transforms.functional as TF
+
+    b, k, h, w = heatmaps.shape
+    peak, index = heatmaps.reshape(b, k, -1).max(dim=2)
+    x, y = (index % w).double(), torch.div(index, w, rounding_mode="floor").double()
+    sigma = 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8  # what cv2.GaussianBlur derives from the kernel size
+    blurred = TF.gaussian_blur(heatmaps.double().reshape(b * k, 1, h, w), [kernel, kernel], [sigma, sigma])
+    logs = torch.nn.functional.pad(blurred.clamp(0.001, 50).log(), (1, 1, 1, 1), mode="replicate")[:, 0]
+    rows = torch.arange(b * k)
+    xi, yi = x.reshape(-1).long() + 1, y.reshape(-1).long() + 1  # positions in the padded map
+
+    def at(dx: int, dy: int) -> torch.Tensor:
+        return logs[rows, yi + dy, xi + dx]
+
+    center = at(0, 0)
+    gx, gy = 0.5 * (at(1, 0) - at(-1, 0)), 0.5 * (at(0, 1) - at(0, -1))
+    dxx, dyy = at(1, 0) - 2 * center + at(-1, 0), at(0, 1) - 2 * center + at(0, -1)
+    dxy = 0.5 * (at(1, 1) - at(1, 0) - at(0, 1) + 2 * center - at(-1, 0) - at(0, -1) + at(-1, -1))
+    hessian = torch.stack([dxx, dxy, dxy, dyy], dim=1).reshape(-1, 2, 2) + torch.finfo(torch.float32).eps * torch.eye(2)
+    step = torch.linalg.solve(hessian, torch.stack([gx, gy], dim=1)[..., None])[..., 0]
+    px, py = x.reshape(-1) - step[:, 0], y.reshape(-1) - step[:, 1]
+    return torch.stack([px.reshape(b, k), py.reshape(b, k), peak.double()], dim=2).to(heatmaps.dtype)
+
+
 # --- the crop dataset ------------------------------------------------------------------------------
 
 
@@ -294,6 +346,50 @@ class CropSettings:
     scale_factor: float = 0.35  # random scale in [1 - f, 1 + f] (normal, clipped)
     rotation_factor: float = 40.0  # random rotation in degrees (normal, clipped to 2x), applied with rotation_prob
     rotation_prob: float = 0.6
+    udp: bool = False  # UDP's unit-length heatmap mapping instead of the stride mapping
+    # Half-body augmentation (ViTPose's TopDownHalfBodyTransform): with this probability, a person with more than
+    # half_body_min_joints labelled joints is cropped around its upper or lower body only. 0 = off.
+    half_body_prob: float = 0.0
+    half_body_min_joints: int = 8
+
+    @property
+    def udp_scale(self) -> tuple[float, float] | None:
+        return udp_scale(self.img_size, self.stride) if self.udp else None
+
+
+def half_body_box(
+    keypoints: np.ndarray | None, aspect_hw: float, settings: CropSettings, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(centre, (w, h)) around the upper or the lower body's labelled joints, or None (no half-body this time).
+
+    As mmpose's ``TopDownHalfBodyTransform``: applied with ``half_body_prob`` to people with more than
+    ``half_body_min_joints`` labelled joints; the upper body is taken when a standard normal draw is below 0.5
+    (the reference's ``np.random.randn() < 0.5``, p ~ 0.69) and it has more than 2 joints, else the lower body
+    when it has more than 2, else the upper; the joints' extent grown to the input aspect and scaled 1.5.
+    """
+    if keypoints is None:
+        return None
+    visible = keypoints[:, 2] > 0
+    if visible.sum() <= settings.half_body_min_joints or rng.random() >= settings.half_body_prob:
+        return None
+    upper = np.zeros(len(keypoints), bool)
+    upper[list(UPPER_BODY)] = True
+    upper_xy, lower_xy = keypoints[visible & upper, :2], keypoints[visible & ~upper, :2]
+    if rng.standard_normal() < 0.5 and len(upper_xy) > 2:
+        chosen = upper_xy
+    elif len(lower_xy) > 2:
+        chosen = lower_xy
+    else:
+        chosen = upper_xy
+    if len(chosen) < 2:
+        return None
+    center = chosen.mean(axis=0)
+    w, h = chosen.max(axis=0) - chosen.min(axis=0)
+    if w * aspect_hw > h:
+        h = w * aspect_hw
+    else:
+        w = h / aspect_hw
+    return center, np.array([w, h]) * HALF_BODY_PADDING
 
 
 class PoseCrops(torch.utils.data.Dataset):
@@ -331,6 +427,10 @@ class PoseCrops(torch.utils.data.Dataset):
         s = self.settings
         center, size = self.box(index)
         rotation, flip = 0.0, False
+        if rng is not None and s.half_body_prob > 0:
+            half = half_body_box(self.people[index].keypoints, s.img_size[0] / s.img_size[1], s, rng)
+            if half is not None:
+                center, size = half
         if rng is not None:
             size = size * float(np.clip(rng.normal() * s.scale_factor + 1, 1 - s.scale_factor, 1 + s.scale_factor))
             if rng.random() < s.rotation_prob:
@@ -358,7 +458,9 @@ class PoseCrops(torch.utils.data.Dataset):
         kps = person.keypoints
         if flip:
             kps = kps[self.flip_perm]
-        joints = to_heatmap_coords(apply_affine(matrix, kps[:, :2]), self.settings.stride)
+        joints = to_heatmap_coords(
+            apply_affine(matrix, kps[:, :2]), self.settings.stride, udp_scale=self.settings.udp_scale
+        )
         h, w = self.settings.img_size
         hm_hw = (h // self.settings.stride, w // self.settings.stride)
         targets, weights = encode_heatmaps(joints, kps[:, 2] > 0, hm_hw, self.settings.sigma)

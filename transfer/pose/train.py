@@ -2,7 +2,7 @@
 
     clasp transfer pose --data data/coco --dataset coco --backbone runs/pretrain/backbone --out runs/pose-coco
     clasp transfer pose --data data/coco --dataset coco --backbone ... --out runs/pose-coco-det \
-        data.detections=data/coco/person_detection_results/COCO_val2017_detections_AP_H_56_person.json
+        data.detections=person_detection_results/COCO_val2017_detections_AP_H_56_person.json  # under --data
     accelerate launch --num_processes 8 .venv/bin/clasp transfer pose ... mixed_precision=bf16    # several GPUs
 
 Recipe: person crops from the box grown to 256x192 (height:width) and padded 1.25; random scale
@@ -12,7 +12,8 @@ joints' labels (v > 0); AdamW with warmup + cosine. Test: flip test (heatmaps of
 flipped back with left/right joints swapped, averaged), argmax + quarter-pixel offset, person score =
 box score x mean confidence of joints above 0.2, OKS-NMS at 0.9 per image, then pycocotools OKS AP/AR
 on ground-truth boxes or on a detections file. The run resumes from ``out/checkpoint.pt``.
-Not reproduced from ViTPose: layer-wise lr decay, half-body augmentation, UDP/DARK decoding.
+``data.encoding=udp`` and ``backbone.layer_decay`` give ViTPose's UDP and layer-wise lr decay
+and ``data.half_body_prob`` its half-body augmentation (configs/transfer/pose_coco.yaml).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from transfer.pose.datasets import (
     PoseData,
     apply_affine,
     decode_heatmaps,
+    decode_heatmaps_dark,
     flip_permutation,
     from_heatmap_coords,
     load_coco_keypoints,
@@ -61,14 +63,17 @@ class PoseDataConfig:
     sigma: float = 2.0  # Gaussian target, heatmap pixels
     padding: float = 1.25
     batch_size: int = 64
+    global_batch: int = 0  # >0: images per step over all processes (batch_size per process is then derived)
     workers: int = 8
     flip_prob: float = 0.5
     scale_factor: float = 0.35
     rotation_factor: float = 40.0
     rotation_prob: float = 0.6
+    half_body_prob: float = 0.0  # ViTPose: 0.3 (crop the upper or lower body of people with > 8 labelled joints)
     train_split: str = "train2017"
     test_split: str = "val2017"
-    detections: str = ""  # person detections JSON for evaluation; empty = ground-truth boxes
+    detections: str = ""  # person detections JSON for evaluation (relative: under --data); empty = ground-truth boxes
+    encoding: Literal["classic", "udp"] = "classic"  # heatmap mapping + decoding: SimpleBaseline's or UDP (ViTPose)
     det_score_thr: float = 0.0
 
 
@@ -107,6 +112,10 @@ class PoseConfig:
 
 
 CONFIG = PoseConfig
+DECODING = {
+    "classic": "argmax + quarter-pixel offset",
+    "udp": "UDP (unit-length heatmap mapping, DARK refinement with an 11-px blur)",
+}
 DATASETS = ("coco",)
 
 
@@ -190,6 +199,8 @@ def crop_settings(cfg: PoseConfig, stride: int) -> CropSettings:
         scale_factor=d.scale_factor,
         rotation_factor=d.rotation_factor,
         rotation_prob=d.rotation_prob,
+        udp=d.encoding == "udp",
+        half_body_prob=d.half_body_prob,
     )
 
 
@@ -203,13 +214,15 @@ def predict_keypoints(
         people, crop_settings(cfg, model.stride), mean=model.backbone.mean, std=model.backbone.std, train=False
     )
     perm = flip_permutation()
+    settings = crop_settings(cfg, model.stride)
+    decode = decode_heatmaps_dark if settings.udp else decode_heatmaps
 
     def joints(images: torch.Tensor) -> torch.Tensor:
         heatmaps = model(images).float()
         if cfg.eval.flip_test:
             mirrored = model(torch.flip(images, dims=[3])).float()
             heatmaps = 0.5 * (heatmaps + torch.flip(mirrored, dims=[3])[:, perm])
-        return decode_heatmaps(heatmaps)
+        return decode(heatmaps)
 
     model.eval()
     decoded = predict_in_order(
@@ -218,7 +231,7 @@ def predict_keypoints(
     results = []
     for index, person in enumerate(people):
         matrix, _ = dataset.affine(index)
-        crop_xy = from_heatmap_coords(decoded[index, :, :2], model.stride)
+        crop_xy = from_heatmap_coords(decoded[index, :, :2], model.stride, udp_scale=settings.udp_scale)
         xy = apply_affine(np.linalg.inv(matrix), crop_xy)
         confidence = decoded[index, :, 2]
         above = confidence > cfg.eval.in_vis_thr
@@ -281,7 +294,7 @@ def _write(
         f"COCO OKS keypoint AP/AR (pycocotools COCOeval, iouType keypoints) on {cfg.data.test_split}; "
         f"person boxes: {data.boxes}; input {h}x{w} (box padded {cfg.data.padding}), heatmaps "
         f"{h // model.stride}x{w // model.stride} (sigma {cfg.data.sigma}); flip test "
-        f"{'on' if cfg.eval.flip_test else 'off'}; argmax + quarter-pixel offset; person score = box score x "
+        f"{'on' if cfg.eval.flip_test else 'off'}; {DECODING[cfg.data.encoding]}; person score = box score x "
         f"mean joint confidence above {cfg.eval.in_vis_thr}; "
         + (f"OKS-NMS {cfg.eval.oks_nms_thr}" if cfg.eval.oks_nms_thr > 0 else "no OKS-NMS")
     )

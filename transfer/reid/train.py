@@ -11,6 +11,9 @@ triplet (margin 0.3, or soft margin with ``loss.triplet_margin=null``) on the po
 batches (16 x 4); random flip, 10 px pad + crop, random erasing; SGD with linear warmup + cosine.
 Test: BN feature, L2-normalised, squared Euclidean distance, Market-1501 protocol; optional
 k-reciprocal re-ranking. The run resumes from ``out/checkpoint.pt`` after an interruption.
+The code defaults are TransReID's ImageNet-ViT recipe; the LUPerson ViT-B paper rows (TransReID-SSL: 384x128,
+SGD 4e-4, 20 warm-up epochs, no label smoothing, soft margin, before-BN feature, global batch 64) are
+``configs/transfer/reid_{market1501,msmt17}.yaml``.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from transfer.common import (
     ImageDataset,
     OptimConfig,
     build_optimizer,
+    describe_batch,
     fine_tune,
     finished_results,
     make_accelerator,
     pct,
+    per_process_batch,
     predict_in_order,
     save_final_model,
     write_results,
@@ -50,6 +55,7 @@ class ReidDataConfig:
     img_size: tuple[int, int] = (256, 128)  # (height, width); 384x128 is the other common setting
     p_identities: int = 16
     k_instances: int = 4
+    global_batch: int = 0  # >0: P x K images over all processes; P per process = global_batch / (K x processes)
     workers: int = 8
     flip_prob: float = 0.5
     padding_px: int = 10
@@ -114,6 +120,22 @@ def transforms(backbone: FeatureBackbone, cfg: ReidDataConfig, *, train: bool) -
     return T.Compose(ops)
 
 
+def identities_per_batch(cfg: ReidConfig, accelerator: Any) -> int:
+    """P of the per-process P x K batch (``data.global_batch`` split over the processes, else
+    ``data.p_identities``); the global batch is printed on the main process."""
+    k, n = cfg.data.k_instances, accelerator.num_processes
+    batch = per_process_batch(
+        global_batch=cfg.data.global_batch,
+        batch_size=cfg.data.p_identities * k,
+        num_processes=n,
+        key="data.global_batch",
+        unit=k,
+    )
+    if accelerator.is_main_process and not cfg.quiet:
+        print(f"{describe_batch(batch, n, cfg.data.global_batch)}: {batch // k} identities x {k} images per process")
+    return batch // k
+
+
 def run(cfg: ReidConfig) -> dict[str, Any]:
     """Fine-tune on ``cfg.dataset`` and write results.json / results.md / model.safetensors to ``cfg.out_dir``."""
     if not cfg.data_dir or not cfg.out_dir:
@@ -129,7 +151,7 @@ def run(cfg: ReidConfig) -> dict[str, Any]:
     backbone = build_backbone(cfg.backbone, tuple(cfg.data.img_size))
     model = ReidModel(backbone, data.num_train_ids)
     pids = [pid for _, pid, _ in data.train]
-    sampler = PKBatchSampler(pids, cfg.data.p_identities, cfg.data.k_instances, seed=cfg.seed)
+    sampler = PKBatchSampler(pids, identities_per_batch(cfg, accelerator), cfg.data.k_instances, seed=cfg.seed)
     train_set = ImageDataset([p for p, _, _ in data.train], pids, transforms(backbone, cfg.data, train=True))
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.workers)
     steps_per_epoch = math.ceil(len(sampler) / accelerator.num_processes)
