@@ -62,8 +62,9 @@ meta = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "dry_run": s
         "budget_s": int(sys.argv[3]), "cpu_cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
         "torch": torch.__version__, "cuda": torch.version.cuda, "torchvision": torchvision.__version__,
         "timm": timm.__version__, "open_clip": open_clip.__version__, "webdataset": getattr(webdataset, "__version__", "?")}
-try:
-    meta["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+try:  # GPU_ALL_COMMIT names the code when the tree that travelled is a copy without its .git
+    meta["git_commit"] = os.environ.get("GPU_ALL_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 except OSError:
     pass
 if torch.cuda.is_available():
