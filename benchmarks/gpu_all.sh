@@ -13,10 +13,10 @@
 # Anywhere else:   OUT=runs/gpu_all bash benchmarks/gpu_all.sh     (needs the project's dependencies, a GPU)
 # CPU dry run:     GPU_ALL_DRY_RUN=1 OUT=/tmp/g bash benchmarks/gpu_all.sh   (tiny models, seconds; a test runs it)
 #
-# Time guards: GPU_ALL_BUDGET_S (default 525 s) for the whole run; each part gets its share (label 170 s,
-# pretrain 330 s, ablation the rest) and is killed at its limit; a part with too little time left is skipped
+# Time guards: GPU_ALL_BUDGET_S (default 525 s) for the whole run; each part gets its share (label 190 s,
+# pretrain 300 s, ablation the rest) and is killed at its limit; a part with too little time left is skipped
 # with a note. Parts write their figures as they go, so a killed part keeps what it measured.
-# Other settings: GPU_ALL_PARTS ("label pretrain ablation"), PYTHON (python3), LABEL_IMAGES (65536),
+# Other settings: GPU_ALL_PARTS ("label pretrain ablation"), PYTHON (python3), LABEL_IMAGES (32768),
 # PRETRAIN_BATCH (128), GPU_ALL_ABLATION_SCRIPT (benchmarks/gpu_ablation.sh; run with OUT=<its own dir>,
 # TINY=1 in a dry run).
 set -uo pipefail
@@ -121,7 +121,7 @@ part_label() {
     if [[ $DRY == 1 ]]; then
         args+=(--dry-run)
     else
-        args+=(--images "${LABEL_IMAGES:-65536}" --workers "$CORES")
+        args+=(--images "${LABEL_IMAGES:-32768}" --workers "$CORES")
     fi
     timeout --kill-after=10 "$1" "$PY" benchmarks/gpu_label.py "${args[@]}"
 }
@@ -133,7 +133,7 @@ part_pretrain() {
             --warmup 1 --rounds 1 --images 32 --shards 2 --loader-batches 2 --compile-backend eager)
     else
         args+=(--arch vit_base --img 256 128 --patch 16 --batch "${PRETRAIN_BATCH:-128}" --local-crops 8
-            --precision bf16 --workers "$CORES" --steps 15 --warmup 5 --rounds 2 --images 8192 --shards 32
+            --precision bf16 --workers "$CORES" --steps 15 --warmup 5 --rounds 2 --loop-rounds 1 --images 8192 --shards 32
             --loader-batches 20 --peak-flops "$PEAK")
     fi
     timeout --kill-after=10 "$1" "$PY" benchmarks/pretrain_step.py "${args[@]}"
@@ -161,8 +161,8 @@ part_ablation() {
     return $rc
 }
 
-run_part label 170 60
-run_part pretrain 330 90
+run_part label 190 60
+run_part pretrain 300 90
 run_part ablation $(($(left_s) - 10)) 60
 echo "== gpu_all: $((SECONDS - START)) s in all"
 "$PY" benchmarks/gpu_common.py summary "$OUT" "$WORK"

@@ -10,7 +10,8 @@ them, the label values are noise. Measured in one run:
    then ``pipeline.ingest.ingest`` (the code of ``clasp ingest``) into WebDataset shards;
 2. end-to-end: ``labeling.label.run_labeling`` (``clasp label``: DataLoader decode workers = the
    machine's cores, pinned memory, dense CLIP, labelers, Parquet writes); images/s of its loop,
-   the one-off model load and prompt embedding apart; label bytes per image on disk;
+   the one-off model load and prompt embedding apart; label bytes per image on disk; and the same
+   DataLoader alone (decode + resize, no model) over up to 16k images: the CPU side's ceiling;
 3. bare forward: the same ``DenseClip`` on device-resident random bf16 channels-last batches of the
    same size, eager (the path labeling runs) and ``torch.compile``d; FLOPs per image counted by
    ``torch.utils.flop_counter``; MFU against the measured bf16 matrix-product rate and the datasheet;
@@ -158,6 +159,32 @@ def end_to_end(root: Path, args: argparse.Namespace, device: str, results: Resul
     return rate
 
 
+def decode_rate(root: Path, args: argparse.Namespace, on_gpu: bool, max_images: int = 16384) -> float:
+    """Images/s of labeling's decode stage alone: ``ShardImages`` in a DataLoader with the same workers, batch
+    and pinning as ``run_labeling``, over the first shards (up to ``max_images``), worker start-up excluded."""
+    import torch
+
+    from labeling.image_shards import ShardImages, index_shard
+    from pipeline.formats import images_dir
+
+    indices = [index_shard(p) for p in sorted(images_dir(root, "bench").glob("*.tar"))]
+    indices = indices[: max(1, max_images // len(indices[0].keys))]
+    loader = torch.utils.data.DataLoader(
+        ShardImages(indices, tuple(args.resolution)),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        pin_memory=on_gpu,
+        prefetch_factor=4 if args.workers > 0 else None,
+    )
+    n, t0 = 0, None
+    for ids, _, _ in loader:
+        if t0 is None:  # the first batch waits for the workers to start
+            t0 = time.perf_counter()
+            continue
+        n += len(ids)
+    return n / (time.perf_counter() - t0) if n else float("nan")
+
+
 def read_encoded(root: Path, limit: int) -> list[bytes]:
     """The first ``limit`` encoded images of the corpus's shards, in shard order."""
     from labeling.image_shards import index_shard
@@ -200,6 +227,9 @@ def main() -> None:
         root = Path(tmp)
         build_corpus(root, args, results)
         e2e = end_to_end(root, args, device, results)
+        decode = decode_rate(root, args, on_gpu)
+        results.update(decode_images_per_s=decode)
+        print(f"decode alone (same DataLoader, no model): {decode:9.1f} images/s", flush=True)
 
         from labeling.clip_model import DenseClip, load_clip
 

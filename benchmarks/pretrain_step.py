@@ -247,6 +247,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3, help="interleaved MoE/dense measurement rounds")
+    p.add_argument("--loop-rounds", type=int, default=None, help="trainer loop runs (default: --rounds)")
     p.add_argument("--images", type=int, default=512, help="images in the (small) benchmark corpus")
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--loader-batches", type=int, default=6)
@@ -330,8 +331,9 @@ def main() -> None:
         # loop rounds, each bracketed by bare fwd+bwd runs of the same model (before: the previous one)
         moe, loops, ratios = benches["moe"], [], []
         before, round_s = res.data["bare_fwd_bwd_moe_images_per_s"], 0.0
-        for r in range(args.rounds):
-            if r > 0 and not budget.allows(round_s, f"loop rounds {r}..{args.rounds - 1}", res):
+        loop_rounds = args.rounds if args.loop_rounds is None else args.loop_rounds
+        for r in range(loop_rounds):
+            if r > 0 and not budget.allows(round_s, f"loop rounds {r}..{loop_rounds - 1}", res):
                 break
             t = time.perf_counter()
             loops.append(loop(make_config(args, root, "small"), root / f"run{r}", args.steps, args.warmup))
