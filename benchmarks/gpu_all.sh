@@ -127,12 +127,12 @@ part_label() {
 }
 
 part_pretrain() {
-    local args=(--out "$OUT/pretrain.json" --budget-s $(($1 - 30)) --skip-rss --compile)
-    if [[ $DRY == 1 ]]; then
+    local args=(--out "$OUT/pretrain.json" --budget-s $(($1 - 30)) --skip-rss)
+    if [[ $DRY == 1 ]]; then  # no compile: tracing alone takes most of a minute on 2 busy cores
         args+=(--arch vit_tiny --img 64 32 --batch 4 --local-crops 2 --dino-out-dim 256 --workers 0 --steps 1
-            --warmup 1 --rounds 1 --images 32 --shards 2 --loader-batches 2 --compile-backend eager)
+            --warmup 1 --rounds 1 --images 32 --shards 2 --loader-batches 2)
     else
-        args+=(--arch vit_base --img 256 128 --patch 16 --batch "${PRETRAIN_BATCH:-128}" --local-crops 8
+        args+=(--compile --arch vit_base --img 256 128 --patch 16 --batch "${PRETRAIN_BATCH:-128}" --local-crops 8
             --precision bf16 --workers "$CORES" --steps 15 --warmup 5 --rounds 2 --loop-rounds 1 --images 8192 --shards 32
             --loader-batches 20 --peak-flops "$PEAK")
     fi

@@ -64,7 +64,7 @@ def parse_args() -> argparse.Namespace:
             48,
             16,
         )
-        args.workers, args.seconds, args.no_compile = 1, 0.3, True
+        args.workers, args.seconds, args.no_compile = 0, 0.3, True
     return args
 
 

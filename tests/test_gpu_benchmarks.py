@@ -46,13 +46,13 @@ def test_dry_run_measures_every_part_and_returns_what_the_device_tool_can_carry(
     }
     label = summary["label"]
     assert label["random_weights"] is True
-    for key in ("e2e_images_per_s", "bare_images_per_s", "gpu_decode_images_per_s", "label_bytes_per_image"):
+    for key in ("e2e_images_per_s", "bare_images_per_s", "decode_images_per_s", "gpu_decode_images_per_s"):
         assert label[key] > 0, key
+    assert label["label_bytes_per_image"] > 0
     assert label["e2e_over_bare"] == round(label["e2e_images_per_s"] / label["bare_images_per_s"], 4)
     pretrain = summary["pretrain"]
-    for tag in ("moe", "dense"):  # eager and compiled (the dry run compiles with the 'eager' backend)
-        for kind in ("", "_compiled"):
-            assert pretrain[f"bare_step_{tag}{kind}_images_per_s"] > 0, (tag, kind)
+    for tag in ("moe", "dense"):  # eager only: the dry run does not compile (tracing takes most of a minute)
+        assert pretrain[f"bare_step_{tag}_images_per_s"] > 0 and pretrain[f"bare_fwd_bwd_{tag}_images_per_s"] > 0
     assert pretrain["loop_images_per_s"] > 0 and pretrain["loader_small_images_per_s"] > 0
     # the ablation script ran in its own folder with TINY=1; its JSON line and its files came back
     assert summary["ablation"] == {"ablation": "fake", "tiny": "1"}
