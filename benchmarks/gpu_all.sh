@@ -14,8 +14,8 @@
 # CPU dry run:     GPU_ALL_DRY_RUN=1 OUT=/tmp/g bash benchmarks/gpu_all.sh   (tiny models, seconds; a test runs it)
 #
 # Time guards: GPU_ALL_BUDGET_S (default 525 s) for the whole run; each part gets its share (label 190 s,
-# pretrain 300 s, ablation the rest) and is killed at its limit; a part with too little time left is skipped
-# with a note. Parts write their figures as they go, so a killed part keeps what it measured.
+# pretrain 300 s or, with no ablation to run, the rest; ablation the rest) and is killed at its limit; a part
+# with too little time left is skipped with a note. Parts write their figures as they go, so a killed part keeps what it measured.
 # Other settings: GPU_ALL_PARTS ("label pretrain ablation"), PYTHON (python3), LABEL_IMAGES (32768),
 # PRETRAIN_BATCH (128), GPU_ALL_ABLATION_SCRIPT (benchmarks/gpu_ablation.sh; run with OUT=<its own dir>,
 # TINY=1 in a dry run).
@@ -162,7 +162,11 @@ part_ablation() {
 }
 
 run_part label 190 60
-run_part pretrain 300 90
+if [[ -f $ABLATION_SCRIPT && " $PARTS " == *" ablation "* ]]; then
+    run_part pretrain 300 90
+else  # nothing after it: pre-training may use the rest (a second compiled model, if it fits)
+    run_part pretrain "$(left_s)" 90
+fi
 run_part ablation $(($(left_s) - 10)) 60
 echo "== gpu_all: $((SECONDS - START)) s in all"
 "$PY" benchmarks/gpu_common.py summary "$OUT" "$WORK"
