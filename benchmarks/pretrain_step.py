@@ -1,8 +1,8 @@
 """Pre-training step cost: MoE vs plain ViT, and the full loop (label-joined stream) vs bare compute.
 
     .venv/bin/python benchmarks/pretrain_step.py                       # CPU-sized: ViT-Ti, batch 8
-    python benchmarks/pretrain_step.py --arch vit_base --batch 128 --precision bf16 --workers 14 \\
-        --steps 20 --warmup 5 --images 8192                                 # one GPU (benchmarks/gpu_pretrain.sh)
+    python benchmarks/pretrain_step.py --arch vit_base --batch 128 --precision bf16 --workers 16 \\
+        --steps 20 --warmup 5 --images 8192 --compile --skip-rss           # one GPU (benchmarks/gpu_all.sh)
 
 Measured in one run, same model settings, same process:
 
@@ -15,20 +15,24 @@ Measured in one run, same model settings, same process:
   workers, logging every ``--warmup`` steps; timed over the intervals after the first one. Each of the
   ``--rounds`` loop runs is compared with bare fwd+bwd runs right before and after it (median ratio).
 * ``loader``: the stream alone (batches/s without a model), and its peak RSS at two corpus sizes
-  (fresh subprocesses; the RSS must not grow with the corpus).
+  (fresh subprocesses; the RSS must not grow with the corpus); ``--skip-rss``: the small corpus only.
+* ``--compile``: bare fwd+bwd and step again with ``torch.compile`` on the meta-arch, MoE and dense (the
+  trainer itself has no compile switch, so the loop is eager only).
+* on CUDA, ``peak_mem_*_gib``: the largest ``torch.cuda.max_memory_allocated`` over a model's bare runs.
 
 Figures: ``moe_ratio`` = bare step images/s with MoE / without (target >= 0.67); ``loop_ratio`` = loop
 images/s / bare fwd+bwd images/s with MoE (target >= 0.85); on CUDA also ``mfu`` = counted FLOPs
-(torch FlopCounterMode, one training step incl. teacher) x images/s / peak dense bf16 FLOP/s. Last line: JSON.
+(torch FlopCounterMode, one training step incl. teacher) x images/s / peak bf16 FLOP/s, against the datasheet
+and against ``--peak-flops`` (the measured matrix-product rate, benchmarks/gpu_common.py) when given.
+``--budget-s`` skips loop rounds and compiled runs that would not fit; ``--out`` gets the figures after every
+section (a run killed by a time guard keeps them). Last line: JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
-import random
 import statistics
 import subprocess
 import sys
@@ -39,7 +43,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
+from benchmarks.gpu_common import Budget, Results, datasheet_peak, person_jpeg  # noqa: E402
+
+COMPILE_ALLOWANCE_S = 75  # budget kept free for torch.compile of one ViT-B meta-arch (fwd + bwd) before timing it
 
 
 def write_corpus(root: Path, corpus: str, n_images: int, n_shards: int, seed: int = 0) -> None:
@@ -48,24 +54,13 @@ def write_corpus(root: Path, corpus: str, n_images: int, n_shards: int, seed: in
     import pyarrow as pa
     import pyarrow.parquet as pq
     import webdataset as wds
-    from PIL import Image, ImageFilter
 
     from pipeline import formats
     from pipeline.vocab import load_attributes, load_parts
 
     attrs, parts = load_attributes().names, list(load_parts().names)
     grid = (16, 8)
-    rng = random.Random(seed)
-    pool = []
-    for _ in range(64):  # 64 distinct encodings, reused with distinct keys
-        h = rng.randint(96, 384)
-        w = max(32, int(h * rng.uniform(0.30, 0.55)))
-        sw, sh = max(2, w // 8), max(2, h // 8)  # low-res noise, upscaled and blurred: compresses like a photo
-        small = Image.frombytes("RGB", (sw, sh), rng.randbytes(3 * sw * sh))
-        img = small.resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(2))
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=95)
-        pool.append((buf.getvalue(), w, h))
+    pool = [person_jpeg(seed * 1000 + i) for i in range(64)]  # 64 distinct encodings, reused with distinct keys
     img_dir, lab_dir = formats.images_dir(root, corpus), formats.labels_dir(root, corpus, "bench")
     img_dir.mkdir(parents=True, exist_ok=True)
     lab_dir.mkdir(parents=True, exist_ok=True)
@@ -106,6 +101,7 @@ def make_config(args: argparse.Namespace, root: Path, corpus: str, *extra: str):
     model = [f"arch={args.arch}", f"img_size=[{args.img[0]},{args.img[1]}]", f"patch_size={args.patch}"]
     model.append(f"loss.dino_out_dim={args.dino_out_dim}")
     run = [f"mixed_precision='{args.precision}'", "tensorboard=false", "quiet=true", "checkpoint_every=1000000000"]
+    run += ["optim.epochs=1", "optim.warmup_epochs=0"]  # schedules are arrays over all steps: keep them 1e6 long
     overrides = [f"data.{o}" for o in data] + [f"model.{o}" for o in model] + run + ["resume=none", *extra]
     return load_config(PretrainConfig, overrides=overrides)
 
@@ -149,7 +145,18 @@ class BareStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.core.update_teacher(0.996)
 
+    def compile(self, backend: str) -> None:
+        """torch.compile the meta-arch (its forward and backward); optimizer and EMA update stay eager."""
+        import torch
+
+        self.model = torch.compile(self.model, backend=backend)
+
     def images_per_s(self, fn, steps: int, warmup: int) -> float:
+        import torch
+
+        on_gpu = self.accelerator.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(warmup):
             fn()
         sync(self.accelerator.device)
@@ -157,7 +164,10 @@ class BareStep:
         for _ in range(steps):
             fn()
         sync(self.accelerator.device)
-        return steps * self.images / (time.perf_counter() - t)
+        rate = steps * self.images / (time.perf_counter() - t)
+        if on_gpu:  # includes whatever else this process holds on the GPU (the other model's weights and state)
+            self.peak_mem_bytes = max(getattr(self, "peak_mem_bytes", 0), torch.cuda.max_memory_allocated())
+        return rate
 
     def flops_per_image(self) -> float:
         from torch.utils.flop_counter import FlopCounterMode
@@ -237,28 +247,58 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3, help="interleaved MoE/dense measurement rounds")
+    p.add_argument("--loop-rounds", type=int, default=None, help="trainer loop runs (default: --rounds)")
     p.add_argument("--images", type=int, default=512, help="images in the (small) benchmark corpus")
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--loader-batches", type=int, default=6)
-    p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--skip-rss", action="store_true", help="loader figures on the small corpus only")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd bare fwd+bwd and step")
+    p.add_argument("--compile-backend", default="inductor", help="'eager' checks the compile path cheaply")
+    p.add_argument("--peak-flops", type=float, default=None, help="measured bf16 FLOP/s for a second MFU figure")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="skip loop rounds / compiles that won't fit")
+    p.add_argument("--out", default=None, help="JSON file rewritten after every section")
     return p.parse_args()
+
+
+def bare_section(benches: dict[str, BareStep], args: argparse.Namespace, res: Results, kind: str, rounds: int) -> None:
+    """Interleaved fwd+bwd and full-step rates of every model (``kind``: eager or compiled), medians."""
+    rates = interleaved(benches, rounds, args.steps, args.warmup)
+    sfx = "" if kind == "eager" else "_compiled"
+    for name, values in rates.items():
+        res.update(**{f"bare_{name}{sfx}_images_per_s": statistics.median(values)})
+    for tag in benches:
+        fb, st = res.data[f"bare_fwd_bwd_{tag}{sfx}_images_per_s"], res.data[f"bare_step_{tag}{sfx}_images_per_s"]
+        print(f"bare {tag:5s} {kind:8s}: fwd+bwd {fb:.1f} img/s, full step {st:.1f} img/s (median of {rounds})")
+    if kind == "eager":
+        res.update(
+            moe_ratio=statistics.median(m / d for m, d in zip(rates["step_moe"], rates["step_dense"], strict=True)),
+            moe_ratio_fwd_bwd=statistics.median(
+                m / d for m, d in zip(rates["fwd_bwd_moe"], rates["fwd_bwd_dense"], strict=True)
+            ),
+        )
+        print(
+            f"MoE / dense, full step: {res.data['moe_ratio']:.3f} (target >= 0.67); fwd+bwd: "
+            f"{res.data['moe_ratio_fwd_bwd']:.3f}"
+        )
 
 
 def main() -> None:
     import torch
 
     args = parse_args()
+    budget = Budget(args.budget_s)
     on_gpu = torch.cuda.is_available()
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
     setting = f"{args.arch} {args.img[0]}x{args.img[1]}/{args.patch}, batch {args.batch}"
     setting += f", 2 global + {args.local_crops} local crops, precision {args.precision}, {args.workers} workers"
-    print(f"device: {device_name}; {setting}")
-    f: dict[str, float] = {}
+    print(f"device: {device_name}; {setting}", flush=True)
+    res = Results(args.out, part="pretrain", device=device_name, arch=args.arch, img=list(args.img))
+    res.update(batch=args.batch, local_crops=args.local_crops, precision=args.precision, workers=args.workers)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
         write_corpus(root, "small", args.images, args.shards)
-        print(f"corpus: {args.images} images in {args.shards} shards ({time.perf_counter() - t:.1f}s)")
+        print(f"corpus: {args.images} images in {args.shards} shards ({time.perf_counter() - t:.1f}s)", flush=True)
 
         from pretrain.data import build_stream
 
@@ -268,55 +308,91 @@ def main() -> None:
         n_parts = len(stream.labelset.parts)
         del stream
 
+        sizes = [("small", args.images)]
         if not args.skip_rss:
             write_corpus(root, "large", args.images * 4, args.shards * 4, seed=1)
-            for corpus, n in (("small", args.images), ("large", args.images * 4)):
-                res = loader_rss(root, corpus, args.loader_batches)
-                f.update({f"loader_{corpus}_{k}": v for k, v in res.items()})
-                rss = f"peak RSS main {res['rss_main_mb']:.0f} MB, largest worker {res['rss_worker_mb']:.0f} MB"
-                print(f"loader alone, {n} images: {res['images_per_s']:.1f} img/s, {rss}")
+            sizes.append(("large", args.images * 4))
+        for corpus, n in sizes:
+            loader = loader_rss(root, corpus, args.loader_batches)
+            res.update(**{f"loader_{corpus}_{k}": v for k, v in loader.items()})
+            rss = f"peak RSS main {loader['rss_main_mb']:.0f} MB, largest worker {loader['rss_worker_mb']:.0f} MB"
+            print(f"loader alone, {n} images: {loader['images_per_s']:.1f} img/s, {rss}", flush=True)
         benches = {
             tag: BareStep(make_config(args, root, "small", f"model.moe.enabled={moe}"), batch, n_parts)
             for tag, moe in (("moe", True), ("dense", False))
         }
         for tag, bench in benches.items():
-            f[f"flops_per_image_{tag}"] = bench.flops_per_image()
-        rates = interleaved(benches, args.rounds, args.steps, args.warmup)
-        for name, values in rates.items():
-            f[f"bare_{name}_images_per_s"] = statistics.median(values)
-        for tag in benches:
-            line = f"fwd+bwd {f[f'bare_fwd_bwd_{tag}_images_per_s']:.1f} img/s, "
-            line += f"full step {f[f'bare_step_{tag}_images_per_s']:.1f} img/s (median of {args.rounds} rounds)"
-            print(f"bare {tag:5s}: {line}, {f[f'flops_per_image_{tag}'] / 1e9:.1f} GFLOP/img fwd+bwd (counted)")
-        f["moe_ratio"] = statistics.median(m / d for m, d in zip(rates["step_moe"], rates["step_dense"], strict=True))
-        f["moe_ratio_fwd_bwd"] = statistics.median(
-            m / d for m, d in zip(rates["fwd_bwd_moe"], rates["fwd_bwd_dense"], strict=True)
-        )
-        print(f"MoE / dense, full step: {f['moe_ratio']:.3f} (target >= 0.67); fwd+bwd: {f['moe_ratio_fwd_bwd']:.3f}")
+            res.update(**{f"flops_per_image_{tag}": bench.flops_per_image()})
+            print(f"{tag}: {res.data[f'flops_per_image_{tag}'] / 1e9:.1f} GFLOP/image fwd+bwd incl. teacher (counted)")
+        t = time.perf_counter()
+        bare_section(benches, args, res, "eager", args.rounds)
+        model_round_s = (time.perf_counter() - t) / (2 * args.rounds)  # one model's fwd+bwd and step runs
 
         # loop rounds, each bracketed by bare fwd+bwd runs of the same model (before: the previous one)
-        moe, loops, ratios, before = benches["moe"], [], [], rates["fwd_bwd_moe"][-1]
-        for r in range(args.rounds):
+        moe, loops, ratios = benches["moe"], [], []
+        before, round_s = res.data["bare_fwd_bwd_moe_images_per_s"], 0.0
+        loop_rounds = args.rounds if args.loop_rounds is None else args.loop_rounds
+        for r in range(loop_rounds):
+            if r > 0 and not budget.allows(round_s, f"loop rounds {r}..{loop_rounds - 1}", res):
+                break
+            t = time.perf_counter()
             loops.append(loop(make_config(args, root, "small"), root / f"run{r}", args.steps, args.warmup))
             after = moe.images_per_s(moe.fwd_bwd, args.steps, args.warmup)
+            round_s = time.perf_counter() - t
             ratios.append(loops[-1] / ((before + after) / 2))
             print(f"loop round {r}: {loops[-1]:.1f} img/s; bare fwd+bwd before/after {before:.1f} / {after:.1f} img/s")
             before = after
-        f["loop_images_per_s"] = statistics.median(loops)
-        f["loop_ratio"] = statistics.median(ratios)
-        f["loop_ratio_vs_step"] = f["loop_images_per_s"] / f["bare_step_moe_images_per_s"]
-        print(f"loop (stream + trainer step, MoE): {f['loop_images_per_s']:.1f} img/s (median)")
-        print(f"loop / bare fwd+bwd: {f['loop_ratio']:.3f} (target >= 0.85); / bare step {f['loop_ratio_vs_step']:.3f}")
-        peak = next((v for k, v in PEAK_BF16.items() if k in device_name), None) if on_gpu else None
-        if peak:
-            f["peak_flops"] = peak
-            f["mfu_loop"] = f["loop_images_per_s"] * f["flops_per_image_moe"] / peak
-            f["mfu_bare"] = f["bare_fwd_bwd_moe_images_per_s"] * f["flops_per_image_moe"] / peak
-            mfu = f"loop {f['mfu_loop']:.3f}, bare fwd+bwd {f['mfu_bare']:.3f}"
-            print(f"MFU (counted FLOPs / {peak / 1e12:.0f} TFLOP/s bf16 dense): {mfu}")
+            res.update(loop_images_per_s=statistics.median(loops), loop_ratio=statistics.median(ratios))
+        res.update(loop_ratio_vs_step=res.data["loop_images_per_s"] / res.data["bare_step_moe_images_per_s"])
+        print(f"loop (stream + trainer step, MoE): {res.data['loop_images_per_s']:.1f} img/s (median)")
+        print(
+            f"loop / bare fwd+bwd: {res.data['loop_ratio']:.3f} (target >= 0.85); / bare step "
+            f"{res.data['loop_ratio_vs_step']:.3f}",
+            flush=True,
+        )
 
-    f["device"] = device_name
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in f.items()}))
+        if on_gpu:
+            for tag, bench in benches.items():
+                res.update(**{f"peak_mem_{tag}_gib": getattr(bench, "peak_mem_bytes", 0) / 2**30})
+            report_mfu(res, device_name, args.peak_flops)
+
+        # compiled: one round per model (compiling takes a minute or more each on a GPU machine), MoE first
+        for tag, bench in benches.items() if args.compile else ():
+            if not budget.allows(COMPILE_ALLOWANCE_S + model_round_s, f"torch.compile of the {tag} model", res):
+                break
+            try:
+                t = time.perf_counter()
+                bench.compile(args.compile_backend)
+                bare_section({tag: bench}, args, res, "compiled", 1)
+                res.update(**{f"compile_{tag}_s": time.perf_counter() - t})
+            except Exception as exc:  # noqa: BLE001 - a compile failure must not lose the eager figures
+                res.note(f"torch.compile of {tag} failed: {type(exc).__name__}: {str(exc)[:300]}")
+                print(f"torch.compile of {tag} failed: {type(exc).__name__}: {exc}", flush=True)
+
+        if on_gpu:  # again after the compiled runs (a time guard may kill those: these figures are kept)
+            for tag, bench in benches.items():
+                res.update(**{f"peak_mem_{tag}_gib": getattr(bench, "peak_mem_bytes", 0) / 2**30})
+            report_mfu(res, device_name, args.peak_flops)
+    print(res.json_line())
+
+
+def report_mfu(res: Results, device_name: str, measured_peak: float | None) -> None:
+    """MFU = counted FLOPs per image x images/s / peak, for every rate measured, against each known peak."""
+    peaks = {"datasheet": datasheet_peak(device_name), "matmul": measured_peak}
+    for peak_name, peak in peaks.items():
+        if not peak:
+            continue
+        res.update(**{f"peak_flops_{peak_name}": peak})
+        for key, rate in list(res.data.items()):
+            if not (key.startswith(("bare_", "loop_images")) and key.endswith("_images_per_s")):
+                continue
+            tag = "dense" if "_dense" in key else "moe"
+            name = key.removesuffix("_images_per_s").removeprefix("bare_")
+            res.update(**{f"mfu_{peak_name}_{name}": rate * res.data[f"flops_per_image_{tag}"] / peak})
+        line = ", ".join(
+            f"{k[len(f'mfu_{peak_name}_') :]} {v:.1%}" for k, v in res.data.items() if k.startswith(f"mfu_{peak_name}_")
+        )
+        print(f"MFU vs {peak_name} {peak / 1e12:.0f} TFLOP/s: {line}", flush=True)
 
 
 if __name__ == "__main__":
