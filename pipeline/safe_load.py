@@ -1,0 +1,30 @@
+"""Loading resume states without unpickling arbitrary objects.
+
+Resume states (transfer's ``checkpoint.pt``, clip-train's state) hold only tensors and plain types
+(dicts, lists, numbers, strings), so they load with ``torch.load(..., weights_only=True)``: a file that
+names any other class is refused instead of unpickled, since unpickling can run code.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import ClaspError
+
+
+def load_plain_state(path: Path, *, what: str) -> dict[str, Any]:
+    """The dict saved at ``path`` by ``torch.save``, loaded with ``weights_only=True``; one-line error otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        lines = str(exc).strip().splitlines()
+        raise ClaspError(
+            f"{path} is not a readable {what} ({lines[0] if lines else type(exc).__name__}); delete it to start over"
+        ) from None
+    if not isinstance(state, dict):
+        raise ClaspError(f"{path} is not a {what} (it holds a {type(state).__name__}); delete it to start over")
+    return state
