@@ -34,7 +34,7 @@ def _trained_pair() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 def test_clip_train_state_round_trips_through_a_weights_only_load(tmp_path: Path) -> None:
     model, optimizer = _trained_pair()
     _save_state(tmp_path, model, optimizer, 2, [{"epoch": 1, "loss": 0.5, "images_per_s": 10.0}])
-    fresh, fresh_opt = torch.nn.Linear(3, 2), torch.optim.AdamW(torch.nn.Linear(3, 2).parameters())
+    fresh = torch.nn.Linear(3, 2)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     epoch, history = _maybe_resume(tmp_path, ClipTrainConfig(), fresh, fresh_opt)
     assert epoch == 2 and history[0]["loss"] == 0.5
