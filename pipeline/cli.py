@@ -218,9 +218,10 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Release directory: model.safetensors, config.json, card."),
 ) -> None:
     """Export the teacher backbone of a pre-training checkpoint in timm layout (stock timm loads it, MoE off)."""
+    from pretrain.export import export_summary
     from pretrain.trainer import export_run
 
-    typer.echo(f"export: {export_run(checkpoint, out)}")
+    typer.echo(export_summary(export_run(checkpoint, out)))
 
 
 # --- stage 3: transfer -----------------------------------------------------------------------
