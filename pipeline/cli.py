@@ -273,8 +273,9 @@ def demo(
 
 def _load_config(cls: type, config: Path | None, overrides: list[str] | None) -> object:
     from pipeline.config import load_config
+    from pipeline.resources import config_path
 
-    return load_config(cls, config, list(overrides or []))
+    return load_config(cls, config_path(config) if config else None, list(overrides or []))
 
 
 def main() -> None:
