@@ -33,3 +33,57 @@ def test_cli_config_paths_fall_back_to_the_shipped_configs(tmp_path: Path, monke
     assert cli._load_config(PretrainConfig, Path("configs/pretrain/demo.yaml"), []).model.arch == "vit_tiny"
     with pytest.raises(ConfigError, match="config file configs/nope.yaml does not exist"):
         cli._load_config(PretrainConfig, Path("configs/nope.yaml"), [])
+
+
+def _install_torch_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "install_torch.py"
+    spec = importlib.util.spec_from_file_location("install_torch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FakePip:
+    """Stands in for ``python -m pip``: a dry run reports ``offered``; installs are recorded."""
+
+    def __init__(self, offered: dict[str, str]) -> None:
+        self.offered, self.installs = offered, []
+
+    def __call__(self, *args: str, check: bool = True):
+        import json
+        import subprocess
+
+        if "--dry-run" in args:
+            report = Path(args[args.index("--report") + 1])
+            items = [{"metadata": {"name": name, "version": v}} for name, v in self.offered.items()]
+            report.write_text(json.dumps({"install": items}))
+        else:
+            self.installs.append(args)
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+
+@pytest.mark.parametrize(
+    ("offered", "takes_cpu_index"),
+    [
+        ({"torch": "2.13.0+cpu", "torchvision": "0.28.0"}, False),  # this machine: CPU torch, CUDA torchvision
+        ({"torch": "2.14.1", "torchvision": "0.29.1"}, False),  # an index that serves only CUDA builds
+        ({"torch": "2.9.1+cpu", "torchvision": "0.24.1+cpu"}, True),  # PyTorch's CPU index
+    ],
+)
+def test_install_torch_takes_the_cpu_index_only_for_a_cpu_pair(
+    offered: dict[str, str], takes_cpu_index: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    install_torch = _install_torch_module()
+    fake = _FakePip(offered)
+    after = {"torch": "2.14.1", "torchvision": "0.29.1", "cuda": "13.0"}
+    pairs = iter([None, after])  # nothing importable before, the installed pair after
+    monkeypatch.setattr(install_torch, "pip", fake)
+    monkeypatch.setattr(install_torch, "installed_pair", lambda: next(pairs))
+    monkeypatch.setattr("sys.argv", ["install_torch", "--build", "cpu", "--pins", str(tmp_path / "pins.txt")])
+    assert install_torch.main() == 0
+    (install,) = fake.installs
+    assert ("--index-url" in install) is takes_cpu_index
+    assert ("not both CPU builds" in capsys.readouterr().out) is not takes_cpu_index
+    assert (tmp_path / "pins.txt").read_text() == "torch==2.14.1\ntorchvision==0.29.1\n"
