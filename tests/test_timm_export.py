@@ -138,3 +138,13 @@ def test_moe_card_and_export_summary_show_the_registered_load(tmp_path: Path) ->
     plain, _ = _export(tmp_path, MoEConfig(enabled=False), name="plain")
     assert "stock timm both load it" in export_summary(plain)
     assert "vit_tiny_patch16_224" in (plain / "README.md").read_text()
+
+
+def test_transfer_loads_a_moe_export_by_registered_name(tmp_path: Path) -> None:
+    out, teacher = _export(tmp_path, MOE)
+    spec = BackboneConfig(spec=f"timm:clasp_vit_micro@{out / 'model.safetensors'}", prompt="part")
+    backbone = build_backbone(spec, img_size=IMG)
+    assert isinstance(backbone.model, ClaspViT) and backbone.model.has_moe and backbone.prompt_mode == "fixed"
+    assert backbone.mean == tuple(DATA["mean"]) and backbone.std == tuple(DATA["std"])
+    loaded, expected = backbone.model.state_dict(), teacher.state_dict()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
