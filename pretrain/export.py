@@ -243,9 +243,12 @@ def load_backbone(path: str | Path, *, img_size: tuple[int, int] | None = None) 
     config_path = path / CONFIG_FILE
     if not config_path.is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ClaspError(f"{path} is not a CLASP backbone export (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-    config = json.loads(config_path.read_text())
-    moe = from_dict(MoEConfig, config["moe"], prefix="moe.")
-    size = tuple(img_size or config["img_size"])
+    try:
+        config = json.loads(config_path.read_text())
+        moe = from_dict(MoEConfig, config["moe"], prefix="moe.")
+        size = tuple(img_size or config["img_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as exc:
+        raise ClaspError(f"{config_path} is not a valid CLASP export config ({type(exc).__name__}: {exc})") from None
     if moe.enabled:
         name = register_timm_model(config["arch"])
         model = timm.create_model(

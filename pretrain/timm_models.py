@@ -145,6 +145,9 @@ def _create(arch: str, pretrained: bool = False, **kwargs: Any) -> ClaspViT:
         moe = kwargs.pop("moe", None)
         kwargs["moe"] = from_dict(MoEConfig, moe, prefix="moe.") if isinstance(moe, dict) else moe
         build_size, patch_size = tuple(img_size or DEFAULT_IMG_SIZE), int(kwargs.pop("patch_size", 16))
+    for size in (build_size, tuple(img_size or build_size)):
+        if size[0] % patch_size or size[1] % patch_size:
+            raise ClaspError(f"{name}: img_size {list(size)} must be a multiple of the patch size {patch_size}")
     kwargs = {**timm_kwargs(arch, img_size=build_size, patch_size=patch_size), **kwargs}
     pretrained_cfg = {**pretrained_cfg_of(config, name), **overlay}
     model = build_model_with_cfg(

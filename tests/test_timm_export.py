@@ -148,3 +148,18 @@ def test_transfer_loads_a_moe_export_by_registered_name(tmp_path: Path) -> None:
     assert backbone.mean == tuple(DATA["mean"]) and backbone.std == tuple(DATA["std"])
     loaded, expected = backbone.model.state_dict(), teacher.state_dict()
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_bad_weights_files_and_configs_are_one_line_errors(tmp_path: Path) -> None:
+    out, _ = _export(tmp_path, MOE)
+    file = str(out / "model.safetensors")
+    with pytest.raises(ClaspError, match=r"img_size \[70, 32\] must be a multiple of the patch size 16"):
+        timm.create_model("clasp_vit_micro", pretrained=True, pretrained_cfg_overlay=dict(file=file), img_size=(70, 32))
+    torch.save({"a": torch.zeros(1)}, tmp_path / "state.pt")
+    with pytest.raises(ClaspError, match="state.pt is not a safetensors file"):
+        timm.create_model(
+            "clasp_vit_micro", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "state.pt"))
+        )
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(ClaspError, match="config.json is not a valid CLASP export config"):
+        load_backbone(out)
