@@ -235,7 +235,7 @@ def test_rerun_after_ingest_overwrite_relabels_shards_of_the_old_ingest(tmp_path
     old_keys = pq.read_table(label_shard_path(root, "re", set_id, 0)).column("key").to_pylist()
     # another source with as many images per shard: the old label shards' row counts still match
     src = tmp_path / "other-source"
-    for i, (name, arr) in enumerate(noise_images(10, seed=2).items()):
+    for i, arr in enumerate(noise_images(10, seed=2).values()):
         (src / f"b{i:02d}.jpg").parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(src / f"b{i:02d}.jpg", quality=95)
     ingest(

@@ -53,7 +53,8 @@ def test_clip_train_refuses_a_state_that_would_run_code(tmp_path: Path) -> None:
 def test_transfer_refuses_a_checkpoint_that_would_run_code(tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
     torch.save({"config": {}, "history": [_RunsCode(marker)]}, tmp_path / CHECKPOINT)
-    with pytest.raises(ClaspError, match=f"{CHECKPOINT} is not a readable transfer resume state \\(it names posix.system"):
+    refusal = rf"{CHECKPOINT} is not a readable transfer resume state \(it names posix\.system"
+    with pytest.raises(ClaspError, match=refusal):
         load_checkpoint(tmp_path, {})
     assert not marker.exists()
 
