@@ -152,7 +152,7 @@ def load_instructions(config: dict[str, Any], weights: str = WEIGHTS_FILE) -> st
     lines = [
         "import pretrain  # registers the CLASP architectures with timm",
         "import timm",
-        f"model = timm.create_model('{registered}', pretrained=True, pretrained_cfg_overlay=dict(file='{weights}'))",
+        f"model = timm.create_model('{registered}', pretrained=True, pretrained_cfg_overlay=dict(file={weights!r}))",
         "model.eval()",
     ]
     if config["moe"]["enabled"]:
@@ -161,7 +161,7 @@ def load_instructions(config: dict[str, Any], weights: str = WEIGHTS_FILE) -> st
     kwargs = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in config["timm_kwargs"].items())
     height, width = config["img_size"]
     overlay = (
-        f"dict(file='{weights}', num_classes=0, input_size=(3, {height}, {width}), "
+        f"dict(file={weights!r}, num_classes=0, input_size=(3, {height}, {width}), "
         f"mean={tuple(config['mean'])}, std={tuple(config['std'])})"
     )
     return "\n".join(
