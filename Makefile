@@ -32,12 +32,17 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes $$(( $(GPUS) * $(NODES) 
 
 install: $(VENV)/.install.stamp
 
-# torch/torchvision are plain ranges: pip takes the CUDA build on a GPU machine and whatever the
-# local index/cap offers elsewhere. Reinstalls only when pyproject.toml changes.
-$(VENV)/.install.stamp: pyproject.toml
+# TORCH=auto|cpu|cuda|any: the torch + torchvision build put in first (tools/install_torch.py): auto =
+# cuda when nvidia-smi lists a GPU, else cpu (PyTorch's CPU wheels from TORCH_CPU_INDEX; where that index
+# cannot serve both, PyPI's build with a note). CLASP is then installed with that pair pinned, so no
+# dependency can swap it. Reinstalls only when pyproject.toml or setup.py change.
+TORCH ?= auto
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+$(VENV)/.install.stamp: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) tools/install_torch.py --build $(TORCH) --cpu-index $(TORCH_CPU_INDEX) --pins $(VENV)/torch-pins.txt
+	$(PY) -m pip install --quiet -e '.[dev]' -c $(VENV)/torch-pins.txt
 	touch $@
 
 demo: install

@@ -43,6 +43,7 @@ from pipeline.config import ConfigError, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_path, write_json_atomic
 from pipeline.guards import resolve_device
+from pipeline.safe_load import load_plain_state
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -378,7 +379,7 @@ def _maybe_resume(
                 f"{out} holds an unfinished run with a different config ({saved_cfg}); use another --out "
                 f"or delete {state_path} to start over"
             )
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    state = load_plain_state(state_path, what="clip-train resume state")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["epoch"]), list(state["history"])

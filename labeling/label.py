@@ -5,8 +5,10 @@
 
 Every process reads RANK / WORLD_SIZE / LOCAL_RANK (set by accelerate launch and torchrun) and
 takes the image shards at positions ``rank, rank + world, ...``: disjoint across any number of
-nodes, no communication. A finished shard is one renamed Parquet file; a restart skips it (unless its
-footer no longer reads or its row count is wrong: then it is labelled again). The
+nodes, no communication. A finished shard is one renamed Parquet file; a restart skips it unless its
+footer no longer reads, its row count is wrong or it was made from another ingest of its tar (the
+digest of the tar's manifest rows in its metadata differs, e.g. after `clasp ingest --overwrite`): then
+it is labelled again, and a stale labelset.json is removed until every shard is current. The
 process that finds every shard done writes ``labelset.json``, which marks the label set complete.
 Batches never straddle two shards, so a resumed run computes each shard exactly as an
 uninterrupted run does. Output schema: pipeline/formats.py.
@@ -34,7 +36,10 @@ from labeling.writer import ShardBuffer, blank_rows, code_version, finalize_labe
 from pipeline.config import ConfigError, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import (
+    LABELSET_FILE,
+    image_shard_digests,
     image_shard_path,
+    images_dir,
     label_schema,
     label_shard_path,
     labels_dir,
@@ -185,6 +190,7 @@ def run_labeling(cfg: LabelConfig) -> str:
     device = resolve_device(cfg.device)  # first: a missing GPU is reported before any work
     try:
         sizes = read_sizes(cfg.root, cfg.corpus)
+        digests = image_shard_digests(cfg.root, cfg.corpus)
         attrs, parts = load_attributes(cfg.attributes), load_parts(cfg.parts)
     except (FileNotFoundError, ValueError) as exc:
         raise ClaspError(str(exc)) from None
@@ -197,7 +203,16 @@ def run_labeling(cfg: LabelConfig) -> str:
     identity = labelset_identity(cfg, loaded, attrs, parts, resolution)
     set_id = labelset_id(identity)
     out_dir = labels_dir(cfg.root, cfg.corpus, set_id)
-    mine = [s for s in assign_shards(list(sizes), env.rank, env.world_size) if not _done(cfg, set_id, s, sizes[s])]
+    if sorted(digests) != list(sizes):
+        raise ClaspError(
+            f"{images_dir(cfg.root, cfg.corpus)}: manifest.parquet and sizes.json list different "
+            "shards (an interrupted ingest?); re-run `clasp ingest` for this corpus"
+        )
+    mine = [
+        s for s in assign_shards(list(sizes), env.rank, env.world_size) if not _done(cfg, set_id, s, sizes, digests)
+    ]
+    if mine:  # labels of this corpus are (re)made: the label set is not complete until they are
+        (labels_dir(cfg.root, cfg.corpus, set_id) / LABELSET_FILE).unlink(missing_ok=True)
     # before anything is written: the shards still to do at about LABEL_BYTES_PER_IMAGE each
     per_image = LABEL_BYTES_PER_IMAGE + (EMBED_BYTES_PER_IMAGE if cfg.with_embed else 0)
     ensure_free_space(out_dir, per_image * sum(sizes[s] for s in mine), what="label shards")
@@ -209,7 +224,7 @@ def run_labeling(cfg: LabelConfig) -> str:
     t0 = time.perf_counter()
     stats = {"images": 0, "shards": 0, "failures": [], "failed_shards": []}
     if mine:
-        _label_shards(resolved, loaded, attrs, parts, set_id, mine, sizes, device, stats)
+        _label_shards(resolved, loaded, attrs, parts, set_id, mine, sizes, digests, device, stats)
     elapsed = time.perf_counter() - t0
     LAST_RUN.clear()
     LAST_RUN.update(images=stats["images"], shards=stats["shards"], loop_s=stats.get("loop_s", 0.0), total_s=elapsed)
@@ -219,7 +234,7 @@ def run_labeling(cfg: LabelConfig) -> str:
             + "; ".join(stats["failed_shards"])
             + ". Fix or re-ingest them and re-run `clasp label` (finished shards are kept)."
         )
-    complete = _finalize(resolved, loaded, attrs, parts, set_id, identity, sizes, device)
+    complete = _finalize(resolved, loaded, attrs, parts, set_id, identity, sizes, digests, device)
     if not cfg.quiet:
         rate = stats["images"] / elapsed if elapsed > 0 else 0.0
         print(
@@ -245,19 +260,26 @@ def _validate(cfg: LabelConfig) -> None:
             raise ConfigError(f"label config: {msg}")
 
 
-def _done(cfg: LabelConfig, set_id: str, shard: str, rows: int) -> bool:
-    """A label shard is done when its Parquet footer reads and it has the image shard's row count.
+def _done(cfg: LabelConfig, set_id: str, shard: str, sizes: dict[str, int], digests: dict[str, str]) -> bool:
+    """A label shard is done when its Parquet footer reads, it has the image shard's row count and it was
+    made from this ingest of the tar (same ``image_shard_digest``).
 
-    A file damaged after it was written (truncated copy, full disk) is labelled again, not trusted.
+    A file damaged after it was written (truncated copy, full disk) is labelled again, not trusted; so is
+    one made from an earlier ingest (or by a version that recorded no digest).
     """
     path = label_shard_path(cfg.root, cfg.corpus, set_id, shard_index(shard))
     if not path.is_file():
         return False
     try:
-        return pq.read_metadata(path).num_rows == rows
+        meta = pq.read_metadata(path)
+        info = json.loads((meta.schema.to_arrow_schema().metadata or {}).get(b"clasp", b"{}"))
     except (OSError, ValueError):
         log.warning("%s is unreadable; labelling that shard again", path)
         return False
+    if meta.num_rows != sizes[shard] or info.get("image_shard_digest") != digests[shard]:
+        log.warning("%s was made from another ingest of %s; labelling that shard again", path, shard)
+        return False
+    return True
 
 
 def _label_shards(
@@ -268,6 +290,7 @@ def _label_shards(
     set_id: str,
     shards: list[str],
     sizes: dict[str, int],
+    digests: dict[str, str],
     device: str,
     stats: dict,
 ) -> None:
@@ -339,7 +362,9 @@ def _label_shards(
             failures = [f["key"] for f in stats["failures"] if f["shard"] == buf.index.path.name]
             path = label_shard_path(cfg.root, cfg.corpus, set_id, shard_index(buf.index.path))
             table = buf.table(schema, list(parts.names), cfg.conf_levels)
-            write_shard(path, table, {**meta_base, "rows": table.num_rows, "undecodable": failures})
+            digest = digests[buf.index.path.name]
+            meta = {**meta_base, "rows": table.num_rows, "undecodable": failures, "image_shard_digest": digest}
+            write_shard(path, table, meta)
             buffers[shard_pos] = None  # free the shard's rows
             stats["shards"] += 1
 
@@ -377,9 +402,12 @@ def _finalize(
     set_id: str,
     identity: dict,
     sizes: dict[str, int],
+    digests: dict[str, str],
     device: str,
 ) -> bool:
-    """Write labelset.json once every shard exists; returns whether the label set is complete."""
+    """Write labelset.json once every shard is done (``_done``); returns whether the label set is complete."""
+    if not all(_done(cfg, set_id, name, sizes, digests) for name in sizes):
+        return False
     visual = loaded.model.visual
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.startswith("cuda"))
     header = {

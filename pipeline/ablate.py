@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pipeline.config import load_config, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import write_json_atomic
+from pipeline.resources import SHIPPED_ROOT, config_path
 
 
 @dataclass
@@ -81,13 +82,13 @@ class AblationConfig:
     quiet: bool = True  # stage progress bars off; the runner prints one line per step
 
 
-REPO_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = SHIPPED_ROOT  # the checkout, or an installed copy of configs/ (pipeline.resources)
 DEMO_CONFIG = REPO_DIR / "configs" / "demo.yaml"
 
 
 def repo_path(path: str) -> str:
     """A relative config path that does not exist from the working directory is looked up in the repo."""
-    return path if Path(path).exists() or Path(path).is_absolute() else str(REPO_DIR / path)
+    return str(config_path(path))
 
 
 def _hash(obj: Any) -> str:

@@ -218,9 +218,10 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Release directory: model.safetensors, config.json, card."),
 ) -> None:
     """Export the teacher backbone of a pre-training checkpoint in timm layout (stock timm loads it, MoE off)."""
+    from pretrain.export import export_summary
     from pretrain.trainer import export_run
 
-    typer.echo(f"export: {export_run(checkpoint, out)}")
+    typer.echo(export_summary(export_run(checkpoint, out)))
 
 
 # --- stage 3: transfer -----------------------------------------------------------------------
@@ -272,8 +273,9 @@ def demo(
 
 def _load_config(cls: type, config: Path | None, overrides: list[str] | None) -> object:
     from pipeline.config import load_config
+    from pipeline.resources import config_path
 
-    return load_config(cls, config, list(overrides or []))
+    return load_config(cls, config_path(config) if config else None, list(overrides or []))
 
 
 def main() -> None:

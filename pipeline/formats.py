@@ -20,20 +20,25 @@ Label shard columns (pyarrow types; readable by DuckDB and pyarrow with no proje
     row_<part>     uint8, null if absent        mean row of that class's cells, 0 = top .. 255 = bottom
     clip_embed     binary, optional             image embedding, float16 little-endian bytes
 
-``grid`` ([grid_h, grid_w]) and the part/attribute names are recorded in labelset.json.
+``grid`` ([grid_h, grid_w]) and the part/attribute names are recorded in labelset.json. Each label shard's
+Parquet key-value metadata ``clasp`` (JSON) holds ``labelset``, ``rows``, ``undecodable`` (keys) and
+``image_shard_digest`` (``image_shard_digests``: which ingest of its tar the labels were made from).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.errors import ClaspError
 
@@ -92,6 +97,25 @@ def read_sizes(root: str | Path, corpus: str) -> dict[str, int]:
         )
     sizes = json.loads(path.read_text())
     return dict(sorted(sizes.items()))
+
+
+def image_shard_digests(root: str | Path, corpus: str) -> dict[str, str]:
+    """Shard file name -> sha256 of its manifest rows (``key`` and ``content_hash``, in shard order).
+
+    Identifies what an ingest put in each tar: a label shard made from another ingest of the same tar
+    (``clasp ingest --overwrite``) carries another digest, even when its row count matches. Streams the
+    manifest one row group (= one shard) at a time.
+    """
+    path = images_dir(root, corpus) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: corpus '{corpus}' has no complete ingest (run `clasp ingest`)")
+    hashers: dict[int, Any] = {}
+    manifest = pq.ParquetFile(path)
+    for group in range(manifest.num_row_groups):
+        rows = manifest.read_row_group(group, columns=["shard", "key", "content_hash"]).to_pydict()
+        for shard, key, content_hash in zip(rows["shard"], rows["key"], rows["content_hash"], strict=True):
+            hashers.setdefault(shard, hashlib.sha256()).update(f"{key}\t{content_hash}\n".encode())
+    return {image_shard_path(root, corpus, shard).name: h.hexdigest() for shard, h in sorted(hashers.items())}
 
 
 def read_labelset(root: str | Path, corpus: str, labelset: str) -> dict:

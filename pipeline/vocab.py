@@ -8,7 +8,9 @@ from pathlib import Path
 
 import yaml
 
-MANIFESTS_DIR = Path(os.environ.get("CLASP_MANIFESTS", Path(__file__).resolve().parent.parent / "data_manifests"))
+from pipeline.resources import shipped_path
+
+MANIFESTS_DIR = Path(os.environ.get("CLASP_MANIFESTS", shipped_path("data_manifests")))
 DEFAULT_ATTRIBUTES = MANIFESTS_DIR / "attributes_pa100k.yaml"
 DEFAULT_PARTS = MANIFESTS_DIR / "parts.yaml"
 

@@ -3,10 +3,23 @@
 ``export_backbone(checkpoint, out_dir, card=...)`` reads a training-state checkpoint written by the
 trainer and writes the **teacher** backbone only::
 
-    out_dir/model.safetensors   timm key layout (MoE off: loads strict into stock timm)
-    out_dir/config.json         arch, timm_name, timm_kwargs, img_size, patch_size, mean/std,
-                                num_features, moe settings, prompt names, step
+    out_dir/model.safetensors   timm key layout (MoE off: loads strict into stock timm); its header
+                                metadata ``clasp_config`` holds config.json, so the file alone suffices
+    out_dir/config.json         arch, timm_registered_name, timm_name, timm_kwargs, img_size, patch_size,
+                                mean/std, num_features, moe settings, prompt names, step
     out_dir/README.md           model card: data, label set, steps, settings, how to load
+
+Loading (``load_instructions``; printed by ``clasp export`` and shown in the card): always the
+registered CLASP timm model (``pretrain.timm_models``), MoE included::
+
+    import pretrain, timm
+    timm.create_model("clasp_vit_small", pretrained=True, pretrained_cfg_overlay=dict(file=".../model.safetensors"))
+
+and, with the MoE off, also stock timm (``timm_name`` + ``timm_kwargs``). Stock timm given a MoE
+export with only ``pretrained_cfg_overlay=dict(file=...)`` and ``num_classes=0`` loads non-strict
+(its pretrained config says 1000 classes, so timm drops strictness) and leaves the MoE blocks' MLPs
+random with only an "Unexpected keys" warning; the card's stock call therefore also overlays
+``num_classes=0``, which keeps timm strict, so the same call on a MoE export raises.
 
 The checkpoint is a ``torch.save``'d dict with at least::
 
@@ -38,7 +51,8 @@ from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.errors import ClaspError
 from pipeline.guards import ensure_free_space
 from pretrain.backbone import arch_spec, create_backbone, timm_kwargs
-from pretrain.model_config import TASK_PROMPTS, ModelConfig, MoEConfig
+from pretrain.model_config import ModelConfig, MoEConfig
+from pretrain.timm_models import CONFIG_METADATA_KEY, check_loaded_keys, register_timm_model
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -98,6 +112,7 @@ def export_backbone(checkpoint: Path | str, out_dir: Path, *, card: dict[str, An
     config = {
         "format": "clasp-backbone/1",
         "arch": model_cfg.arch,
+        "timm_registered_name": register_timm_model(model_cfg.arch),
         "timm_name": arch_spec(model_cfg.arch).timm_name,
         "timm_kwargs": timm_kwargs(model_cfg.arch, img_size=model_cfg.img_size, patch_size=model_cfg.patch_size),
         "img_size": list(model_cfg.img_size),
@@ -117,7 +132,8 @@ def export_backbone(checkpoint: Path | str, out_dir: Path, *, card: dict[str, An
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "arch": model_cfg.arch})
+        metadata = {"format": "pt", "arch": model_cfg.arch, CONFIG_METADATA_KEY: json.dumps(config)}
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / CARD_FILE).write_text(_model_card(config, card, state["config"]))
         old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
@@ -130,28 +146,59 @@ def export_backbone(checkpoint: Path | str, out_dir: Path, *, card: dict[str, An
     return out_dir
 
 
+def load_instructions(config: dict[str, Any], weights: str = WEIGHTS_FILE) -> str:
+    """Python that loads an export (``config``: its config.json; ``weights``: path of model.safetensors)."""
+    registered = config.get("timm_registered_name") or f"clasp_{config['arch']}"
+    lines = [
+        "import pretrain  # registers the CLASP architectures with timm",
+        "import timm",
+        f"model = timm.create_model('{registered}', pretrained=True, pretrained_cfg_overlay=dict(file={weights!r}))",
+        "model.eval()",
+    ]
+    if config["moe"]["enabled"]:
+        lines.append("tokens = model.forward_features(images, prompt='instance')  # or 'part', 'attribute', or weights")
+        return "\n".join(lines)
+    kwargs = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in config["timm_kwargs"].items())
+    height, width = config["img_size"]
+    overlay = (
+        f"dict(file={weights!r}, num_classes=0, input_size=(3, {height}, {width}), "
+        f"mean={tuple(config['mean'])}, std={tuple(config['std'])})"
+    )
+    return "\n".join(
+        lines
+        + [
+            "",
+            "# MoE off: stock timm builds the same plain ViT (num_classes=0 in the overlay keeps its load strict)",
+            "import timm",
+            f"model = timm.create_model('{config['timm_name']}', pretrained=True, {kwargs},",
+            f"                          pretrained_cfg_overlay={overlay})",
+            "model.eval()",
+        ]
+    )
+
+
+def export_summary(out_dir: Path) -> str:
+    """What ``clasp export`` prints: where the release is and the load that applies to it."""
+    config = json.loads((Path(out_dir) / CONFIG_FILE).read_text())
+    which = (
+        "MoE on: load it with the registered CLASP name (stock timm cannot build it)"
+        if config["moe"]["enabled"]
+        else "MoE off: the registered CLASP name and stock timm both load it"
+    )
+    code = load_instructions(config, weights=str(Path(out_dir) / WEIGHTS_FILE))
+    return f"export: {out_dir} ({which}):\n" + "\n".join(f"    {line}" for line in code.splitlines())
+
+
 def _model_card(config: dict[str, Any], card: dict[str, Any], run_config: dict[str, Any]) -> str:
     moe = config["moe"]
     moe_line = (
         f"prompt-controlled MoE in blocks {config['moe_blocks']}: {moe['num_experts']} experts, top-{moe['top_k']}, "
-        f"prompts {config['prompt_names']}"
+        f"prompts {config['prompt_names']} (load with the registered CLASP name; stock timm cannot build it)"
         if moe["enabled"]
-        else "none (plain ViT: loads into stock timm)"
+        else "none (plain ViT: loads into stock timm too)"
     )
     facts = "\n".join(f"- {k}: {v}" for k, v in card.items()) or "- (no data facts were given)"
-    if moe["enabled"]:
-        load = (
-            "from pretrain.export import load_backbone\n"
-            "model = load_backbone('.')\n"
-            "tokens = model.forward_features(images, prompt='instance')  # or 'part', 'attribute', or weights"
-        )
-    else:
-        kwargs = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in config["timm_kwargs"].items())
-        load = (
-            "import timm\nfrom safetensors.torch import load_file\n"
-            f"model = timm.create_model('{config['timm_name']}', pretrained=False, {kwargs})\n"
-            "model.load_state_dict(load_file('model.safetensors'), strict=True)"
-        )
+    load = load_instructions(config)
     return f"""# CLASP backbone: {config["arch"]} at {config["img_size"][0]}x{config["img_size"][1]}
 
 Teacher (EMA) backbone of a CLASP pre-training run (CLIP-guided self-supervised pre-training for
@@ -186,32 +233,38 @@ meant for human-centric transfer (re-ID, attributes, pose, detection, parsing), 
 
 
 def load_backbone(path: str | Path, *, img_size: tuple[int, int] | None = None) -> nn.Module:
-    """Load an export directory: stock timm model (MoE off) or ``ClaspViT`` (MoE on), strict.
+    """Load an export directory: stock timm model (MoE off) or the registered ``clasp_<arch>`` (MoE on), strict.
 
     ``img_size`` other than the export's (e.g. 384x128 for re-ID) resamples the position embedding.
     """
+    import timm
+
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ClaspError(f"{path} is not a CLASP backbone export (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-    config = json.loads(config_path.read_text())
-    weights = load_file(str(path / WEIGHTS_FILE))
-    moe = from_dict(MoEConfig, config["moe"], prefix="moe.")
+    try:
+        config = json.loads(config_path.read_text())
+        moe = from_dict(MoEConfig, config["moe"], prefix="moe.")
+        size = tuple(img_size or config["img_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as exc:
+        raise ClaspError(f"{config_path} is not a valid CLASP export config ({type(exc).__name__}: {exc})") from None
     if moe.enabled:
-        model = create_backbone(
-            config["arch"], img_size=tuple(config["img_size"]), patch_size=config["patch_size"], moe=moe
+        name = register_timm_model(config["arch"])
+        model = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path / WEIGHTS_FILE)), img_size=size
         )
-        if list(model.prompt_names) != list(config.get("prompt_names", TASK_PROMPTS)):
-            raise ClaspError(f"{config_path}: prompt names {config['prompt_names']} differ from this code's")
-    else:
-        import timm
-
-        kwargs = dict(config["timm_kwargs"], img_size=tuple(config["img_size"]))
-        model = timm.create_model(config["timm_name"], pretrained=False, **kwargs)
-    model.load_state_dict(weights, strict=True)
-    if img_size is not None and tuple(img_size) != tuple(config["img_size"]):
-        model.set_input_size(img_size=tuple(img_size))
+        return model.eval()
+    kwargs = dict(config["timm_kwargs"], img_size=tuple(config["img_size"]))
+    model = timm.create_model(config["timm_name"], pretrained=False, **kwargs)
+    check_loaded_keys(model, path / WEIGHTS_FILE, what=f"{config['timm_name']} ({config_path})")
+    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+    if size != tuple(config["img_size"]):
+        model.set_input_size(img_size=size)
     model.pretrained_cfg = dict(
-        getattr(model, "pretrained_cfg", {}) or {}, mean=tuple(config["mean"]), std=tuple(config["std"])
+        getattr(model, "pretrained_cfg", {}) or {},
+        input_size=(3, *size),
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
     )
     return model.eval()

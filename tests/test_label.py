@@ -228,6 +228,31 @@ def test_undecodable_image_keeps_its_row_with_zero_confidence(tmp_path: Path, cl
         assert set(table[0]["part_conf"]) == {0}
 
 
+def test_rerun_after_ingest_overwrite_relabels_shards_of_the_old_ingest(tmp_path: Path, clip_dir: Path) -> None:
+    root = ingest_folder(noise_images(10, seed=1), tmp_path, "re", per_shard=4)
+    set_id = run_labeling(label_cfg(root, "re", clip_dir))
+    labelset = labels_dir(root, "re", set_id) / LABELSET_FILE
+    old_keys = pq.read_table(label_shard_path(root, "re", set_id, 0)).column("key").to_pylist()
+    # another source with as many images per shard: the old label shards' row counts still match
+    src = tmp_path / "other-source"
+    for i, arr in enumerate(noise_images(10, seed=2).values()):
+        (src / f"b{i:02d}.jpg").parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(src / f"b{i:02d}.jpg", quality=95)
+    ingest(
+        IngestConfig(
+            source=str(src), corpus="re", root=str(root), images_per_shard=4, workers=1, quiet=True, overwrite=True
+        )
+    )
+    assert run_labeling(label_cfg(root, "re", clip_dir)) == set_id
+    assert labelset.is_file()
+    for shard in range(3):
+        keys = pq.read_table(label_shard_path(root, "re", set_id, shard)).column("key").to_pylist()
+        assert keys == tar_image_keys(image_shard_path(root, "re", shard)) and keys != old_keys
+    before = label_shard_path(root, "re", set_id, 0).stat().st_mtime_ns
+    run_labeling(label_cfg(root, "re", clip_dir))  # nothing stale now: nothing is redone
+    assert label_shard_path(root, "re", set_id, 0).stat().st_mtime_ns == before
+
+
 # --- label quality metrics ------------------------------------------------------------------
 
 

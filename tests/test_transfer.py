@@ -98,7 +98,9 @@ def write_pa100k(root: Path, *, sizes: tuple[int, int, int] = (24, 6, 10)) -> Pa
     return root
 
 
-def write_rethinking_pickle(folder: Path, file_name: str, *, zero_shot: bool, image_dir: str) -> Path:
+def write_rethinking_pickle(
+    folder: Path, file_name: str, *, zero_shot: bool, image_dir: str, protocol: int = pickle.DEFAULT_PROTOCOL
+) -> Path:
     """A dataset description pickled exactly as Rethinking_of_PAR does: an easydict.EasyDict tree."""
 
     class EasyDict(dict):  # the attribute-setting dict subclass of the easydict package
@@ -133,7 +135,7 @@ def write_rethinking_pickle(folder: Path, file_name: str, *, zero_shot: bool, im
         for name in info.image_name:
             _image(folder / image_dir / name, (100, 100, 100), rng)
         path = folder / file_name
-        path.write_bytes(pickle.dumps(info))
+        path.write_bytes(pickle.dumps(info, protocol=protocol))
     finally:
         del sys.modules["easydict"]
     return path
@@ -253,6 +255,34 @@ def test_rethinking_pickle_all_split_selects_eval_attributes(tmp_path: Path) -> 
     other = load_attr_dataset("peta", tmp_path, partition=1)
     assert other.splits["test"][0] == 0
     assert Path(data.image_paths[0]).parent == tmp_path / "images"
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_rethinking_pickle_reads_at_every_protocol(tmp_path: Path, protocol: int) -> None:
+    write_rethinking_pickle(tmp_path, "dataset_all.pkl", zero_shot=False, image_dir="images", protocol=protocol)
+    data = load_attr_dataset("peta", tmp_path)
+    assert data.attr_names == ["attr4", "attr1", "attr2", "attr0"] and data.labels.shape == (20, 4)
+
+
+class _RunsCode:
+    """What a crafted dataset pickle would hold: unpickling it calls ``os.system``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_rethinking_pickle_refuses_a_pickle_that_would_run_code(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    payload = {"image_name": ["a.png"], "label": _RunsCode(marker), "attr_name": ["x"], "partition": {}}
+    (tmp_path / "dataset_all.pkl").write_bytes(pickle.dumps(payload))
+    with pytest.raises(ClaspError, match=r"dataset_all.pkl names posix.system, .*refused"):
+        load_attr_dataset("peta", tmp_path)
+    assert not marker.exists()
 
 
 def test_rethinking_zero_shot_pickle_evaluates_all_attributes(tmp_path: Path) -> None:
@@ -463,7 +493,7 @@ def test_reid_resumes_after_an_interruption(market: Path, tmp_path: Path, monkey
     monkeypatch.setattr(reid_train, "evaluate", crash)
     with pytest.raises(KeyboardInterrupt):
         reid_train.run(cfg)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain types only
     assert state["epoch"] == 1 and not (tmp_path / "results.json").exists()
     monkeypatch.undo()
     record = reid_train.run(cfg)  # resumes after the finished epoch: evaluates only

@@ -240,11 +240,18 @@ def _create_timm(
         kwargs["pretrained_cfg_overlay"] = {"file": weights_file}
     try:
         try:
-            return timm.create_model(name, pretrained=pretrained, img_size=tuple(img_size), **kwargs)
+            model = timm.create_model(name, pretrained=pretrained, img_size=tuple(img_size), **kwargs)
         except TypeError as exc:  # CNNs take no img_size
             if "img_size" not in str(exc):
                 raise
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        if weights_file and weights_file.endswith(".safetensors"):
+            # timm loads non-strict when num_classes differs from its pretrained config (here always 0):
+            # a file that leaves weights untouched (e.g. a MoE export into a plain ViT) must not pass
+            from pretrain.timm_models import check_loaded_keys
+
+            check_loaded_keys(model, weights_file, what=f"timm model {name} (backbone '{cfg.spec}')")
+        return model
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ClaspError(f"backbone '{cfg.spec}': timm has no model '{name}' (see timm.list_models())") from None

@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.config import save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_path, write_json_atomic
+from pipeline.safe_load import load_plain_state
 from transfer.backbone import FeatureBackbone, layer_lr_scales
 
 TASKS: dict[str, str] = {
@@ -364,7 +365,7 @@ def load_checkpoint(out_dir: Path, cfg: Any) -> dict[str, Any] | None:
     path = out_dir / CHECKPOINT
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_plain_state(path, what="transfer resume state")
     if state.get("config") != to_dict(cfg):
         raise ClaspError(f"{path} was written by a different configuration; use another --out or delete it")
     return state

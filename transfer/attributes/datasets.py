@@ -9,7 +9,8 @@
   (an index array, or a list of 5 random partitions of which the first is the standard one) and
   ``root`` (the authors' image folder; images are looked up beside the pickle when it does not exist:
   ``images/`` for PETA, ``RAP_dataset/`` for RAP). RAP's label value 2 ("uncertain") becomes 0, as
-  Rethinking_of_PAR does. It is unpickled without the ``easydict`` package.
+  Rethinking_of_PAR does. It is unpickled without the ``easydict`` package, and only the names such a file
+  holds are resolved (builtin containers, numpy arrays, EasyDict): a pickle naming anything else is refused.
 
 Protocol (Rethinking_of_PAR / SOLIDER): train on ``trainval``, report on ``test``, evaluated attributes only.
 """
@@ -133,11 +134,41 @@ class _AttrDict(dict):
             raise AttributeError(name) from None
 
 
+# Everything Rethinking_of_PAR's dataset pickles name (EasyDict trees of lists, str and numpy arrays,
+# under numpy 1 and 2 module paths, any protocol). A pickle can name any callable and have it run while
+# loading, and these files come from the internet, so every other name is refused.
+_PICKLE_ALLOWED: dict[tuple[str, str], Any] = {
+    ("easydict", "EasyDict"): _AttrDict,
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): None for core in ("core", "_core")},
+    **{(f"numpy.{core}.multiarray", "scalar"): None for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): None for core in ("core", "_core")},
+    ("numpy", "ndarray"): None,
+    ("numpy", "dtype"): None,
+    **{
+        (builtins, n): None
+        for builtins in ("builtins", "__builtin__")  # protocol 0-2 use Python 2's module names
+        for n in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "complex")
+    },
+    ("copyreg", "_reconstructor"): None,  # protocol 0/1 rebuild of a dict subclass (EasyDict)
+    ("copy_reg", "_reconstructor"): None,
+    ("_codecs", "encode"): None,  # protocol 0-2 spell an array's bytes as encode(str, "latin1")
+}
+
+
 class _PickleReader(pickle.Unpickler):
+    """Unpickles only the names in ``_PICKLE_ALLOWED``; anything else is a ``ClaspError`` naming it."""
+
+    def __init__(self, fh: Any, source: Path) -> None:
+        super().__init__(fh)
+        self.source = source
+
     def find_class(self, module: str, name: str) -> Any:
-        if module == "easydict" and name == "EasyDict":
-            return _AttrDict
-        return super().find_class(module, name)
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise ClaspError(
+                f"{self.source} names {module}.{name}, which no Rethinking_of_PAR dataset pickle contains; "
+                "refused to load it (unpickling it could run code): use the dataset's original file"
+            )
+        return _PICKLE_ALLOWED[module, name] or super().find_class(module, name)
 
 
 def _read_rethinking_pickle(key: str, pkl_path: Path, partition: int) -> AttrData:
@@ -148,7 +179,9 @@ def _read_rethinking_pickle(key: str, pkl_path: Path, partition: int) -> AttrDat
         )
     try:
         with open(pkl_path, "rb") as fh:
-            info = _PickleReader(fh).load()
+            info = _PickleReader(fh, pkl_path).load()
+    except ClaspError:
+        raise
     except Exception as exc:  # truncated / foreign pickles raise many types
         raise ClaspError(f"{pkl_path} is not a readable dataset pickle: {exc}") from None
     missing = [k for k in ("image_name", "label", "attr_name", "partition") if k not in info]
