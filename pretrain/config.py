@@ -78,9 +78,11 @@ class PretrainConfig:
     cpu: bool = False  # force the CPU even where a GPU is visible
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int | None = None  # stop early (the schedules still span `optim.epochs`)
-    checkpoint_every: int = 1000  # optimizer steps; the data stream restarts here so resume is exact
+    checkpoint_every: int = 1000  # optimizer steps; a resume continues the data stream where it stood
     keep_last: int = 3  # step checkpoints kept (older ones are deleted)
     resume: str = "latest"  # "latest" (in out/checkpoints, if any) | "none" | path to a checkpoint
+    # settings a resume may change from its checkpoint's (world_size, optim.lr, ...; pretrain/resume.py)
+    resume_accept: list[str] = field(default_factory=list)
     log_every: int = 20
     tensorboard: bool = True
     wandb: bool = False
