@@ -333,7 +333,9 @@ class SliceReader:
     """Reads the samples of read tasks; a subclass says how one slice of a shard is read.
 
     Positions before a task's ``first`` and those in its ``skip`` are passed over without reading
-    their data (``read_slice`` gets them as unwanted indices).
+    their data (``read_slice`` gets them as unwanted indices). Every sample a subclass yields carries
+    ``epoch``, ``reader``, ``pos`` (its position in the reader's span: ``piece.span_start + index -
+    piece.start``), ``shard``, ``index`` and ``key``.
     """
 
     def __call__(self, tasks: Iterable[ReadTask]) -> Iterator[dict[str, Any]]:
@@ -344,12 +346,9 @@ class SliceReader:
                     continue
                 start = piece.start + max(0, task.first - piece.span_start)
                 skip = {p - piece.span_start + piece.start for p in task.skip if piece.span_start <= p < end}
-                for sample in self.read_slice(piece.shard, start, piece.stop, skip):
-                    sample["epoch"], sample["reader"] = task.epoch, task.reader
-                    sample["pos"] = piece.span_start + sample["index"] - piece.start
-                    yield sample
+                yield from self.read_slice(task, piece, start, skip)
 
-    def read_slice(self, shard: int, start: int, stop: int, skip: set[int]) -> Iterator[dict[str, Any]]:
+    def read_slice(self, task: ReadTask, piece: Slice, start: int, skip: set[int]) -> Iterator[dict[str, Any]]:
         raise NotImplementedError
 
 
@@ -398,7 +397,8 @@ class LabeledTarReader(SliceReader):
     def __init__(self, shards: Sequence[Shard], grid_hw: tuple[int, int]) -> None:
         self.shards, self.grid_hw = shards, grid_hw
 
-    def read_slice(self, shard: int, start: int, stop: int, skip: set[int]) -> Iterator[dict[str, Any]]:
+    def read_slice(self, task: ReadTask, piece: Slice, start: int, skip: set[int]) -> Iterator[dict[str, Any]]:
+        shard, stop = piece.shard, piece.stop
         tar, label_path = self.shards[shard].tar, self.shards[shard].labels
         labels = _read_label_rows(label_path, self.grid_hw, start, stop)
         n_rows, count = labels["rows"], start
@@ -420,6 +420,9 @@ class LabeledTarReader(SliceReader):
                     log.warning("%s: sample '%s' has no image member; skipped", tar, key)
                     continue
                 yield {
+                    "epoch": task.epoch,
+                    "reader": task.reader,
+                    "pos": piece.span_start + index - piece.start,
                     "shard": shard,
                     "index": index,
                     "key": key,
@@ -478,19 +481,20 @@ class BlockShuffle:
         self.layout = layout
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
-        size, buf, current = self.layout.block, {}, None
+        size, buf, epoch, block, reader = self.layout.block, {}, -1, -1, -1
         for sample in src:
-            where = (sample["epoch"], sample["reader"], sample["pos"] // size)
-            if where != current and buf:
-                yield from self._flush(current, buf)
-                buf = {}
-            current = where
-            buf[sample["pos"] % size] = sample
+            pos = sample["pos"]
+            if pos // size != block or sample["epoch"] != epoch:  # a reader's blocks arrive one after another
+                if buf:
+                    yield from self._flush(epoch, reader, block, buf)
+                    buf = {}
+                epoch, reader, block = sample["epoch"], sample["reader"], pos // size
+            buf[pos % size] = sample
         if buf:
-            yield from self._flush(current, buf)
+            yield from self._flush(epoch, reader, block, buf)
 
-    def _flush(self, where: tuple[int, int, int], buf: dict[int, dict]) -> Iterator[dict]:
-        for offset in self.layout.block_order(*where).tolist():
+    def _flush(self, epoch: int, reader: int, block: int, buf: dict[int, dict]) -> Iterator[dict]:
+        for offset in self.layout.block_order(epoch, reader, block).tolist():
             if offset in buf:
                 yield buf[offset]
 
