@@ -111,6 +111,68 @@ def coverage(ids: np.ndarray, images: int, epochs: int) -> dict[str, int]:
     }
 
 
+def measure(
+    *,
+    processes: int,
+    workers: int,
+    shards: int,
+    images_per_shard: int,
+    batch_size: int,
+    checkpoint_every: int,
+    epochs: int,
+    resume_at: int | None = None,
+    shuffle_block: int = 2000,
+    uneven: float = 0.0,
+    seed: int = 0,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """The figures of the module docstring for one setting."""
+    sizes = shard_sizes(shards, images_per_shard, uneven, seed)
+    layout = StreamLayout(
+        tuple(Shard(f"shard-{i}.tar", f"shard-{i}.parquet", n) for i, n in enumerate(sizes)),
+        processes=processes, workers=max(1, workers), batch_size=batch_size, seed=seed, block=max(1, shuffle_block),
+    )  # fmt: skip
+    steps = steps_for(layout, epochs)
+    if not quiet:
+        print(
+            f"{layout.num_images} images in {len(sizes)} shards, {layout.readers} readers "
+            f"({processes} processes x {layout.workers}), global batch {processes * batch_size}, "
+            f"{steps} steps for {epochs} epoch(s)"
+        )
+    t0 = time.perf_counter()
+    plain, plain_reader = simulate(layout, epochs, steps, [])
+    t1 = time.perf_counter()
+    restarts = sorted({*range(checkpoint_every, steps, checkpoint_every), *([resume_at] if resume_at else [])})
+    restarts = [r for r in restarts if 0 < r < steps]
+    resumed, resumed_reader = simulate(layout, epochs, steps, restarts, from_first_restart=True)
+    first = restarts[0] if restarts else steps
+    resumed[:first] = plain[:first]  # until the first kill the two runs are the same run
+    resumed_reads = resumed_reader.data_reads + int((plain[:first] >= 0).sum())
+    t2 = time.perf_counter()
+    yielded = int((plain >= 0).sum())
+    if not quiet:
+        print(
+            f"simulated {steps} steps: uninterrupted in {t1 - t0:.1f} s, "
+            f"resumed at {len(restarts)} step(s) in {t2 - t1:.1f} s"
+        )
+    return {
+        "images": layout.num_images,
+        "epochs": epochs,
+        **coverage(plain, layout.num_images, epochs),
+        "read_amplification": round(plain_reader.data_reads / yielded, 4),
+        "read_amplification_resumed": round(resumed_reads / yielded, 4),
+        "header_only_passes": plain_reader.header_passes,
+        "resume_identical": bool(np.array_equal(plain, resumed)),
+        "resumed_at": restarts if len(restarts) <= 20 else [*restarts[:20], "..."],
+        "steps": steps,
+        "processes": processes,
+        "workers": layout.workers,
+        "readers": layout.readers,
+        "seconds": round(t2 - t0, 2),
+        "_batches": plain,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--processes", type=int, default=8, help="processes of all nodes (GPUs)")
@@ -124,50 +186,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--resume-at", type=int, default=None, help="also kill and resume at this step")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-
-    sizes = shard_sizes(args.shards, args.images_per_shard, args.uneven, args.seed)
-    layout = StreamLayout(
-        tuple(Shard(f"shard-{i}.tar", f"shard-{i}.parquet", n) for i, n in enumerate(sizes)),
-        processes=args.processes, workers=max(1, args.workers), batch_size=args.batch_size, seed=args.seed,
-        block=max(1, args.shuffle_block),
-    )  # fmt: skip
-    steps = steps_for(layout, args.epochs)
-    print(
-        f"{layout.num_images} images in {len(sizes)} shards, {layout.readers} readers "
-        f"({args.processes} processes x {layout.workers}), global batch {args.processes * args.batch_size}, "
-        f"{steps} steps for {args.epochs} epoch(s)"
-    )
-    t0 = time.perf_counter()
-    plain, plain_reader = simulate(layout, args.epochs, steps, [])
-    t1 = time.perf_counter()
-    restarts = list(range(args.checkpoint_every, steps, args.checkpoint_every))
-    restarts += [args.resume_at] if args.resume_at is not None else []
-    resumed, resumed_reader = simulate(layout, args.epochs, steps, restarts, from_first_restart=True)
-    first = min((r for r in restarts if 0 < r < steps), default=steps)
-    resumed[:first] = plain[:first]  # until the first kill the two runs are the same run
-    resumed_reads = resumed_reader.data_reads + int((plain[:first] >= 0).sum())
-    t2 = time.perf_counter()
-    yielded = int((plain >= 0).sum())
-    figures: dict[str, Any] = {
-        "images": layout.num_images,
-        "epochs": args.epochs,
-        **coverage(plain, layout.num_images, args.epochs),
-        "read_amplification": round(plain_reader.data_reads / yielded, 4),
-        "read_amplification_resumed": round(resumed_reads / yielded, 4),
-        "header_only_passes": plain_reader.header_passes,
-        "resume_identical": bool(np.array_equal(plain, resumed)),
-        "resumed_at": sorted(set(r for r in restarts if 0 < r < steps)),
-        "steps": steps,
-        "processes": args.processes,
-        "workers": layout.workers,
-        "readers": layout.readers,
-        "seconds": round(t2 - t0, 2),
-    }
-    print(
-        f"simulated {steps} steps: uninterrupted in {t1 - t0:.1f} s, "
-        f"resumed at {len(restarts)} step(s) in {t2 - t1:.1f} s"
-    )
+    figures = measure(**vars(p.parse_args()))
+    figures.pop("_batches")
     print(json.dumps(figures))
 
 
