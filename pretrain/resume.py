@@ -124,8 +124,9 @@ def plan_resume(
             if {"world_size", "global_batch"} & set(refused)
             else ""
         )
+        causes = [name for name in refused if not (_DERIVED.get(name, set()) & set(diffs))]  # not one's consequence
         raise ClaspError(
-            f"resume from {checkpoint}: {shown}. Keep the run's settings, add resume_accept=[{','.join(refused)}] to "
+            f"resume from {checkpoint}: {shown}. Keep the run's settings, add resume_accept=[{','.join(causes)}] to "
             f"continue with the new ones{hint}, or choose a fresh out=DIR"
         )
     new_step, origin = step, saved.stream_origin
