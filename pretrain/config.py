@@ -32,7 +32,7 @@ class DataConfig:
     workers: int = 8  # DataLoader worker processes per process
     prefetch_factor: int = 4
     pin_memory: bool = True
-    shuffle_buffer: int = 1000  # samples mixed across the shards a worker has open
+    shuffle_buffer: int = 1000  # block of consecutive samples of a reader's span yielded in a seeded order (undecoded)
     steps_per_epoch: int | None = None  # None: one pass over the corpus at the global batch size
     num_global_crops: int = 2
     num_local_crops: int = 8
