@@ -1,4 +1,4 @@
-"""Two launched CPU processes (gloo, ``accelerate launch --num_processes 2``): a pre-training run stopped at a
+"""Two launched CPU processes (gloo, ``accelerate launch --num_processes 2``): a pre-training run killed after a
 checkpoint and resumed equals the uninterrupted run, batch by batch and loss by loss; its batches are the
 ones the stream simulator predicts; and a resume on another process count is refused, or rescaled when
 accepted. Tiny corpus and model of test_trainer.py.
@@ -6,12 +6,15 @@ accepted. Tiny corpus and model of test_trainer.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -21,10 +24,11 @@ from test_trainer import REPO, SPY, TINY_MODEL, losses
 
 from benchmarks.stream_coverage import measure
 from pipeline.errors import ClaspError
+from pipeline.formats import PAUSE_WRITE_ENV
 from pretrain.trainer import list_checkpoints, train
 
 
-def launch(script: Path, corpus: Path, *overrides: str) -> subprocess.Popen:
+def launch(script: Path, corpus: Path, *overrides: str, **env_extra: str) -> subprocess.Popen:
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -33,8 +37,39 @@ def launch(script: Path, corpus: Path, *overrides: str) -> subprocess.Popen:
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
         str(script), str(corpus), *TINY_MODEL, *overrides,
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **env_extra)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when_paused(proc: subprocess.Popen, out: Path, timeout_s: float = 300) -> None:
+    """kill -9 the launcher, both ranks and their loader workers once rank 0 stalls at the write chosen by
+    PAUSE_WRITE_ENV (rank 1 is then waiting for it)."""
+    deadline = time.monotonic() + timeout_s
+    while not list(out.rglob("*.paused")):
+        assert proc.poll() is None, f"the run ended before the stalled write: {proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "no stalled write"
+        time.sleep(0.05)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun starts the ranks in sessions of their own
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -49,26 +84,26 @@ def rank_keys(run: Path) -> list[list[list[str]]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """An uninterrupted 2-process run of 6 steps, and one stopped at its step-3 checkpoint then resumed."""
+    """An uninterrupted 2-process run of 6 steps, and one killed (kill -9, both ranks) while writing its step-6
+    checkpoint, then resumed from step 3."""
     tmp = tmp_path_factory.mktemp("two")
     corpus = write_corpus(tmp / "corpus", shards=4, per_shard=8)  # 32 images, global batch 8: 4 steps per epoch
     script = tmp / "spy.py"
     script.write_text(textwrap.dedent(SPY.format(tests=str(REPO / "tests"))))
     common = ["data.workers=1", "data.photometric=true", "checkpoint_every=3"]
     full = launch(script, corpus, *common, f"out={tmp / 'full'}", "max_steps=6")
-    first = launch(script, corpus, *common, f"out={tmp / 'split'}", "max_steps=3")
+    killed = launch(script, corpus, *common, f"out={tmp / 'split'}", "max_steps=6", **{PAUSE_WRITE_ENV: "step-*.pt:2"})
+    kill_when_paused(killed, tmp / "split")
     finish(full)
-    finish(first)
-    part1 = rank_keys(tmp / "split")
-    finish(launch(script, corpus, *common, f"out={tmp / 'split'}", "max_steps=6"))  # resume=latest
-    part2 = rank_keys(tmp / "split")
-    (tmp / "split" / "keys-resumed.json").write_text(json.dumps([a + b for a, b in zip(part1, part2, strict=True)]))
+    assert [p.name for p in list_checkpoints(tmp / "split")] == ["step-000000003.pt"]
+    assert len((tmp / "split" / "log.jsonl").read_text().splitlines()) == 6  # steps 4-6 ran before the kill
+    finish(launch(script, corpus, *common, f"out={tmp / 'split'}", "max_steps=6"))  # resume=latest: from step 3
     return {"corpus": corpus, "full": tmp / "full", "split": tmp / "split"}
 
 
-def test_stopped_and_resumed_equals_uninterrupted_with_two_processes(runs: dict[str, Path]) -> None:
+def test_killed_and_resumed_equals_uninterrupted_with_two_processes(runs: dict[str, Path]) -> None:
     full, split = runs["full"], runs["split"]
-    assert rank_keys(full) == json.loads((split / "keys-resumed.json").read_text())  # same batches on each rank
+    assert [keys[3:] for keys in rank_keys(full)] == rank_keys(split)  # steps 4-6: the same batches on each rank
     a, b = losses(full), losses(split)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
