@@ -106,3 +106,18 @@ def test_simulator_matches_the_real_stream_with_two_ranks_and_two_workers(tmp_pa
     first_epoch = {k for row, ep in zip(real, epochs, strict=True) for k, e in zip(row, ep, strict=True) if e == 0}
     assert first_epoch == set(keys)
     assert np.array_equal(np.array(epochs), sim // layout.num_images)
+
+
+def test_the_real_stream_resumed_every_two_batches_covers_each_epoch_once(tmp_path: Path) -> None:
+    """As a run killed at every second step would read it: 40-image shards, 2 ranks, batches of 3 whose
+    count per epoch is not whole. The resampled stream this replaced never read the tails of its shards."""
+    root = write_corpus(tmp_path, shards=2, per_shard=20)
+    cfg = tiny_config(root, "data.workers=0", "data.batch_size=3", "data.shuffle_buffer=5")
+    streams = [stream_for(cfg, rank=r, world_size=2) for r in range(2)]
+    seen: dict[int, list[str]] = {}
+    for start in range(0, 16, 2):  # 16 steps x 6 images: two epochs of 40 and a bit
+        for stream in streams:
+            for batch in itertools.islice(stream.batches(start_batch=start), 2):
+                for key, epoch in zip(batch["key"], batch["epoch"].tolist(), strict=True):
+                    seen.setdefault(epoch, []).append(key)
+    assert sorted(seen[0]) == sorted(seen[1]) == sorted(f"img_{s:02d}_{i:03d}" for s in range(2) for i in range(20))
