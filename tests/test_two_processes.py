@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 from test_pretrain_data import tiny_config, write_corpus
+from test_stream_coverage import measure
 from test_trainer import REPO, SPY, TINY_MODEL, losses
 
-from benchmarks.stream_coverage import measure
 from pipeline.errors import ClaspError
 from pipeline.formats import PAUSE_WRITE_ENV
 from pretrain.trainer import list_checkpoints, train
