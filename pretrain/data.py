@@ -263,7 +263,8 @@ class StreamLayout:
         """Samples ``reader`` has handed out once its process took ``batches`` batches.
 
         A process's DataLoader takes batch ``k`` from worker ``k % workers`` (in-order round robin over
-        workers that never run dry), so the count follows from the batch index alone.
+        workers that never run dry), so the count follows from the batch index alone. (An image that does
+        not decode is skipped and shifts its reader by one; ingest keeps such images out of the shards.)
         """
         worker = reader % self.workers
         return max(0, -(-(batches - worker) // self.workers)) * self.batch_size
