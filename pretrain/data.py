@@ -487,22 +487,23 @@ class BlockShuffle:
         self.layout = layout
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
-        size, buf, epoch, block, reader = self.layout.block, {}, -1, -1, -1
+        size, epoch, block, reader = self.layout.block, -1, -1, -1
+        buf: list[dict | None] = []
         for sample in src:
             pos = sample["pos"]
             if pos // size != block or sample["epoch"] != epoch:  # a reader's blocks arrive one after another
                 if buf:
                     yield from self._flush(epoch, reader, block, buf)
-                    buf = {}
                 epoch, reader, block = sample["epoch"], sample["reader"], pos // size
+                buf = [None] * size  # a list, not a dict: this runs once per sample
             buf[pos % size] = sample
         if buf:
             yield from self._flush(epoch, reader, block, buf)
 
-    def _flush(self, epoch: int, reader: int, block: int, buf: dict[int, dict]) -> Iterator[dict]:
+    def _flush(self, epoch: int, reader: int, block: int, buf: list[dict | None]) -> Iterator[dict]:
         for offset in self.layout.block_order(epoch, reader, block).tolist():
-            if offset in buf:
-                yield buf[offset]
+            if (sample := buf[offset]) is not None:  # None: consumed before a resume, or not an image
+                yield sample
 
 
 def sample_rng(seed: int, epoch: int, shard: int, index: int) -> random.Random:
