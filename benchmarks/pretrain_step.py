@@ -219,7 +219,7 @@ from pretrain.data import build_stream
 args = parse_args()
 cfg = make_config(args, __import__("pathlib").Path({str(root)!r}), {corpus!r})
 stream = build_stream(cfg.data, global_hw=tuple(cfg.model.img_size), patch_size=cfg.model.patch_size, seed=0)
-it = stream.segment(epoch=0, start_step=0)
+it = stream.batches()
 next(it)
 t = time.perf_counter()
 for _ in range({batches}):
@@ -304,7 +304,7 @@ def main() -> None:
 
         cfg = make_config(args, root, "small")
         stream = build_stream(cfg.data, global_hw=tuple(cfg.model.img_size), patch_size=cfg.model.patch_size, seed=0)
-        batch = next(stream.segment(epoch=0, start_step=0))
+        batch = next(stream.batches())
         n_parts = len(stream.labelset.parts)
         del stream
 

@@ -198,6 +198,10 @@ def run_labeling(cfg: LabelConfig) -> str:
         raise ClaspError(f"corpus '{cfg.corpus}' under {cfg.root} has no image shards (sizes.json is empty)")
     if device == "cuda" and env.world_size > 1:
         device = f"cuda:{env.local_rank % torch.cuda.device_count()}"
+    if device.startswith("cuda"):
+        # every process on its own GPU before any CUDA call: events, pinned copies and the loader's pinning
+        # thread then use that device, and ranks 1.. open no context on GPU 0
+        torch.cuda.set_device(torch.device(device))
     loaded = load_clip(cfg.clip, cfg.clip_checkpoint, allow_random_weights=cfg.allow_random_weights, device=device)
     resolution = resolve_resolution(cfg, loaded)
     identity = labelset_identity(cfg, loaded, attrs, parts, resolution)
@@ -234,7 +238,13 @@ def run_labeling(cfg: LabelConfig) -> str:
             + "; ".join(stats["failed_shards"])
             + ". Fix or re-ingest them and re-run `clasp label` (finished shards are kept)."
         )
-    complete = _finalize(resolved, loaded, attrs, parts, set_id, identity, sizes, digests, device)
+    doc = out_dir / LABELSET_FILE
+    # a run that labelled nothing leaves a complete label set's labelset.json as it is (its mtime picks
+    # the latest label set; its content names the run that made the labels)
+    if stats["shards"] == 0 and doc.is_file():
+        complete = True
+    else:
+        complete = _finalize(resolved, loaded, attrs, parts, set_id, identity, sizes, digests, device)
     if not cfg.quiet:
         rate = stats["images"] / elapsed if elapsed > 0 else 0.0
         print(
@@ -342,7 +352,7 @@ def _label_shards(
     )
     buffers = [ShardBuffer(idx) for idx in indices]
     starts = np.cumsum([0] + [len(i.keys) for i in indices])
-    meta_base = {"labelset": set_id, "rank": env.rank, "world_size": env.world_size}
+    meta_base = {"labelset": set_id}  # no rank or world size: a shard is the same bytes however many processes ran
 
     def consume(item_ids: torch.Tensor, ok: torch.Tensor, host: tuple) -> None:
         """Store one batch's labels (already on the host) and write its shard when complete."""

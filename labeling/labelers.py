@@ -40,10 +40,12 @@ class LabelBatch:
         """(labels on CPU, ``extra`` on CPU, event to wait for); from a GPU the copies are asynchronous."""
         if self.part_map.device.type != "cuda":
             return self, extra, None
-        moved = {f.name: getattr(self, f.name).to("cpu", non_blocking=True) for f in dataclasses.fields(self)}
-        extra = extra.to("cpu", non_blocking=True) if extra is not None else None
-        event = torch.cuda.Event()
-        event.record()
+        # on the device that made the labels (not the current one): there the event follows the copies
+        with torch.cuda.device(self.part_map.device):
+            moved = {f.name: getattr(self, f.name).to("cpu", non_blocking=True) for f in dataclasses.fields(self)}
+            extra = extra.to("cpu", non_blocking=True) if extra is not None else None
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.part_map.device))
         return LabelBatch(**moved), extra, event
 
 

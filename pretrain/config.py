@@ -32,7 +32,7 @@ class DataConfig:
     workers: int = 8  # DataLoader worker processes per process
     prefetch_factor: int = 4
     pin_memory: bool = True
-    shuffle_buffer: int = 1000  # samples mixed across the shards a worker has open
+    shuffle_buffer: int = 1000  # block of consecutive samples of a reader's span yielded in a seeded order (undecoded)
     steps_per_epoch: int | None = None  # None: one pass over the corpus at the global batch size
     num_global_crops: int = 2
     num_local_crops: int = 8
@@ -78,9 +78,11 @@ class PretrainConfig:
     cpu: bool = False  # force the CPU even where a GPU is visible
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int | None = None  # stop early (the schedules still span `optim.epochs`)
-    checkpoint_every: int = 1000  # optimizer steps; the data stream restarts here so resume is exact
+    checkpoint_every: int = 1000  # optimizer steps; a resume continues the data stream where it stood
     keep_last: int = 3  # step checkpoints kept (older ones are deleted)
     resume: str = "latest"  # "latest" (in out/checkpoints, if any) | "none" | path to a checkpoint
+    # settings a resume may change from its checkpoint's (world_size, optim.lr, ...; pretrain/resume.py)
+    resume_accept: list[str] = field(default_factory=list)
     log_every: int = 20
     tensorboard: bool = True
     wandb: bool = False

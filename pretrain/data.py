@@ -2,26 +2,35 @@
 
 The pipeline is an explicit list of stages (``build_pipeline``)::
 
-    resampled shard order (seed, epoch, segment) -> split by node -> split by worker
-    -> strict tar reader joined with the label shard -> shuffle buffer -> decode + multi-crop -> batch
+    epoch-seeded shard order -> split by node x worker at sample granularity (from the resume position)
+    -> tar reader that seeks past what it skips, joined with the label rows -> block shuffle
+    -> decode + multi-crop -> batch
 
+* **An epoch is every image once.** Epoch ``e`` lays the shards out in a permutation seeded by
+  (seed, e) and cuts that sequence into one contiguous span per reader (all processes of all nodes
+  x their DataLoader workers; ``StreamLayout``). Spans differ by at most one image; where there are
+  more readers than shards a shard is shared at sample granularity. A reader runs through its span
+  of every epoch in turn and never reads what another reader yields, so an epoch yields every image
+  exactly once whatever the number of nodes, processes, workers, shard size or checkpoint interval.
+  Epochs are passes over the images, not a number of steps: the batches at the seam of two epochs
+  mix both (no image is dropped to round an epoch to whole steps; the schedules' "epoch" is
+  ``images // global batch`` steps).
+* **Resume by position.** A process's DataLoader hands out batch ``k`` from worker ``k % workers``,
+  so after ``n`` batches every reader's consumed sample count is known (``StreamLayout.consumed``).
+  A resumed run starts every reader there: shard pieces before it are not opened, samples before it
+  in a shard are passed header by header (no image bytes read, nothing decoded). Shuffling is by
+  blocks whose order depends only on (seed, epoch, reader, block) and crops are seeded per image and
+  epoch, so a resumed run yields the same batches, crops included, as an uninterrupted one. The
+  layout depends on the number of processes and workers; a changed one is refused by the trainer.
+* **What exactness costs.** Shuffling is by blocks, not by a reservoir buffer whose state would depend
+  on everything read before (same memory: one block of undecoded samples per reader). A reader that
+  starts inside a shard walks that tar's headers up to its first sample (no image bytes; at 640
+  readers over 418 shards about 0.76 header reads per image, benchmarks/stream_coverage.py). A crop
+  seed per image costs ~13 us. Stream throughput was unchanged (README, "LUPerson on 8 GPUs").
 * **Label join.** ``ROOT/<corpus>/images/<corpus>-NNNNNN.tar`` pairs with
-  ``ROOT/<corpus>/labels/<labelset>/<corpus>-NNNNNN.parquet`` (same rows, same order). The label
-  shard is read when its tar is opened; the i-th sample must carry the i-th row's ``key`` or the
-  stream stops with ``LabelMismatchError`` naming both files (wrong order, labels of another ingest).
-* **Disjoint ranks.** Every rank draws the *same* shard permutation (seeded by seed, epoch and
-  segment start) and keeps every ``world``-th shard, then every ``workers``-th of those, so within
-  a segment ranks and workers read disjoint shards. With fewer shards than readers a shard is split
-  into sample-stride slices (``ShardUnit.offset/stride``) so that still holds. Exactly disjoint when
-  every reader's share is what it consumes; when shards do not divide evenly among readers (or a
-  segment's batches among workers), a reader that runs out starts its next pass early, so a few
-  samples can repeat within an epoch.
-* **Resume without skipping.** A *segment* is the stretch of steps between two restarts of the
-  loader: the trainer restarts it at every epoch start and after every checkpoint, at a known
-  step. All randomness of a segment (shard order, shuffle buffer, crops) is derived from
-  (seed, epoch, segment start step, rank, worker), so a run resumed from a checkpoint sees exactly
-  the batches the uninterrupted run saw, without reading and discarding anything. Shards are
-  *resampled*: a segment starts a fresh permutation rather than continuing the last one.
+  ``ROOT/<corpus>/labels/<labelset>/<corpus>-NNNNNN.parquet`` (same rows, same order). A reader
+  reads the label rows of a shard piece once, when it opens the piece; every sample it passes must
+  carry its row's ``key`` or the stream stops with ``LabelMismatchError`` naming both files.
 * Batches hold channels-last uint8 crops; ``to_model_batch`` moves them to the device, normalises
   and permutes them there.
 """
@@ -31,9 +40,9 @@ from __future__ import annotations
 import io
 import itertools
 import logging
-import math
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,13 +69,12 @@ class LabelMismatchError(ClaspError):
 
 
 @dataclass(frozen=True)
-class ShardUnit:
-    """One reading assignment: the samples ``i`` of a shard with ``i % stride == offset``."""
+class Shard:
+    """An image shard, its label shard and its image count (sizes.json)."""
 
     tar: str
     labels: str
-    offset: int = 0
-    stride: int = 1
+    size: int
 
 
 @dataclass(frozen=True)
@@ -78,14 +86,6 @@ class LabelSetInfo:
     attributes: tuple[str, ...]
     parts: tuple[str, ...]
     flip_map: tuple[int, ...] | None  # class id -> class id after a horizontal flip; None = identity
-
-
-@dataclass
-class StreamPosition:
-    """Where the current segment of the stream starts; set by the trainer before each ``iter(loader)``."""
-
-    epoch: int = 0
-    start_step: int = 0
 
 
 def derive_seed(*parts: int) -> int:
@@ -146,30 +146,29 @@ def read_labelset_info(root: str | Path, corpus: str, labelset: str | None, part
     return LabelSetInfo(labelset, (grid[0], grid[1]), attributes, parts, build_flip_map(parts, pairs))
 
 
-def list_shards(root: str | Path, corpus: str, labelset: str) -> tuple[list[tuple[str, str]], int]:
-    """(image tar, label parquet) pairs of a corpus and its image count; a missing label shard is an error."""
+def list_shards(root: str | Path, corpus: str, labelset: str) -> list[Shard]:
+    """The corpus's (image tar, label parquet, image count) in sizes.json order; a missing label shard is an error."""
     try:
         sizes = formats.read_sizes(root, corpus)
     except FileNotFoundError as exc:
         raise ClaspError(str(exc)) from None
-    pairs, missing = [], []
-    for name in sizes:
+    shards, missing = [], []
+    for name, count in sizes.items():
         index = formats.shard_index(name)
-        tar = formats.images_dir(root, corpus) / name
         labels = formats.label_shard_path(root, corpus, labelset, index)
         if not labels.is_file():
             missing.append(labels.name)
-        pairs.append((str(tar), str(labels)))
+        shards.append(Shard(str(formats.images_dir(root, corpus) / name), str(labels), int(count)))
     if missing:
         raise ClaspError(
             f"label set '{labelset}' of corpus '{corpus}' lacks {len(missing)} of {len(sizes)} label shards "
             f"(e.g. {missing[0]} in {formats.labels_dir(root, corpus, labelset)}); finish `clasp label` first"
         )
-    if not pairs:
+    if not shards:
         raise ClaspError(f"{formats.images_dir(root, corpus) / formats.SIZES_FILE} lists no shards")
-    for (tar, labels), count in zip(pairs, sizes.values(), strict=True):
-        _check_label_footer(labels, tar, count)
-    return pairs, sum(sizes.values())
+    for shard in shards:
+        _check_label_footer(shard.labels, shard.tar, shard.size)
+    return shards
 
 
 def _check_label_footer(labels: str, tar: str, count: int) -> None:
@@ -191,46 +190,129 @@ def _check_label_footer(labels: str, tar: str, count: int) -> None:
         )
 
 
-def make_units(pairs: Sequence[tuple[str, str]], readers: int) -> list[ShardUnit]:
-    """Shards as reading units for ``readers`` (processes x workers) that read disjoint data.
+# --- the epoch layout: which reader reads which samples, in which order -----------------------
 
-    With at least as many shards as readers a unit is a shard (each reader gets whole shards; if the
-    count does not divide evenly some readers hold one shard more and wrap into the next pass early).
-    With fewer shards, each is cut into ``stride`` sample-stride slices, the stride chosen so that the
-    slices divide evenly among readers; every reader then scans all shards but keeps only its slice.
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """How every epoch is cut among all readers (``processes x workers``); identical in every process.
+
+    Epoch ``e`` is the shards in a permutation seeded by (seed, e), concatenated: ``num_images``
+    positions. Reader ``r = rank x workers + worker`` owns the contiguous positions
+    ``[N r / R, N (r + 1) / R)`` of it (its *span*), so a reader opens only the one to few shards its
+    span touches, and a shard is cut between readers at sample granularity where needed. Within its
+    span a reader yields blocks of ``block`` positions, each in an order seeded by (seed, e, r, block).
+    A reader runs through its span of epoch 0, then of epoch 1, ... without pause: its batches of
+    ``batch_size`` can hold the end of one epoch and the start of the next, and no image is dropped.
     """
-    stride = 1
-    if len(pairs) < readers:
-        stride = math.ceil(readers / len(pairs))
-        while (len(pairs) * stride) % readers:
-            stride += 1
-    return [ShardUnit(tar, labels, offset, stride) for tar, labels in pairs for offset in range(stride)]
+
+    shards: tuple[Shard, ...]
+    processes: int
+    workers: int  # readers per process: DataLoader workers, or 1 when the process reads itself
+    batch_size: int
+    seed: int
+    block: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.num_images < self.readers:
+            raise ClaspError(
+                f"{self.num_images} images cannot be split among {self.readers} readers ({self.processes} process(es) "
+                f"x {self.workers} data.workers): lower data.workers"
+            )
+
+    @property
+    def readers(self) -> int:
+        return self.processes * self.workers
+
+    @property
+    def num_images(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.shards))
+
+    def span(self, reader: int) -> tuple[int, int]:
+        """Positions ``[lo, hi)`` of every epoch that ``reader`` yields."""
+        n, r = self.num_images, self.readers
+        return n * reader // r, n * (reader + 1) // r
+
+    def slices(self, epoch: int, reader: int) -> tuple[Slice, ...]:
+        """The shard pieces of ``reader``'s span in epoch ``epoch``, in span order."""
+        lo, hi = self.span(reader)
+        out, at = [], 0
+        for shard in self.shard_order(epoch):
+            size = self.shards[shard].size
+            a, b = max(lo, at), min(hi, at + size)
+            if a < b:
+                out.append(Slice(int(shard), a - at, b - at, a - lo))
+            at += size
+            if at >= hi:
+                break
+        return tuple(out)
+
+    def block_order(self, epoch: int, reader: int, block: int) -> np.ndarray:
+        """Order in which the positions of one block of a reader's span are yielded (offsets into the block)."""
+        lo, hi = self.span(reader)
+        n = min(self.block, hi - lo - block * self.block)
+        return np.random.default_rng([self.seed, epoch, reader, block, 2]).permutation(n)
+
+    def reader_of(self, rank: int, worker: int) -> int:
+        return rank * self.workers + worker
+
+    def consumed(self, reader: int, batches: int) -> int:
+        """Samples ``reader`` has handed out once its process took ``batches`` batches.
+
+        A process's DataLoader takes batch ``k`` from worker ``k % workers`` (in-order round robin over
+        workers that never run dry), so the count follows from the batch index alone. (An image that does
+        not decode is skipped and shifts its reader by one; ingest keeps such images out of the shards.)
+        """
+        worker = reader % self.workers
+        return max(0, -(-(batches - worker) // self.workers)) * self.batch_size
+
+    def tasks(self, reader: int, start_batch: int, first_epoch: int = 0) -> Iterator[ReadTask]:
+        """What ``reader`` reads, epoch after epoch, from where its process stood after ``start_batch`` batches
+        of a stream that began at epoch ``first_epoch``."""
+        lo, hi = self.span(reader)
+        epoch, offset = divmod(self.consumed(reader, start_batch), hi - lo)
+        epoch += first_epoch
+        block, taken = divmod(offset, self.block)
+        skip = frozenset((block * self.block + self.block_order(epoch, reader, block)[:taken]).tolist())
+        yield ReadTask(epoch, reader, self.slices(epoch, reader), block * self.block, skip)
+        for later in itertools.count(epoch + 1):
+            yield ReadTask(later, reader, self.slices(later, reader), 0, frozenset())
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Samples ``start..stop-1`` of shard number ``shard``; ``span_start``: where ``start`` is in the reader's span."""
+
+    shard: int
+    start: int
+    stop: int
+    span_start: int
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """One reader's share of one epoch: its slices, read from span position ``first`` on, less ``skip``
+    (the positions of a partly yielded block that a resumed run already consumed)."""
+
+    epoch: int
+    reader: int
+    slices: tuple[Slice, ...]
+    first: int
+    skip: frozenset[int]
+
+
+@dataclass
+class StreamPosition:
+    """Batches this process has already consumed, and the epoch the stream began with (set before ``iter(loader)``)."""
+
+    start_batch: int = 0
+    first_epoch: int = 0
 
 
 # --- pipeline stages --------------------------------------------------------------------------
-
-
-class ResampledUnits(IterableDataset):
-    """Endless shard order: a fresh permutation per pass, identical in every process of a segment."""
-
-    def __init__(self, units: Sequence[ShardUnit], seed: int, position: StreamPosition) -> None:
-        super().__init__()
-        self.units, self.seed, self.position = list(units), seed, position
-
-    def __iter__(self) -> Iterator[tuple[int, ShardUnit]]:
-        for n_pass in itertools.count():
-            order = list(self.units)
-            random.Random(derive_seed(self.seed, self.position.epoch, self.position.start_step, n_pass)).shuffle(order)
-            yield from ((n_pass, unit) for unit in order)
-
-
-def split_by_node(rank: int, world_size: int) -> Callable[[Iterable], Iterator]:
-    """Keep every ``world_size``-th item starting at ``rank`` (the process index of ``accelerate launch``)."""
-
-    def stage(src: Iterable) -> Iterator:
-        return itertools.islice(src, rank, None, world_size)
-
-    return stage
 
 
 def _worker() -> tuple[int, int]:
@@ -238,21 +320,154 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _read_label_shard(path: str, grid_hw: tuple[int, int]) -> dict[str, Any]:
+class ReaderTasks(IterableDataset):
+    """Source stage: this reader's tasks (epoch-seeded shard order, split by node x worker, resume position)."""
+
+    def __init__(self, layout: StreamLayout, rank: int, position: StreamPosition) -> None:
+        super().__init__()
+        self.layout, self.rank, self.position = layout, rank, position
+
+    def __iter__(self) -> Iterator[ReadTask]:
+        worker, num_workers = _worker()
+        if num_workers != self.layout.workers:
+            raise ClaspError(f"the stream was laid out for {self.layout.workers} workers but runs in {num_workers}")
+        reader = self.layout.reader_of(self.rank, worker)
+        yield from self.layout.tasks(reader, self.position.start_batch, self.position.first_epoch)
+
+
+class SliceReader:
+    """Reads the samples of read tasks; a subclass says how one slice of a shard is read.
+
+    Positions before a task's ``first`` and those in its ``skip`` are passed over without reading
+    their data (``read_slice`` gets them as unwanted indices). Every sample a subclass yields carries
+    ``epoch``, ``reader``, ``pos`` (its position in the reader's span: ``piece.span_start + index -
+    piece.start``), ``shard``, ``index`` and ``key``.
+    """
+
+    def __call__(self, tasks: Iterable[ReadTask]) -> Iterator[dict[str, Any]]:
+        for task in tasks:
+            for piece in task.slices:
+                end = piece.span_start + piece.stop - piece.start
+                if end <= task.first:
+                    continue
+                start = piece.start + max(0, task.first - piece.span_start)
+                skip = {p - piece.span_start + piece.start for p in task.skip if piece.span_start <= p < end}
+                yield from self.read_slice(task, piece, start, skip)
+
+    def read_slice(self, task: ReadTask, piece: Slice, start: int, skip: set[int]) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+
+def _tar_members(
+    path: str, start: int, stop: int, skip: set[int]
+) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
+    """(index, key, {extension: bytes} or None if not wanted) of samples ``start..stop-1`` of a tar.
+
+    A local tar is walked header by header and seeks past the data of samples before ``start`` or in
+    ``skip``, so skipping costs one 512-byte header read per member, not the image bytes. A URL
+    (``pipe:``, ``http://``) is streamed (skipped bytes are read but not kept).
+    """
+    local = "://" not in path and not path.startswith("pipe:")
+    with (
+        open(path, "rb") if local else wds.gopen(path) as fileobj,
+        tarfile.open(fileobj=fileobj, mode="r:" if local else "r|") as tar,
+    ):
+        index, key, members = -1, None, None
+        while (info := tar.next()) is not None:
+            tar.members.clear()  # next() keeps every header; a shard's worth of them is not needed
+            if not info.isfile():
+                continue
+            folder, _, name = info.name.rpartition("/")
+            stem, _, ext = name.partition(".")
+            prefix = f"{folder}/{stem}" if folder else stem
+            if prefix != key:
+                if key is not None and index >= start:
+                    yield index, key, members
+                index, key = index + 1, prefix
+                if index >= stop:
+                    return
+                members = {} if index >= start and index not in skip else None
+            if members is not None:
+                members[ext.lower()] = tar.extractfile(info).read()
+        if key is not None and start <= index < stop:
+            yield index, key, members
+
+
+class LabeledTarReader(SliceReader):
+    """Tar reader joined with label rows; a shard that ends early (truncated, damaged) stops the run with its name.
+
+    Every sample passed, read or skipped, must carry its label row's ``key`` (a header check, no data
+    read); silently training on a shrinking or misaligned corpus is what is refused.
+    """
+
+    def __init__(self, shards: Sequence[Shard], grid_hw: tuple[int, int]) -> None:
+        self.shards, self.grid_hw = shards, grid_hw
+
+    def read_slice(self, task: ReadTask, piece: Slice, start: int, skip: set[int]) -> Iterator[dict[str, Any]]:
+        shard, stop = piece.shard, piece.stop
+        tar, label_path = self.shards[shard].tar, self.shards[shard].labels
+        labels = _read_label_rows(label_path, self.grid_hw, start, stop)
+        n_rows, count = labels["rows"], start
+        try:
+            for index, key, members in _tar_members(tar, start, stop, skip):
+                count = index + 1
+                row = index - start
+                if index >= n_rows or key != labels["key"][row]:
+                    has = f"has key '{labels['key'][row]}'" if index < n_rows else f"has only {n_rows} rows"
+                    raise LabelMismatchError(
+                        f"image shard {tar} sample {index} is '{key}' but label shard {label_path} row {index} {has}: "
+                        "the labels were not made from this ingest (or their rows are out of order); "
+                        "re-run `clasp label` for this corpus"
+                    )
+                if members is None:
+                    continue
+                image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+                if image is None:
+                    log.warning("%s: sample '%s' has no image member; skipped", tar, key)
+                    continue
+                yield {
+                    "epoch": task.epoch,
+                    "reader": task.reader,
+                    "pos": piece.span_start + index - piece.start,
+                    "shard": shard,
+                    "index": index,
+                    "key": key,
+                    "image": image,
+                    "attr_prob": labels["attr_prob"][row],
+                    "part_map": labels["part_map"][row],
+                    "part_conf": labels["part_conf"][row],
+                }
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ClaspError(
+                f"image shard {tar} is damaged: {count} of {n_rows} samples read ({exc}); "
+                "re-run `clasp ingest` with the same settings, it rewrites damaged shards"
+            ) from None
+        if count < stop:
+            raise LabelMismatchError(
+                f"image shard {tar} has {count} samples but label shard {label_path} has {n_rows} rows: "
+                "they come from different ingests; re-run `clasp label` for this corpus"
+            )
+
+
+def _read_label_rows(path: str, grid_hw: tuple[int, int], start: int, stop: int) -> dict[str, Any]:
+    """Rows ``start..stop-1`` of a label shard (read once per slice; only the slice becomes Python objects)."""
     try:
         table = pq.read_table(path, columns=list(LABEL_COLUMNS))
     except (OSError, KeyError, ValueError) as exc:
         raise ClaspError(
             f"cannot read label shard {path}: {exc}; re-run `clasp label` for this corpus, it relabels that shard"
         ) from None
+    rows = table.num_rows
+    table = table.slice(start, max(0, stop - start))
     n = table.num_rows
     cells = grid_hw[0] * grid_hw[1]
-    attr = table.column("attr_prob").combine_chunks()
     part_map = table.column("part_map").to_pylist()
     part_conf = table.column("part_conf").to_pylist()
     if n and (len(part_map[0]) != cells or len(part_conf[0]) != cells):
         raise ClaspError(f"label shard {path}: part_map has {len(part_map[0])} cells, labelset grid says {cells}")
+    attr = table.column("attr_prob").combine_chunks()
     return {
+        "rows": rows,
         "key": table.column("key").to_pylist(),
         "attr_prob": attr.flatten().to_numpy(zero_copy_only=False).reshape(n, -1),
         "part_map": part_map,
@@ -260,121 +475,53 @@ def _read_label_shard(path: str, grid_hw: tuple[int, int]) -> dict[str, Any]:
     }
 
 
-class LabeledTarReader:
-    """Tar reader joined with label rows; a shard that ends early (truncated, damaged) stops the run with its name.
+class BlockShuffle:
+    """Yields each block of a reader's span in its seeded order (``StreamLayout.block_order``).
 
-    Read errors are logged as they happen; silently training on a shrinking corpus is what is refused.
+    Holds one block of undecoded samples. Unlike a reservoir buffer, whose state depends on everything
+    read before, a block's order depends only on (seed, epoch, reader, block), so a resumed reader
+    yields exactly the rest of the block it stopped in.
     """
 
-    def __init__(self, grid_hw: tuple[int, int]) -> None:
-        self.grid_hw = grid_hw
-
-    def __call__(self, units: Iterable[tuple[int, ShardUnit]]) -> Iterator[dict[str, Any]]:
-        failures_in_a_row = 0
-        for n_pass, unit in units:
-            read_errors: list[Exception] = []
-
-            def handler(exc: Exception, errors: list[Exception] = read_errors, tar: str = unit.tar) -> bool:
-                errors.append(exc)
-                log.warning("skipping unreadable data in %s: %s", tar, exc)
-                return True
-
-            labels = _read_label_shard(unit.labels, self.grid_hw)
-            n_rows = len(labels["key"])
-            files = wds.tariterators.tar_file_expander(
-                wds.tariterators.url_opener([{"url": unit.tar}], handler=handler), handler=handler
-            )
-            count = 0
-            for i, sample in enumerate(wds.tariterators.group_by_keys(files, handler=handler)):
-                count = i + 1
-                key = sample["__key__"]
-                if i >= n_rows or key != labels["key"][i]:
-                    row = f"has key '{labels['key'][i]}'" if i < n_rows else f"has only {n_rows} rows"
-                    raise LabelMismatchError(
-                        f"image shard {unit.tar} sample {i} is '{key}' but label shard {unit.labels} row {i} {row}: "
-                        "the labels were not made from this ingest (or their rows are out of order); "
-                        "re-run `clasp label` for this corpus"
-                    )
-                if i % unit.stride != unit.offset:
-                    continue
-                image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-                if image is None:
-                    log.warning("%s: sample '%s' has no image member; skipped", unit.tar, key)
-                    continue
-                yield {
-                    "pass": n_pass,
-                    "key": key,
-                    "image": image,
-                    "attr_prob": labels["attr_prob"][i],
-                    "part_map": labels["part_map"][i],
-                    "part_conf": labels["part_conf"][i],
-                }
-            if count < n_rows and read_errors:
-                raise ClaspError(
-                    f"image shard {unit.tar} is damaged: {count} of {n_rows} samples read ({read_errors[0]}); "
-                    "re-run `clasp ingest` with the same settings, it rewrites damaged shards"
-                )
-            if count < n_rows:
-                raise LabelMismatchError(
-                    f"image shard {unit.tar} has {count} samples but label shard {unit.labels} has {n_rows} rows: "
-                    "they come from different ingests; re-run `clasp label` for this corpus"
-                )
-            failures_in_a_row = failures_in_a_row + 1 if count == 0 else 0
-            if failures_in_a_row > 100:
-                raise ClaspError(f"100 shards in a row yielded no samples (last: {unit.tar}); check the image shards")
-
-
-class WorkerRandom:
-    """A stage that needs randomness gets a ``random.Random`` seeded from (seed, segment, rank, worker, tag)."""
-
-    def __init__(self, seed: int, position: StreamPosition, rank: int, tag: int) -> None:
-        self.seed, self.position, self.rank, self.tag = seed, position, rank, tag
-
-    def rng(self) -> random.Random:
-        worker, _ = _worker()
-        p = self.position
-        return random.Random(derive_seed(self.seed, p.epoch, p.start_step, self.rank, worker, self.tag))
-
-
-class ShuffleBuffer(WorkerRandom):
-    """Mixes samples of the shards a worker has open (before decoding, so the buffer holds only bytes).
-
-    The buffer is emptied at the end of each pass over the worker's shards, so samples of the next
-    pass never overtake samples of this one (an epoch then sees each sample at most once).
-    """
-
-    def __init__(self, size: int, **kw: Any) -> None:
-        super().__init__(tag=1, **kw)
-        self.size = size
+    def __init__(self, layout: StreamLayout) -> None:
+        self.layout = layout
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
-        if self.size <= 1:
-            yield from src
-            return
-        rng, buf = self.rng(), []
+        size, epoch, block, reader = self.layout.block, -1, -1, -1
+        buf: list[dict | None] = []
         for sample in src:
-            if buf and sample["pass"] != buf[0]["pass"]:
-                rng.shuffle(buf)
-                yield from buf
-                buf = []
-            buf.append(sample)
-            if len(buf) >= self.size:
-                j = rng.randrange(len(buf))
-                buf[j], buf[-1] = buf[-1], buf[j]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
+            pos = sample["pos"]
+            if pos // size != block or sample["epoch"] != epoch:  # a reader's blocks arrive one after another
+                if buf:
+                    yield from self._flush(epoch, reader, block, buf)
+                epoch, reader, block = sample["epoch"], sample["reader"], pos // size
+                buf = [None] * size  # a list, not a dict: this runs once per sample
+            buf[pos % size] = sample
+        if buf:
+            yield from self._flush(epoch, reader, block, buf)
+
+    def _flush(self, epoch: int, reader: int, block: int, buf: list[dict | None]) -> Iterator[dict]:
+        for offset in self.layout.block_order(epoch, reader, block).tolist():
+            if (sample := buf[offset]) is not None:  # None: consumed before a resume, or not an image
+                yield sample
 
 
-class DecodeMultiCrop(WorkerRandom):
+def sample_rng(seed: int, epoch: int, shard: int, index: int) -> random.Random:
+    """Crop randomness of one image in one epoch: the same whichever reader reads it, and after a resume.
+
+    The four numbers packed into one integer seed: Mersenne Twister's seeding mixes every 32-bit word of
+    it, and it costs a third of a SeedSequence (this runs once per image)."""
+    m = 0xFFFFFFFF
+    return random.Random((seed & m) << 96 | (epoch & m) << 64 | (shard & m) << 32 | (index & m))
+
+
+class DecodeMultiCrop:
     """Decodes the image and turns a joined sample into crops and per-token labels (in the worker)."""
 
-    def __init__(self, multicrop: MultiCrop, grid_hw: tuple[int, int], **kw: Any) -> None:
-        super().__init__(tag=2, **kw)
-        self.multicrop, self.grid_hw = multicrop, grid_hw
+    def __init__(self, multicrop: MultiCrop, grid_hw: tuple[int, int], seed: int) -> None:
+        self.multicrop, self.grid_hw, self.seed = multicrop, grid_hw, seed
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
-        rng = self.rng()
         for sample in src:
             try:
                 with Image.open(io.BytesIO(sample["image"])) as im:
@@ -384,9 +531,11 @@ class DecodeMultiCrop(WorkerRandom):
                 continue
             part_map = np.frombuffer(sample["part_map"], dtype=np.uint8).reshape(self.grid_hw)
             part_conf = np.frombuffer(sample["part_conf"], dtype=np.uint8).reshape(self.grid_hw) / np.float32(255)
+            rng = sample_rng(self.seed, sample["epoch"], sample["shard"], sample["index"])
             out = self.multicrop(image, part_map, part_conf, rng)
             out["attr_prob"] = torch.from_numpy(sample["attr_prob"].astype(np.float32) / np.float32(255))
             out["key"] = sample["key"]
+            out["epoch"] = torch.tensor(sample["epoch"])
             yield out
 
 
@@ -401,27 +550,21 @@ def collate(samples: list[dict]) -> dict[str, Any]:
 
 
 def build_pipeline(
-    units: Sequence[ShardUnit],
+    layout: StreamLayout,
     *,
+    rank: int,
+    position: StreamPosition,
+    reader: SliceReader,
     multicrop: MultiCrop,
     grid_hw: tuple[int, int],
-    batch_size: int,
-    seed: int,
-    rank: int,
-    world_size: int,
-    position: StreamPosition,
-    shuffle_buffer: int = 1000,
 ) -> wds.DataPipeline:
     """The stream as a WebDataset ``DataPipeline`` of explicit stages (see the module docstring)."""
-    rand = {"seed": seed, "position": position, "rank": rank}
     return wds.DataPipeline(
-        ResampledUnits(units, seed, position),
-        split_by_node(rank, world_size),
-        wds.split_by_worker,
-        LabeledTarReader(grid_hw),
-        ShuffleBuffer(shuffle_buffer, **rand),
-        DecodeMultiCrop(multicrop, grid_hw, **rand),
-        wds.batched(batch_size, collation_fn=collate, partial=False),
+        ReaderTasks(layout, rank, position),
+        reader,
+        BlockShuffle(layout),
+        DecodeMultiCrop(multicrop, grid_hw, layout.seed),
+        wds.batched(layout.batch_size, collation_fn=collate, partial=False),
     )
 
 
@@ -431,13 +574,22 @@ class PretrainStream:
 
     loader: DataLoader
     position: StreamPosition
+    layout: StreamLayout
     labelset: LabelSetInfo
-    num_images: int
-    num_shards: int
 
-    def segment(self, *, epoch: int, start_step: int) -> Iterator[dict[str, Any]]:
-        """Start a new segment of batches (fresh workers) whose randomness depends only on where it starts."""
-        self.position.epoch, self.position.start_step = epoch, start_step
+    @property
+    def num_images(self) -> int:
+        return self.layout.num_images
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.layout.shards)
+
+    def batches(self, *, start_batch: int = 0, first_epoch: int = 0) -> Iterator[dict[str, Any]]:
+        """This process's batches from the ``start_batch``-th on (0: the run's start; a resume passes the
+        batches consumed before its checkpoint, and continues exactly where that run was). ``first_epoch``:
+        the epoch the stream began with (not 0 only after a resume accepted a new stream layout)."""
+        self.position.start_batch, self.position.first_epoch = start_batch, first_epoch
         return _plain_errors(iter(self.loader))
 
 
@@ -468,7 +620,7 @@ def build_stream(
 ) -> PretrainStream:
     """Build the label-joined multi-crop stream for this process from a ``pretrain.config.DataConfig``."""
     info = read_labelset_info(data.root, data.corpus, data.labelset, dict(data.part_flip))
-    pairs, num_images = list_shards(data.root, data.corpus, info.labelset)
+    shards = list_shards(data.root, data.corpus, info.labelset)
     local_hw = tuple(data.local_size) if data.local_size else (global_hw[0] // 2, global_hw[1] // 2)
     multicrop = MultiCrop(
         global_hw=global_hw,
@@ -483,28 +635,24 @@ def build_stream(
         photometric=data.photometric,
         flip_map=info.flip_map,
     )
+    layout = StreamLayout(
+        tuple(shards), processes=world_size, workers=max(1, data.workers), batch_size=data.batch_size, seed=seed,
+        block=max(1, data.shuffle_buffer),
+    )  # fmt: skip
     position = StreamPosition()
-    units = make_units(pairs, readers=world_size * max(1, data.workers))
     pipeline = build_pipeline(
-        units,
-        multicrop=multicrop,
-        grid_hw=info.grid_hw,
-        batch_size=data.batch_size,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        position=position,
-        shuffle_buffer=data.shuffle_buffer,
-    )
+        layout, rank=rank, position=position, reader=LabeledTarReader(layout.shards, info.grid_hw),
+        multicrop=multicrop, grid_hw=info.grid_hw,
+    )  # fmt: skip
     loader = DataLoader(
         pipeline,
         batch_size=None,
         num_workers=data.workers,
         pin_memory=data.pin_memory and torch.cuda.is_available(),
         prefetch_factor=data.prefetch_factor if data.workers > 0 else None,
-        persistent_workers=False,  # a segment restart must hand workers the new position
+        persistent_workers=False,  # a resume must hand the workers the new position
     )
-    return PretrainStream(loader, position, info, num_images, len(pairs))
+    return PretrainStream(loader, position, layout, info)
 
 
 def to_model_batch(
@@ -516,7 +664,7 @@ def to_model_batch(
     std_t = torch.tensor(std, device=device, dtype=torch.float32) * 255
     out: dict[str, Any] = {"key": batch["key"]}
     for name, value in batch.items():
-        if name == "key":
+        if name in ("key", "epoch"):  # bookkeeping of the stream, not model input
             continue
         value = value.to(device, non_blocking=True)
         if name in ("global_crops", "local_crops"):

@@ -12,10 +12,13 @@ Launch (every process runs the same command; Accelerate/torchrun set the rank)::
 
 What the loop guarantees:
 
-* seed + rank: model randomness (drop path) is re-seeded from (seed, rank, step) at every data
-  segment start, and the data stream derives all of its randomness from (seed, epoch, segment start,
-  rank, worker); a run resumed from a checkpoint therefore takes exactly the steps the uninterrupted
-  run took (``pretrain.data`` explains segments; the stream restarts at epoch starts and checkpoints).
+* seed + rank: model randomness (drop path) is re-seeded from (seed, rank, step) at every step, and
+  the data stream's order and crops depend only on (seed, epoch, reader, position); a run resumed
+  from a checkpoint starts the stream at the batches it had consumed and therefore takes exactly the
+  steps the uninterrupted run took (``pretrain.data``).
+* the checkpoint pins the run's identity (label set, images, world size, global batch, steps per
+  epoch) and config; a resume that differs is refused unless ``resume_accept`` names the change
+  (``pretrain.resume``); ``data.labelset: null`` resumes with the pinned label set.
 * loss terms are all-reduced before they are checked and logged; a non-finite loss stops every
   process before the optimizer step, naming the step, the terms and the last good checkpoint.
 * only the main process logs (TensorBoard, optional wandb, ``log.jsonl``, progress bar) and saves.
@@ -24,7 +27,8 @@ What the loop guarantees:
   write, the disk must hold the checkpoints still to come (``pipeline.guards``).
 * checkpoints (``out/checkpoints/step-NNNNNNNNN.pt``) are written atomically and hold
   ``model`` (``ClaspMetaArch`` state: student, EMA teacher, DINO centre), ``optimizer``, ``scaler``,
-  ``step``, ``config`` (the resolved config as a dict) and ``data`` (corpus, label set, image count),
+  ``step``, ``config`` (the resolved config as a dict), ``data`` (corpus, label set, image count) and
+  ``identity`` (``pretrain.resume.RunIdentity``),
   the layout ``pretrain.export.export_backbone`` reads. Checkpoints are read back by every process,
   so with several machines ``out`` must be on a shared filesystem.
 """
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from pipeline import formats, guards
 from pipeline.config import save_config, to_dict
@@ -49,6 +54,7 @@ from pipeline.errors import ClaspError
 from pretrain.config import PretrainConfig
 from pretrain.data import build_stream, derive_seed, to_model_batch
 from pretrain.meta_arch import LOSS_TERMS, ClaspMetaArch
+from pretrain.resume import RunIdentity, plan_resume, saved_identity
 from pretrain.schedules import build_schedules
 
 CHECKPOINT_DIR = "checkpoints"
@@ -219,6 +225,10 @@ def train(cfg: PretrainConfig) -> RunSummary:
         )
     main = accelerator.is_main_process
     set_seed(cfg.seed + rank)
+    resume_from = resolve_resume(cfg)
+    resumed = torch.load(resume_from, map_location="cpu", weights_only=True) if resume_from is not None else None
+    if resumed is not None and cfg.data.labelset is None:
+        cfg.data.labelset = saved_identity(resumed).labelset  # pinned: not the newest label set of today
 
     # ---- data
     stream = build_stream(
@@ -236,6 +246,17 @@ def train(cfg: PretrainConfig) -> RunSummary:
         )
     steps_per_epoch = cfg.data.steps_per_epoch or max(1, stream.num_images // global_batch)
     cfg.data.steps_per_epoch = steps_per_epoch
+    identity = RunIdentity(labels.labelset, stream.num_images, world, global_batch, steps_per_epoch)
+    step, checkpoint_step, changes, previous_config = 0, 0, (), None
+    if resumed is not None:
+        plan = plan_resume(
+            checkpoint=str(resume_from), step=int(resumed["step"]), saved=saved_identity(resumed),
+            saved_config=resumed.get("config", {}), now=identity, now_config=to_dict(cfg),
+            accept=set(cfg.resume_accept),
+        )  # fmt: skip
+        step, checkpoint_step = plan.step, int(resumed["step"])
+        changes, previous_config = plan.changes, resumed.get("config")
+        identity = RunIdentity(**{**identity.to_dict(), "stream_origin": plan.stream_origin})
     schedules = build_schedules(cfg.optim, cfg.model.loss, steps_per_epoch=steps_per_epoch, global_batch=global_batch)
     last_step = min(schedules.total_steps, cfg.max_steps) if cfg.max_steps else schedules.total_steps
 
@@ -247,16 +268,12 @@ def train(cfg: PretrainConfig) -> RunSummary:
         betas=cfg.optim.betas,
         fused=accelerator.device.type == "cuda",  # one kernel for all parameters on the GPU
     )
-    resume_from = resolve_resume(cfg)
-    step, resumed = 0, None
-    if resume_from is not None:
-        resumed = torch.load(resume_from, map_location="cpu", weights_only=True)
+    if resumed is not None:
         try:
             model.load_state_dict(resumed["model"], strict=True)
         except RuntimeError as exc:
             raise ClaspError(f"{resume_from} does not match model settings of this config: {exc}") from None
         optimizer.load_state_dict(resumed["optimizer"])
-        step = int(resumed["step"])
     model, optimizer = accelerator.prepare(model, optimizer)
     if resumed is not None and resumed.get("scaler") is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(resumed["scaler"])
@@ -269,7 +286,10 @@ def train(cfg: PretrainConfig) -> RunSummary:
     # every process checks (same shared disk), so a refusal stops all of them rather than leaving peers waiting
     guards.ensure_free_space(out, copies * _checkpoint_bytes(core, optimizer), what="pre-training checkpoints")
     if main:
-        _forget_after(out, step)
+        _forget_after(out, checkpoint_step)
+        if changes and previous_config is not None:  # the run's settings until now stay on record
+            with formats.atomic_path(out / f"config.before-step-{step:09d}.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(previous_config, sort_keys=False))
         save_config(cfg, out / "config.yaml")
         if trackers:
             accelerator.init_trackers("pretrain", config=_flat_hparams(cfg))
@@ -281,6 +301,8 @@ def train(cfg: PretrainConfig) -> RunSummary:
                 + (f" (= {cfg.optim.lr:g} x {global_batch}/256)" if cfg.optim.scale_lr_with_batch else "")
                 + (f" (resumed from {resume_from})" if resume_from else "")
             )
+            for change in changes:
+                accelerator.print(f"pretrain: resume accepted a change: {change}")
     last_ckpt = resume_from
 
     def checkpoint_state() -> dict[str, Any]:
@@ -292,6 +314,7 @@ def train(cfg: PretrainConfig) -> RunSummary:
             "config": to_dict(cfg),
             "data": {"corpus": cfg.data.corpus, "labelset": labels.labelset, "images": stream.num_images},
             "world_size": world,
+            "identity": identity.to_dict(),
         }
 
     # ---- train
@@ -300,14 +323,13 @@ def train(cfg: PretrainConfig) -> RunSummary:
         total=last_step, initial=step, unit="step", disable=cfg.quiet or not main, dynamic_ncols=True, desc="pretrain"
     )
     log_file = (out / "log.jsonl").open("a") if main else None
-    batches, t_first, step_first, t_log, step_log = None, None, step, time.perf_counter(), step
+    origin_step, origin_epoch = identity.stream_origin
+    batches = stream.batches(start_batch=(step - origin_step) * cfg.grad_accum, first_epoch=origin_epoch)
+    t_first, step_first, t_log, step_log = None, step, time.perf_counter(), step
     terms_now: dict[str, float] = {}
     try:
         while step < last_step:
-            if batches is None or step % steps_per_epoch == 0 or step % cfg.checkpoint_every == 0:
-                # a new data segment: its randomness depends only on where it starts (exact resume)
-                batches = stream.segment(epoch=step // steps_per_epoch, start_step=step)
-                torch.manual_seed(derive_seed(cfg.seed, rank, step))
+            torch.manual_seed(derive_seed(cfg.seed, rank, step))  # model randomness depends only on the step
             values = schedules.at(step)
             for group in optimizer.param_groups:
                 group["lr"] = values["lr"]

@@ -7,6 +7,7 @@ shards whose values encode the same key (or each cell's own position), so misali
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import tarfile
@@ -23,7 +24,7 @@ from pipeline import formats
 from pipeline.config import load_config
 from pretrain.augment import IGNORE_PART, CropBox, MultiCrop, crop_part_map
 from pretrain.config import PretrainConfig
-from pretrain.data import LabelMismatchError, build_stream, make_units
+from pretrain.data import LabelMismatchError, build_stream
 
 PARTS = ["background", "head", "left_arm", "right_arm", "legs"]
 ATTRS = ["a0", "a1", "a2"]
@@ -126,7 +127,7 @@ def test_labels_arrive_with_their_image(tmp_path: Path, workers: int) -> None:
     stream = stream_for(cfg)
     assert stream.labelset.labelset == LABELSET and stream.num_images == 32
     seen = []
-    batches = stream.segment(epoch=0, start_step=0)
+    batches = stream.batches()
     for _ in range(8):
         batch = next(batches)
         assert batch["global_crops"].shape == (4, 2, 32, 16, 3) and batch["global_crops"].dtype == torch.uint8
@@ -147,7 +148,7 @@ def test_label_rows_out_of_order_is_a_hard_error(tmp_path: Path) -> None:
     root = write_corpus(tmp_path, shards=2, scramble_shard=1)
     stream = stream_for(tiny_config(root))
     with pytest.raises(LabelMismatchError) as err:
-        batches = stream.segment(epoch=0, start_step=0)
+        batches = stream.batches()
         for _ in range(8):
             next(batches)
     message = str(err.value)
@@ -167,7 +168,7 @@ def test_ranks_and_workers_read_disjoint_data_within_an_epoch(tmp_path: Path, sh
     per_rank = []
     for rank in range(2):
         stream = stream_for(tiny_config(root, "data.workers=2"), rank=rank, world_size=2)
-        batches = stream.segment(epoch=0, start_step=0)
+        batches = stream.batches()
         keys = [k for _ in range(4) for k in next(batches)["key"]]  # one epoch: 4 steps x 4 images x 2 ranks
         assert len(set(keys)) == len(keys) == 16
         per_rank.append(set(keys))
@@ -175,27 +176,17 @@ def test_ranks_and_workers_read_disjoint_data_within_an_epoch(tmp_path: Path, sh
     assert len(per_rank[0] | per_rank[1]) == 32
 
 
-def test_segments_replay_exactly_and_epochs_differ(tmp_path: Path) -> None:
+def test_a_resumed_stream_replays_exactly_and_epochs_differ(tmp_path: Path) -> None:
     root = write_corpus(tmp_path, shards=2)
     cfg = tiny_config(root, "data.photometric=true")
     stream = stream_for(cfg)
-
-    def take(epoch: int, start: int) -> list:
-        it = stream.segment(epoch=epoch, start_step=start)
-        return [next(it) for _ in range(2)]
-
-    a, b, c = take(0, 0), take(0, 0), take(1, 4)
-    for x, y in zip(a, b, strict=True):
+    whole = list(itertools.islice(stream.batches(), 8))  # 2 epochs of 16 images in batches of 4
+    resumed = list(itertools.islice(stream.batches(start_batch=3), 5))
+    for x, y in zip(whole[3:], resumed, strict=True):
         assert x["key"] == y["key"] and (x["global_crops"] == y["global_crops"]).all()
         assert (x["local_crops"] == y["local_crops"]).all() and (x["part_map"] == y["part_map"]).all()
-    assert [x["key"] for x in a] != [x["key"] for x in c]
-
-
-def test_make_units_balances_small_corpora() -> None:
-    pairs = [(f"t{i}", f"l{i}") for i in range(3)]
-    units = make_units(pairs, readers=4)
-    assert len(units) % 4 == 0 and {u.stride for u in units} == {4}
-    assert len(make_units(pairs, readers=2)) == 3
+    assert sorted(k for b in whole[:4] for k in b["key"]) == sorted(k for b in whole[4:] for k in b["key"])
+    assert [b["key"] for b in whole[:4]] != [b["key"] for b in whole[4:]]  # another order in epoch 1
 
 
 # --- geometry ---------------------------------------------------------------------------------
