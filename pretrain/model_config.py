@@ -38,10 +38,11 @@ class MoEConfig:
     # expert hidden width = embed_dim * expert_mlp_ratio; None: mlp_ratio / top_k (active FLOPs = dense MLP)
     expert_mlp_ratio: float | None = None
     prompt_dim: int = 64
-    # expert capacity = capacity_factor * tokens * top_k / num_experts (tokens over capacity skip the FFN);
-    # <= 0 means dropless (capacity = all tokens; E times the FFN cost, for evaluation/tests only)
-    capacity_factor: float = 1.0
-    eval_capacity_factor: float = 2.0
+    # <= 0: dropless (every token reaches its top_k experts in training and evaluation, under every prompt;
+    # grouped matmul, no padding). > 0: expert capacity = capacity_factor * tokens * top_k / num_experts, tokens
+    # over it skip the FFN (slots by router priority); opt-in for memory-bound runs only (see pretrain/moe.py)
+    capacity_factor: float = 0.0
+    eval_capacity_factor: float | None = None  # None: the training capacity (the same function in eval)
     balance_loss_weight: float = 0.01
 
 
@@ -61,6 +62,9 @@ class LossConfig:
     warmup_teacher_temp_steps: int = 0  # linear warm-up from warmup_teacher_temp to teacher_temp
     center_momentum: float = 0.9
     freeze_last_layer_steps: int = 0  # DINO keeps the last head layer fixed early on for stability
+    # the same in epochs (DINO: freeze_last_layer=1), independent of the global batch; the trainer turns it
+    # into freeze_last_layer_steps (set one of the two)
+    freeze_last_layer_epochs: float = 0.0
 
     part: bool = True
     part_weight: float = 1.0
