@@ -261,11 +261,11 @@ def test_single_prompt_features_are_the_same_in_train_and_eval_and_in_any_batch(
         backbone.moe_stats()
         train_feats = backbone.forward_features(x, "instance")
         stats = backbone.moe_stats()
+        backbone.eval()
+        assert torch.allclose(train_feats, backbone.forward_features(x, "instance"), atol=1e-5)
         assert (
             stats["prompt.instance.dropped"] == 0 and stats["prompt.instance.tokens_per_expert"].sum() == 8 * 9 * 2 * 4
         )
-        backbone.eval()
-        assert torch.allclose(train_feats, backbone.forward_features(x, "instance"), atol=1e-5)
         assert torch.allclose(train_feats[:2], backbone.forward_features(x[:2], "instance"), atol=1e-5)
         backbone.train()
         backbone.moe_stats()
