@@ -107,13 +107,16 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype, dim: int, hidden: in
     if not hasattr(F, "grouped_mm"):
         return False
     try:
+        gen = torch.Generator().manual_seed(0)  # never the global RNG: a probe must not shift a run's randomness
+
+        def rand(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=gen).to(device_type, dtype).requires_grad_()
+
         with torch.enable_grad(), torch.autocast(device_type, enabled=False):
-            x = torch.randn(3, dim, device=device_type, dtype=dtype, requires_grad=True)
-            w1 = torch.randn(2, dim, hidden, device=device_type, dtype=dtype, requires_grad=True)
-            w2 = torch.randn(2, hidden, dim, device=device_type, dtype=dtype, requires_grad=True)
+            x, w1, w2 = rand(3, dim), rand(2, dim, hidden), rand(2, hidden, dim)
             offs = torch.tensor([1, 3], device=device_type, dtype=torch.int32)
             y = F.grouped_mm(F.grouped_mm(x, w1, offs=offs), w2, offs=offs)
-            (y * torch.randn_like(y)).sum().backward()
+            (y * rand(*y.shape).detach()).sum().backward()
             ref = torch.cat([x[:1] @ w1[0] @ w2[0], x[1:] @ w1[1] @ w2[1]])
             y, ref = y.detach().float(), ref.detach().float()
         return bool(torch.allclose(y, ref, rtol=0.05, atol=0.05 * float(ref.abs().max())))
