@@ -22,6 +22,7 @@ The checkpoint is a ``torch.save``'d dict with at least::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -185,10 +186,15 @@ meant for human-centric transfer (re-ID, attributes, pose, detection, parsing), 
 """
 
 
-def load_backbone(path: str | Path, *, img_size: tuple[int, int] | None = None) -> nn.Module:
+def load_backbone(
+    path: str | Path, *, img_size: tuple[int, int] | None = None, drop_path_rate: float = 0.0
+) -> nn.Module:
     """Load an export directory: stock timm model (MoE off) or ``ClaspViT`` (MoE on), strict.
 
     ``img_size`` other than the export's (e.g. 384x128 for re-ID) resamples the position embedding.
+    ``drop_path_rate``: stochastic depth for fine-tuning (linear over the blocks, as timm builds it).
+    The MoE is built dropless whatever capacity the export was trained with: a fine-tune and its
+    evaluation must compute the same function of a token.
     """
     path = Path(path)
     config_path = path / CONFIG_FILE
@@ -197,16 +203,21 @@ def load_backbone(path: str | Path, *, img_size: tuple[int, int] | None = None) 
     config = json.loads(config_path.read_text())
     weights = load_file(str(path / WEIGHTS_FILE))
     moe = from_dict(MoEConfig, config["moe"], prefix="moe.")
+    moe = dataclasses.replace(moe, capacity_factor=0.0, eval_capacity_factor=None)  # dropless downstream
     if moe.enabled:
         model = create_backbone(
-            config["arch"], img_size=tuple(config["img_size"]), patch_size=config["patch_size"], moe=moe
+            config["arch"],
+            img_size=tuple(config["img_size"]),
+            patch_size=config["patch_size"],
+            moe=moe,
+            drop_path_rate=drop_path_rate,
         )
         if list(model.prompt_names) != list(config.get("prompt_names", TASK_PROMPTS)):
             raise ClaspError(f"{config_path}: prompt names {config['prompt_names']} differ from this code's")
     else:
         import timm
 
-        kwargs = dict(config["timm_kwargs"], img_size=tuple(config["img_size"]))
+        kwargs = dict(config["timm_kwargs"], img_size=tuple(config["img_size"]), drop_path_rate=drop_path_rate)
         model = timm.create_model(config["timm_name"], pretrained=False, **kwargs)
     model.load_state_dict(weights, strict=True)
     if img_size is not None and tuple(img_size) != tuple(config["img_size"]):

@@ -242,7 +242,7 @@ def _write(
     if model is not None:
         protocol += f"; final model, test shorter side {cfg.data.test_size} px (max {cfg.data.max_size})"
         vit = model.backbone.vit
-        backbone, prompt = vit.source, vit.describe_prompt()
+        backbone, prompt = vit.provenance(), vit.describe_prompt()
     else:
         protocol += f"; detections from {cfg.detections}"
         backbone, prompt = None, None
