@@ -3,6 +3,7 @@ checks (a loss term with no valid target is reported once)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -85,3 +86,19 @@ def test_a_loss_term_without_valid_targets_is_warned_about_once(corpus, tmp_path
         trainer.train(tiny_config(corpus, *TINY_MODEL, f"out={tmp_path / 'run'}", "max_steps=4"))
     warned = [r.getMessage() for r in caplog.records if "exactly 0" in r.getMessage()]
     assert len(warned) == 1 and "loss/part" in warned[0] and "step 2" in warned[0], warned
+
+
+def test_router_statistics_per_prompt_in_the_log_and_tensorboard(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    over = [o for o in TINY_MODEL if o != "tensorboard=false"]
+    trainer.train(tiny_config(corpus, *over, f"out={out}", "max_steps=2", "tensorboard=true"))
+    row = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
+    for prompt in ("instance", "part", "attribute"):
+        shares = [row[f"moe/{prompt}/expert_share/{i}"] for i in range(4)]
+        assert sum(shares) == pytest.approx(1.0) and row[f"moe/{prompt}/dropped_frac"] == 0.0
+    assert not any(k.startswith("moe/mix/") for k in row)  # no mixed prompt in pre-training
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"moe/instance/expert_share/0", "moe/part/dropped_frac"} <= set(events.Tags()["scalars"])
