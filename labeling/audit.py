@@ -430,9 +430,11 @@ def _part_confidence_sample(ctx: AuditContext) -> pa.Table:
     above = np.zeros(len(names), np.int64)
     if ctx.grid is not None and ctx.label_files:
         n_cells = ctx.grid[0] * ctx.grid[1]
-        per_file = max(1, ctx.cfg.confidence_sample // len(ctx.label_files))
         rng = np.random.default_rng(ctx.cfg.seed)
-        for f in ctx.label_files:
+        n_files = min(len(ctx.label_files), 16)  # a bounded read however large the corpus (audit time budget)
+        files = [ctx.label_files[i] for i in sorted(rng.choice(len(ctx.label_files), n_files, replace=False))]
+        per_file = max(1, ctx.cfg.confidence_sample // n_files)
+        for f in files:
             pf = pq.ParquetFile(f)
             if pf.metadata.num_rows == 0:
                 continue
