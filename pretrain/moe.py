@@ -101,6 +101,27 @@ def _fixed_projection(in_dim: int, out_dim: int) -> Tensor:
     return q if in_dim > out_dim else q.T
 
 
+def _register_grouped_mm_flops() -> None:
+    """Teach torch's FlopCounterMode (the benchmarks' MFU) the cost of grouped_mm, which it counts as 0."""
+    op = getattr(torch.ops.aten, "_grouped_mm", None)
+    if op is None:
+        return
+    from torch.utils import flop_counter
+
+    if op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+        return
+
+    def flops(a_shape: torch.Size, b_shape: torch.Size, *args: object, out_shape: torch.Size, **kwargs: object) -> int:
+        if len(a_shape) == 2 and len(b_shape) == 2:  # weight gradient: (K, T) x (T, N) -> (E, K, N)
+            return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+        return 2 * math.prod(out_shape) * a_shape[-1]
+
+    flop_counter.register_flop_formula(op)(flops)
+
+
+_register_grouped_mm_flops()
+
+
 @functools.cache
 def _grouped_mm_works(device_type: str, dtype: torch.dtype, dim: int, hidden: int) -> bool:
     """Whether ``F.grouped_mm`` runs forward and backward here at these widths (probed once, tiny sizes)."""

@@ -506,3 +506,15 @@ def test_dino_last_layer_is_frozen_for_the_configured_steps():
     assert model.student["dino_head"].last_layer.weight.grad is not None
     model.cancel_last_layer_grads(step=1)
     assert model.student["dino_head"].last_layer.weight.grad is None
+
+
+def test_flop_counter_sees_the_dropless_expert_matmuls():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    moe = PromptMoE(32, 48, num_experts=4, top_k=2, prompt_dim=5)
+    moe(torch.randn(2, 8, 32), torch.randn(2, 5))  # the one-off grouped_mm probe runs outside the count
+    with FlopCounterMode(display=False) as counter:
+        moe(torch.randn(2, 8, 32), torch.randn(2, 5))
+    experts = 2 * (2 * 8 * 2) * (32 * 48 + 48 * 32)  # 2 x assignments x (fc1 + fc2) multiply-adds
+    router = 2 * (2 * 8) * 32 * 4 + 2 * 2 * 5 * 4
+    assert counter.get_total_flops() == experts + router
