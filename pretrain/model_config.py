@@ -9,13 +9,13 @@ Why the MoE defaults are what they are (cost target: a step with MoE <= 1.5x the
 with MoE on, the part and attribute losses need their own forward passes under their own prompts.
 Blocks before the first MoE block do not depend on the prompt, so they run once per global crop and
 only the MoE tail runs once per prompt (batched). ``top_k=2`` of 4 experts with expert hidden =
-mlp_hidden / top_k keeps the active FFN FLOPs per token equal to the dense MLP's; the capacity
-factor multiplies them (padding slots are computed). Counted with torch's FlopCounterMode for a
-ViT-S/16 training step (2 global 256x128 + 8 local 128x64 crops, all three losses), relative to
-the same step without MoE: MoE in the last third of the blocks 1.31x at capacity 1.0 (1.40x at
-1.25); the last half 1.46x (1.60x). Top-2 also gives the router a gradient through the
-renormalised gate weights; at capacity 1.0 about 1% of assignments are dropped at initialisation
-(second choices first), and the balance loss keeps it low.
+mlp_hidden / top_k keeps the active FFN FLOPs per token equal to the dense MLP's, and dropless
+dispatch (grouped matmul, no padding) keeps them there with no token dropped. Counted with torch's
+FlopCounterMode for a ViT-S/16 training step (2 global 256x128 + 8 local 128x64 crops, all three
+losses), relative to the same step without MoE: MoE in the last third of the blocks 1.31x, the last
+half 1.46x (counted when capacity 1.0 padded to exactly these FLOPs; a fixed capacity factor c > 0
+multiplies the expert FLOPs by c). Top-2 also gives the router a gradient through the renormalised
+gate weights.
 """
 
 from __future__ import annotations
