@@ -518,3 +518,12 @@ def test_flop_counter_sees_the_dropless_expert_matmuls():
     experts = 2 * (2 * 8 * 2) * (32 * 48 + 48 * 32)  # 2 x assignments x (fc1 + fc2) multiply-adds
     router = 2 * (2 * 8) * 32 * 4 + 2 * 2 * 5 * 4
     assert counter.get_total_flops() == experts + router
+
+
+def test_balance_loss_comes_only_from_the_mixed_prompt_batch():
+    """The instance-only local crops must not push that one prompt toward uniform expert use."""
+    torch.manual_seed(0)
+    model = ClaspMetaArch(tiny_cfg(), num_parts=NUM_PARTS, num_attributes=NUM_ATTRS)
+    _, with_locals = model(random_batch(n_local=2), teacher_temp=0.04)
+    _, without = model(random_batch(n_local=0), teacher_temp=0.04)
+    assert with_locals["moe_balance"] == without["moe_balance"] and with_locals["dino"] != without["dino"]
