@@ -225,7 +225,7 @@ def build_backbone(cfg: BackboneConfig, img_size: tuple[int, int]) -> FeatureBac
     return FeatureBackbone(
         model,
         spec=spec,
-        settings=_settings(file_cfg, img_size, model),
+        settings=_settings(file_cfg, img_size),
         source=source,
         prompt_names=names,
         prompt_mode=mode,
@@ -278,7 +278,7 @@ def _registered_arch(name: str) -> tuple[str, dict[str, Any]]:
     return (spec.timm_name, dict(spec.timm_kwargs)) if spec else (name, {})
 
 
-def _settings(file_cfg: dict[str, Any], img_size: tuple[int, int], model: nn.Module) -> dict[str, Any]:
+def _settings(file_cfg: dict[str, Any], img_size: tuple[int, int]) -> dict[str, Any]:
     """MoE settings of a CLASP export, and a note (also logged) when its position embeddings were resampled."""
     settings: dict[str, Any] = {}
     moe = file_cfg.get("moe") or {}
