@@ -249,7 +249,9 @@ class PromptMoE(nn.Module):
         )
         balance_loss = e * (share * probs.mean(dim=0)).sum()
 
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = x.dtype  # under autocast, the experts run in its dtype (torch < 2.4: the bmm path casts itself)
+        if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
         h = x.reshape(num_tokens, dim).to(dtype)
         capacity = self.capacity(num_tokens)
         if capacity >= num_tokens and _grouped_mm_works(x.device.type, dtype, dim, self.fc1_weight.shape[-1]):
