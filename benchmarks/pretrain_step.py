@@ -138,9 +138,12 @@ class BareStep:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> None:
+        from pretrain.trainer import clip_grads_per_param
+
         loss, _ = self.model(self.batch, teacher_temp=0.07)
         self.accelerator.backward(loss)
-        self.accelerator.clip_grad_norm_(self.model.parameters(), 3.0)
+        self.core.cancel_last_layer_grads(0)
+        clip_grads_per_param(self.model.parameters(), 3.0)  # as the trainer (optim.clip_mode=per_param)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.core.update_teacher(0.996)

@@ -79,6 +79,8 @@ class AuditConfig:
     order_margin: float = 0.06  # a part may sit this much (share of the height) below a lower part before flagged
     implausible_shard_share: float = 0.5  # a shard with more implausible part orders than this is an error
     consistency_sample: int = 512  # rows whose part maps are decoded to check the summary columns
+    confidence_sample: int = 4096  # rows whose part maps and confidences are decoded for part_confidence
+    part_conf_threshold: float = 0.3  # as pre-training's model.loss.part_conf_threshold: cells below are ignored
     mosaics: bool = True
     mosaic_per_attribute: int = 4  # most and least confident images per attribute
     mosaic_parts: int = 16  # random images with their part map overlaid
@@ -327,6 +329,8 @@ def run_standard_audit(
             tables["part_order_examples"] = _attach_keys(ctx, tables["part_order_examples"])
         with step("summary_consistency"):
             tables["summary_consistency"] = _consistency_sample(ctx)
+        with step("part_confidence"):
+            tables["part_confidence"] = _part_confidence_sample(ctx)
         findings = derive_findings(ctx, tables)
         con.execute("RESET preserve_insertion_order")
     finally:
@@ -409,6 +413,57 @@ def _consistency_sample(ctx: AuditContext) -> pa.Table:
         ]:
             out[key].append(value)
     return pa.table(out)
+
+
+def _part_confidence_sample(ctx: AuditContext) -> pa.Table:
+    """Per part class, background included, over decoded sample rows: cells, mean confidence and the share
+    of cells at or above ``part_conf_threshold`` (the cells the pre-training part loss learns from).
+
+    Confidences mean the same for background and parts (labeling.labelers), so the rows are comparable:
+    a class far below the others teaches the part loss little.
+    """
+    from labeling.audit_metrics import decode_grids
+
+    names, threshold = ctx.parts, ctx.cfg.part_conf_threshold
+    cells = np.zeros(len(names), np.int64)
+    conf_sum = np.zeros(len(names))
+    above = np.zeros(len(names), np.int64)
+    if ctx.grid is not None and ctx.label_files:
+        n_cells = ctx.grid[0] * ctx.grid[1]
+        rng = np.random.default_rng(ctx.cfg.seed)
+        n_files = min(len(ctx.label_files), 16)  # a bounded read however large the corpus (audit time budget)
+        files = [ctx.label_files[i] for i in sorted(rng.choice(len(ctx.label_files), n_files, replace=False))]
+        per_file = max(1, ctx.cfg.confidence_sample // n_files)
+        for f in files:
+            pf = pq.ParquetFile(f)
+            if pf.metadata.num_rows == 0:
+                continue
+            t = pf.read_row_group(int(rng.integers(pf.num_row_groups)), columns=["part_map", "part_conf"])
+            t = t.slice(0, per_file)
+            ok = pc.and_(
+                pc.equal(pc.binary_length(t["part_map"]), n_cells), pc.equal(pc.binary_length(t["part_conf"]), n_cells)
+            )
+            t = t.filter(ok)
+            maps = decode_grids(t["part_map"], n_cells).ravel().astype(np.int64)
+            conf = decode_grids(t["part_conf"], n_cells).ravel() / 255.0
+            known = maps < len(names)
+            maps, conf = maps[known], conf[known]
+            cells += np.bincount(maps, minlength=len(names))
+            conf_sum += np.bincount(maps, weights=conf, minlength=len(names))
+            above += np.bincount(maps[conf >= threshold - 1e-9], minlength=len(names))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean, share = conf_sum / cells, above / cells
+    return pa.table(
+        {
+            "id": pa.array(range(len(names)), pa.int32()),
+            "part": names,
+            "cells": cells,
+            "cell_share": cells / max(1, cells.sum()),
+            "mean_confidence": pa.array(np.where(cells > 0, mean, np.nan), from_pandas=True),
+            "threshold": np.full(len(names), threshold),
+            "share_above_threshold": pa.array(np.where(cells > 0, share, np.nan), from_pandas=True),
+        }
+    )
 
 
 # --- the whole audit ---------------------------------------------------------------------------

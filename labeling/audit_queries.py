@@ -271,6 +271,15 @@ def derive_findings(ctx: AuditContext, t: dict[str, pa.Table]) -> list[Finding]:
             )
             add("warning", what, "fg_ratio_hist", round(f["full_share"] * f["images"]))
 
+    conf_rows = [r for r in _rows(t.get("part_confidence")) if r["id"] > 0 and r["cells"] > 0]
+    weak = [r["part"] for r in conf_rows if r["share_above_threshold"] < 0.05]
+    if weak:
+        what = (
+            f"part classes whose cells almost never reach confidence {cfg.part_conf_threshold} (< 5%): the part "
+            "loss ignores them" + (" - every part class, so loss/part will be 0" if len(weak) == len(conf_rows) else "")
+        )
+        add("warning", what, weak, len(weak))
+
     for r in _rows(t.get("summary_consistency")):
         for col, what in [
             ("bad_length", "part_map length differs from the grid in labelset.json"),

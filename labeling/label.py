@@ -52,7 +52,7 @@ from pipeline.vocab import DEFAULT_ATTRIBUTES, DEFAULT_PARTS, AttributeVocab, Pa
 log = logging.getLogger(__name__)
 
 # Bump when the label math changes without any config change, so old label sets are not reused.
-LABEL_METHOD_VERSION = 1
+LABEL_METHOD_VERSION = 2  # 2: part confidences above chance, comparable for background and parts
 CONFIG_FILE = "label_config.yaml"
 LABEL_BYTES_PER_IMAGE = 256  # disk estimate per image (measured 102-150 at 16x8 without clip_embed)
 EMBED_BYTES_PER_IMAGE = 1024  # + clip_embed: a 512-d fp16 embedding (ViT-B)
@@ -134,6 +134,7 @@ def labelset_identity(
             "prompts": [list(p) for p in parts.prompts],
             "person": list(parts.person_prompts),
             "background": list(parts.background_prompts),
+            "flip": dict(parts.flip),
         },
         "resolution": list(resolution),
         "label_grid": list(cfg.label_grid),
@@ -459,6 +460,7 @@ def _finalize(
             "prompts": [list(p) for p in parts.prompts],
             "person": list(parts.person_prompts),
             "background": list(parts.background_prompts),
+            "flip": dict(parts.flip),  # left/right pairs; pre-training renames them in flipped crops
         },
         "identity": identity,
         "config": to_dict(cfg),

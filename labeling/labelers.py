@@ -7,8 +7,15 @@ batch is nil, so the GPU never waits for the host.
   cosine(image, prompt ensemble). Attributes of a mutually exclusive ``group`` (age band, view,
   sleeve, lower garment) optionally share one softmax over the members' positive logits.
 - Parts: patch-text logits are averaged onto the label grid, softmax over the part classes; each
-  cell takes the most likely non-background class with its probability as confidence, unless the
-  foreground estimate says the cell is background (class 0), where confidence is P(background).
+  cell takes the most likely non-background class, unless the foreground estimate says the cell is
+  background (class 0).
+- Part confidence means the same for background and parts: how far above chance the decisions behind
+  the label are, ``(p - 1/n) / (1 - 1/n)`` clipped to [0, 1] for a decision among n options (0 = a coin
+  flip, 1 = certain). A background cell rests on one decision (person vs background, n = 2); a part
+  cell on two (person vs background, then its class among the K-1 parts) and takes their geometric
+  mean, so a two-decision label is not penalised for being two. (Before: a part cell's confidence was
+  P(class | person) x P(person), often < 0.3, and a background cell's 1 - P(person), always >= 0.5, so
+  with the 0.3 threshold background dominated the part loss, and on a weak CLIP no part cell passed.)
 - Foreground: P(person) per cell from person-vs-background prompts (``prompts``), from
   1 - P(background class of the part vocabulary) (``parts``), or the mean of the two (``both``).
 """
@@ -47,6 +54,14 @@ class LabelBatch:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.part_map.device))
         return LabelBatch(**moved), extra, event
+
+
+def above_chance(prob: torch.Tensor, options: int) -> torch.Tensor:
+    """(p - 1/n) / (1 - 1/n) clipped to [0, 1]: 0 = no better than chance among n options, 1 = certain."""
+    if options <= 1:
+        return torch.ones_like(prob)
+    chance = 1.0 / options
+    return ((prob - chance) / (1.0 - chance)).clamp(0.0, 1.0)
 
 
 def exclusive_groups(vocab: AttributeVocab) -> list[list[int]]:
@@ -114,7 +129,11 @@ class Labeler(nn.Module):
         conf, cls = fg_cls_prob.max(1)
         is_fg = fg_prob >= self.fg_threshold
         part_map = torch.where(is_fg, cls + 1, torch.zeros_like(cls)).to(torch.uint8)
-        part_conf = torch.where(is_fg, conf * fg_prob, 1.0 - fg_prob)
+        part_conf = torch.where(
+            is_fg,
+            (above_chance(fg_prob, 2) * above_chance(conf, fg_cls_prob.shape[1])).sqrt(),
+            above_chance(1.0 - fg_prob, 2),
+        )
         return part_map, part_conf, is_fg.float().mean((1, 2))
 
     def summaries(self, part_map: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -334,6 +334,8 @@ def write_report(path: Path, result: AuditResult, mosaics: dict) -> Path:
     )
     s.append("<h2>Parts</h2>" + plots.get("parts", ""))
     s.append(_row(table_html(t.get("part_coverage")), table_html(t.get("part_order_pairs"))))
+    s.append("<h3>Part confidence by class (sampled rows; cells under the threshold teach nothing)</h3>")
+    s.append(table_html(t.get("part_confidence")))
     s.append("<h3>Shards with the most implausible part orders</h3>" + table_html(t.get("part_order_by_shard"), 8))
     stats = ["images", "mean", "p05", "p50", "p95", "empty_share", "full_share", "invalid"]
     s.append(

@@ -42,6 +42,9 @@ class PartVocab:
     prompts: tuple[tuple[str, ...], ...]
     person_prompts: tuple[str, ...] = field(default=())
     background_prompts: tuple[str, ...] = field(default=())
+    # left/right classes a horizontal flip swaps ({left_arm: right_arm, right_arm: left_arm}); written to
+    # labelset.json's parts.flip, from where pre-training renames classes of flipped crops
+    flip: dict[str, str] = field(default_factory=dict)
 
 
 def _read_yaml(path: Path, what: str) -> dict:
@@ -83,9 +86,26 @@ def load_parts(path: str | Path = DEFAULT_PARTS) -> PartVocab:
             prompts=tuple(tuple(p["prompts"]) for p in parts),
             person_prompts=tuple(fg.get("person", ())),
             background_prompts=tuple(fg.get("background", ())),
+            flip=_flip_pairs(path, parts),
         )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path}: part vocabulary is missing field {exc}") from None
     if vocab.names[0] != "background":
         raise ValueError(f"{path}: the first part class must be 'background' (class id 0)")
     return vocab
+
+
+def _flip_pairs(path: Path, parts: list[dict]) -> dict[str, str]:
+    """``flip: <other class>`` of each part entry, made symmetric; both names must be classes."""
+    names = [p["name"] for p in parts]
+    pairs: dict[str, str] = {}
+    for part in parts:
+        other = part.get("flip")
+        if other is None:
+            continue
+        if other not in names or other == part["name"]:
+            raise ValueError(f"{path}: part '{part['name']}' has flip '{other}', which is not another part class")
+        for a, b in ((part["name"], other), (other, part["name"])):
+            if pairs.setdefault(a, b) != b:
+                raise ValueError(f"{path}: part '{a}' flips to both '{pairs[a]}' and '{b}'")
+    return pairs

@@ -85,9 +85,9 @@ class PromptMoEBlock(nn.Module):
             setattr(self, name, getattr(block, name))
         self.mlp = moe
 
-    def forward(self, x: Tensor, prompt_emb: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, prompt_emb: Tensor, group: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        y, balance_loss = self.mlp(self.norm2(x), prompt_emb)
+        y, balance_loss = self.mlp(self.norm2(x), prompt_emb, group)
         return x + self.drop_path2(self.ls2(y)), balance_loss
 
 
@@ -116,6 +116,7 @@ class ClaspViT(VisionTransformer):
                 prompt_dim=self.moe_cfg.prompt_dim,
                 capacity_factor=self.moe_cfg.capacity_factor,
                 eval_capacity_factor=self.moe_cfg.eval_capacity_factor,
+                num_groups=len(prompt_names) + 1,  # router statistics per prompt, and one for mixes
             )
             self.blocks[i] = PromptMoEBlock(self.blocks[i], expert_ffn)
 
@@ -131,19 +132,23 @@ class ClaspViT(VisionTransformer):
     def _embed(self, x: Tensor) -> Tensor:
         return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
 
-    def _run_blocks(self, x: Tensor, prompt_emb: Tensor | None, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        """Blocks ``start..stop-1``; returns tokens and the mean balance loss of the MoE blocks run."""
+    def _run_blocks(
+        self, x: Tensor, prompt_emb: Tensor | None, start: int, stop: int, group: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Blocks ``start..stop-1``; returns tokens and the mean balance loss of the MoE blocks run.
+
+        ``group`` (B,) names each sample's prompt for the router statistics (``prompt_group``)."""
         losses = []
         for blk in self.blocks[start:stop]:
             moe = isinstance(blk, PromptMoEBlock)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 out = (
-                    checkpoint(blk, x, prompt_emb, use_reentrant=False)
+                    checkpoint(blk, x, prompt_emb, group, use_reentrant=False)
                     if moe
                     else checkpoint(blk, x, use_reentrant=False)
                 )
             else:
-                out = blk(x, prompt_emb) if moe else blk(x)
+                out = blk(x, prompt_emb, group) if moe else blk(x)
             if moe:
                 x, loss = out
                 losses.append(loss)
@@ -155,10 +160,23 @@ class ClaspViT(VisionTransformer):
     def prompt_embedding(self, prompt: Prompt, batch_size: int) -> Tensor | None:
         return self.task_prompts(prompt, batch_size) if self.has_moe else None
 
+    def prompt_group(self, prompt: Prompt, batch_size: int, device: torch.device) -> Tensor | None:
+        """(B,) router-statistics group: the prompt's index for a named prompt, ``len(prompt_names)`` for a mix."""
+        if not self.has_moe:
+            return None
+        names = self.task_prompts.names
+        if prompt is None or (isinstance(prompt, str) and prompt in names):
+            index = names.index(prompt or names[0])
+        else:
+            index = len(names)  # a weight vector (or an unknown name, which TaskPrompts rejects)
+        return torch.full((batch_size,), index, dtype=torch.long, device=device)
+
     # ---- public interface
     def forward_tokens(self, x: Tensor, prompt: Prompt = None) -> tuple[Tensor, Tensor]:
         """(B, 1+N, D) tokens after the final norm, and the MoE balance loss (0 without MoE)."""
-        x, balance = self._run_blocks(self._embed(x), self.prompt_embedding(prompt, x.shape[0]), 0, len(self.blocks))
+        batch = x.shape[0]
+        group = self.prompt_group(prompt, batch, x.device)
+        x, balance = self._run_blocks(self._embed(x), self.prompt_embedding(prompt, batch), 0, len(self.blocks), group)
         return self.norm(x), balance
 
     def forward_features(self, x: Tensor, prompt: Prompt = None) -> Tensor:  # type: ignore[override]
@@ -178,7 +196,8 @@ class ClaspViT(VisionTransformer):
         h, _ = self._run_blocks(self._embed(x), None, 0, first)
         h = h.repeat(len(prompts), 1, 1)
         emb = torch.cat([self.task_prompts(p, batch) for p in prompts])
-        h, balance = self._run_blocks(h, emb, first, len(self.blocks))
+        group = torch.cat([self.prompt_group(p, batch, x.device) for p in prompts])
+        h, balance = self._run_blocks(h, emb, first, len(self.blocks), group)
         return list(self.norm(h).split(batch)), balance
 
     def forward(self, x: Tensor, prompt: Prompt = None) -> Tensor:  # type: ignore[override]
@@ -205,11 +224,12 @@ class ClaspViT(VisionTransformer):
         take, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
         prompt_emb = self.prompt_embedding(prompt, batch)
+        group = self.prompt_group(prompt, batch, x.device)
         x = self._embed(x)
         stop = max_index + 1 if stop_early else len(self.blocks)
         feats = []
         for i in range(stop):
-            x, _ = self._run_blocks(x, prompt_emb, i, i + 1)
+            x, _ = self._run_blocks(x, prompt_emb, i, i + 1, group)
             if i in take:
                 feats.append(self.norm(x) if norm else x)
         npt = self.num_prefix_tokens
@@ -244,13 +264,22 @@ class ClaspViT(VisionTransformer):
         )
 
     def moe_stats(self) -> dict[str, Tensor]:
-        """Router statistics since the last call, per MoE block: token assignments kept per expert
-        (``blocks.<i>.tokens_per_expert``, (E,) long) and the share dropped for capacity; resets them."""
+        """Router statistics since the last call; resets them. Per MoE block: token assignments kept per
+        expert (``blocks.<i>.tokens_per_expert``, (E,) long) and the share dropped for capacity
+        (``blocks.<i>.dropped_frac``); per prompt (``mix`` for weighted mixes), summed over the MoE blocks:
+        ``prompt.<name>.tokens_per_expert`` and ``prompt.<name>.dropped`` (assignments)."""
         stats: dict[str, Tensor] = {}
+        groups = (*self.task_prompts.names, "mix") if self.has_moe else ()
+        per_group_routed, per_group_dropped = 0, 0
         for i in self.moe_indices:
             routed, dropped = self.blocks[i].mlp.pop_stats()
+            per_group_routed, per_group_dropped = per_group_routed + routed, per_group_dropped + dropped
+            routed, dropped = routed.sum(0), dropped.sum()
             stats[f"blocks.{i}.tokens_per_expert"] = routed
             stats[f"blocks.{i}.dropped_frac"] = dropped / (routed.sum() + dropped).clamp_min(1)
+        for g, name in enumerate(groups):
+            stats[f"prompt.{name}.tokens_per_expert"] = per_group_routed[g]
+            stats[f"prompt.{name}.dropped"] = per_group_dropped[g]
         return stats
 
 

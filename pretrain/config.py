@@ -59,7 +59,11 @@ class OptimConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 3.0  # max global gradient norm; 0 disables clipping
+    clip_grad: float = 3.0  # max gradient norm; 0 disables clipping
+    # per_param: each parameter tensor's gradient clipped to clip_grad on its own (DINO's and SOLIDER's
+    # clip_gradients), so the 65536-wide DINO head does not set the scale of every other gradient;
+    # global: one norm over all gradients (torch.nn.utils.clip_grad_norm_), for comparison with other recipes
+    clip_mode: Literal["per_param", "global"] = "per_param"
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0
 

@@ -232,10 +232,15 @@ meant for human-centric transfer (re-ID, attributes, pose, detection, parsing), 
 """
 
 
-def load_backbone(path: str | Path, *, img_size: tuple[int, int] | None = None) -> nn.Module:
+def load_backbone(
+    path: str | Path, *, img_size: tuple[int, int] | None = None, drop_path_rate: float = 0.0
+) -> nn.Module:
     """Load an export directory: stock timm model (MoE off) or the registered ``clasp_<arch>`` (MoE on), strict.
 
     ``img_size`` other than the export's (e.g. 384x128 for re-ID) resamples the position embedding.
+    ``drop_path_rate``: stochastic depth for fine-tuning (linear over the blocks, as timm builds it).
+    The MoE is built dropless whatever capacity the export was trained with (``clasp_<arch>`` loads
+    always are): a fine-tune and its evaluation must compute the same function of a token.
     """
     import timm
 
@@ -252,10 +257,14 @@ def load_backbone(path: str | Path, *, img_size: tuple[int, int] | None = None) 
     if moe.enabled:
         name = register_timm_model(config["arch"])
         model = timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path / WEIGHTS_FILE)), img_size=size
+            name,
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(path / WEIGHTS_FILE)),
+            img_size=size,
+            drop_path_rate=drop_path_rate,
         )
         return model.eval()
-    kwargs = dict(config["timm_kwargs"], img_size=tuple(config["img_size"]))
+    kwargs = dict(config["timm_kwargs"], img_size=tuple(config["img_size"]), drop_path_rate=drop_path_rate)
     model = timm.create_model(config["timm_name"], pretrained=False, **kwargs)
     check_loaded_keys(model, path / WEIGHTS_FILE, what=f"{config['timm_name']} ({config_path})")
     model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)

@@ -122,7 +122,10 @@ class ClaspMetaArch(nn.Module):
         ]
         tokens, balance = self.student_backbone.forward_prompts(global_crops, prompts)
         tokens = dict(zip(prompts, tokens, strict=True))
-        balances = [balance]
+        # The balance loss is taken only here, on the batch that mixes all prompts: over the union it keeps
+        # every expert in use while leaving each prompt free to prefer its own experts. On the
+        # instance-only local crops it would push that one prompt toward uniform expert use, against the
+        # specialisation prompt control exists for (their router statistics are still logged).
         zero = balance.new_zeros(())
         terms = {"dino": zero, "part": zero, "attribute": zero}
 
@@ -133,11 +136,10 @@ class ClaspMetaArch(nn.Module):
             student_cls = tokens["instance"][:, 0]
             local_crops = batch.get("local_crops")
             if local_crops is not None and local_crops.shape[1] > 0:
-                local_tokens, local_balance = self.student_backbone.forward_tokens(
+                local_tokens, _ = self.student_backbone.forward_tokens(
                     _crop_major(local_crops, "local_crops"), "instance"
                 )
                 student_cls = torch.cat([student_cls, local_tokens[:, 0]])
-                balances.append(local_balance)
             student_logits = self.student["dino_head"](student_cls).unflatten(0, (-1, batch_size))
             terms["dino"] = self.dino_loss(student_logits, teacher_logits, teacher_temp)
             self.dino_loss.update_center(teacher_logits)
@@ -166,7 +168,7 @@ class ClaspMetaArch(nn.Module):
                 logits, attr_prob.repeat(n_global, 1), conf_weighting=loss_cfg.attribute_conf_weighting
             )
 
-        terms["moe_balance"] = torch.stack(balances).mean()
+        terms["moe_balance"] = balance
         total = (
             loss_cfg.dino_weight * terms["dino"]
             + loss_cfg.part_weight * terms["part"]

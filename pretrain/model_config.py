@@ -9,13 +9,13 @@ Why the MoE defaults are what they are (cost target: a step with MoE <= 1.5x the
 with MoE on, the part and attribute losses need their own forward passes under their own prompts.
 Blocks before the first MoE block do not depend on the prompt, so they run once per global crop and
 only the MoE tail runs once per prompt (batched). ``top_k=2`` of 4 experts with expert hidden =
-mlp_hidden / top_k keeps the active FFN FLOPs per token equal to the dense MLP's; the capacity
-factor multiplies them (padding slots are computed). Counted with torch's FlopCounterMode for a
-ViT-S/16 training step (2 global 256x128 + 8 local 128x64 crops, all three losses), relative to
-the same step without MoE: MoE in the last third of the blocks 1.31x at capacity 1.0 (1.40x at
-1.25); the last half 1.46x (1.60x). Top-2 also gives the router a gradient through the
-renormalised gate weights; at capacity 1.0 about 1% of assignments are dropped at initialisation
-(second choices first), and the balance loss keeps it low.
+mlp_hidden / top_k keeps the active FFN FLOPs per token equal to the dense MLP's, and dropless
+dispatch (grouped matmul, no padding) keeps them there with no token dropped. Counted with torch's
+FlopCounterMode for a ViT-S/16 training step (2 global 256x128 + 8 local 128x64 crops, all three
+losses), relative to the same step without MoE: MoE in the last third of the blocks 1.31x, the last
+half 1.46x (counted when capacity 1.0 padded to exactly these FLOPs; a fixed capacity factor c > 0
+multiplies the expert FLOPs by c). Top-2 also gives the router a gradient through the renormalised
+gate weights.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ class MoEConfig:
     # expert hidden width = embed_dim * expert_mlp_ratio; None: mlp_ratio / top_k (active FLOPs = dense MLP)
     expert_mlp_ratio: float | None = None
     prompt_dim: int = 64
-    # expert capacity = capacity_factor * tokens * top_k / num_experts (tokens over capacity skip the FFN);
-    # <= 0 means dropless (capacity = all tokens; E times the FFN cost, for evaluation/tests only)
-    capacity_factor: float = 1.0
-    eval_capacity_factor: float = 2.0
+    # <= 0: dropless (every token reaches its top_k experts in training and evaluation, under every prompt;
+    # grouped matmul, no padding). > 0: expert capacity = capacity_factor * tokens * top_k / num_experts, tokens
+    # over it skip the FFN (slots by router priority); opt-in for memory-bound runs only (see pretrain/moe.py)
+    capacity_factor: float = 0.0
+    eval_capacity_factor: float | None = None  # None: the training capacity (the same function in eval)
     balance_loss_weight: float = 0.01
 
 
@@ -61,6 +62,9 @@ class LossConfig:
     warmup_teacher_temp_steps: int = 0  # linear warm-up from warmup_teacher_temp to teacher_temp
     center_momentum: float = 0.9
     freeze_last_layer_steps: int = 0  # DINO keeps the last head layer fixed early on for stability
+    # the same in epochs (DINO: freeze_last_layer=1), independent of the global batch; the trainer turns it
+    # into freeze_last_layer_steps (set one of the two)
+    freeze_last_layer_epochs: float = 0.0
 
     part: bool = True
     part_weight: float = 1.0

@@ -26,6 +26,7 @@ pretrained config's; only the classifier ``head`` may then stay new).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,8 @@ def _create(arch: str, pretrained: bool = False, **kwargs: Any) -> ClaspViT:
             moe = from_dict(MoEConfig, config["moe"], prefix="moe.")
         except (KeyError, TypeError, ConfigError) as exc:
             raise ClaspError(f"{file}: its CLASP config has no valid 'moe' section ({exc})") from None
+        # dropless whatever capacity the run trained with: fine-tuning and evaluation compute one function
+        moe = dataclasses.replace(moe, capacity_factor=0.0, eval_capacity_factor=None)
         kwargs.update(moe=moe, prompt_names=tuple(config.get("prompt_names") or TASK_PROMPTS))
         build_size, patch_size = tuple(config["img_size"]), int(config["patch_size"])
     else:

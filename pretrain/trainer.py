@@ -20,7 +20,11 @@ What the loop guarantees:
   epoch) and config; a resume that differs is refused unless ``resume_accept`` names the change
   (``pretrain.resume``); ``data.labelset: null`` resumes with the pinned label set.
 * loss terms are all-reduced before they are checked and logged; a non-finite loss stops every
-  process before the optimizer step, naming the step, the terms and the last good checkpoint.
+  process at the next log interval or checkpoint, whichever comes first (checked on the device every
+  step, read on the host only there, so the hot loop has no host sync), naming the first bad step, its
+  terms and the last good checkpoint; no checkpoint is written after a bad step.
+* a loss term that stays exactly zero (no valid targets) for ``ZERO_LOSS_WARN_STEPS`` steps is warned
+  about once.
 * only the main process logs (TensorBoard, optional wandb, ``log.jsonl``, progress bar) and saves.
 * a resumed run first removes what a killed run left past its checkpoint (temporary checkpoint
   files, ``log.jsonl`` rows of later steps): those steps are recomputed and logged once. Before any
@@ -36,6 +40,7 @@ What the loop guarantees:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -59,6 +64,11 @@ from pretrain.schedules import build_schedules
 
 CHECKPOINT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"^step-(\d+)\.pt$")
+#: a loss term that is exactly 0 for this many consecutive steps (no valid target: e.g. every part cell
+#: under model.loss.part_conf_threshold) is reported once; checked at log intervals
+ZERO_LOSS_WARN_STEPS = 20
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(ClaspError):
@@ -171,15 +181,84 @@ def _flat_hparams(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def _moe_log(stats: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per MoE block: the least-used expert's share of routed tokens (1/E = perfectly balanced), dropped share."""
+    """Router statistics as log values.
+
+    Per prompt that routed tokens since the last log (student forwards, all MoE blocks together):
+    ``moe/<prompt>/expert_share/<i>`` (share of its token-expert assignments that went to expert i) and
+    ``moe/<prompt>/dropped_frac``. Per MoE block: the least-used expert's share (1/E = balanced) and the
+    dropped share.
+    """
     out = {}
     for name, value in stats.items():
-        if name.endswith("tokens_per_expert"):
+        if name.startswith("prompt."):
+            prompt, what = name.removeprefix("prompt.").rsplit(".", 1)
+            if what != "tokens_per_expert":
+                continue
+            dropped = stats[f"prompt.{prompt}.dropped"]
+            total = value.sum() + dropped
+            if int(total) == 0:
+                continue
+            for i, count in enumerate((value.float() / total).tolist()):
+                out[f"moe/{prompt}/expert_share/{i}"] = count
+            out[f"moe/{prompt}/dropped_frac"] = float(dropped / total)
+        elif name.endswith("tokens_per_expert"):
             share = value.float() / value.sum().clamp_min(1)
             out[f"moe/{name.removesuffix('.tokens_per_expert')}.min_expert_share"] = float(share.min())
         else:
             out[f"moe/{name}"] = float(value)
     return out
+
+
+@torch.no_grad()
+def clip_grads_per_param(parameters: Any, max_norm: float) -> torch.Tensor:
+    """Scale each parameter's gradient to norm <= ``max_norm`` on its own (DINO's ``clip_gradients``).
+
+    No host sync (foreach kernels, the scale is a device tensor). Returns the global norm before clipping.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+class _LossWatch:
+    """Device-side record of non-finite and all-zero loss terms, read on the host only when asked."""
+
+    def __init__(self, device: torch.device, watched: list[bool]) -> None:
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_terms = torch.zeros(len(LOSS_TERMS), device=device)
+        self.zero_run = torch.zeros(len(LOSS_TERMS), dtype=torch.long, device=device)
+        self.watched = watched  # terms that are switched on (a switched-off term is 0 by design)
+        self.warned: set[str] = set()
+
+    def update(self, step: int, terms: torch.Tensor) -> None:
+        first = (self.bad_step < 0) & ~torch.isfinite(terms).all()
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_terms = torch.where(first, terms, self.bad_terms)
+        self.zero_run = (self.zero_run + 1) * (terms == 0)
+
+    def check(self, last_ckpt: Path | None) -> None:
+        bad = int(self.bad_step)
+        if bad >= 0:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_TERMS, self.bad_terms.tolist(), strict=True))
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad} ({shown}); training stopped and nothing after it was saved. "
+                f"Last good checkpoint: {last_ckpt or 'none (no checkpoint written yet)'}. "
+                "Resume from it with a lower optim.lr, bf16 instead of fp16, or a smaller optim.clip_grad."
+            )
+
+    def zero_terms(self) -> list[str]:
+        """Switched-on terms that have been exactly 0 for ``ZERO_LOSS_WARN_STEPS`` steps, each reported once."""
+        runs = self.zero_run.tolist()
+        found = [
+            k
+            for k, run, on in zip(LOSS_TERMS, runs, self.watched, strict=True)
+            if on and run >= ZERO_LOSS_WARN_STEPS and k not in self.warned
+        ]
+        self.warned.update(found)
+        return found
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -213,8 +292,10 @@ def train(cfg: PretrainConfig) -> RunSummary:
         cpu=device == "cpu",
         log_with=trackers or None,
         project_dir=cfg.out,
-        # experts that received no token on one process, or heads switched off mid-run, must not stall DDP
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.model.moe.enabled)],
+        # every trained parameter gets a gradient each step: all experts' weights enter the grouped (or
+        # slotted) matmul even when an expert receives no token, switched-off heads are never built, and
+        # the teacher is not trained; so DDP needs no unused-parameter search (an extra graph walk per step)
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -246,6 +327,15 @@ def train(cfg: PretrainConfig) -> RunSummary:
         )
     steps_per_epoch = cfg.data.steps_per_epoch or max(1, stream.num_images // global_batch)
     cfg.data.steps_per_epoch = steps_per_epoch
+    loss_cfg = cfg.model.loss
+    if loss_cfg.freeze_last_layer_epochs > 0:
+        if loss_cfg.freeze_last_layer_steps > 0:
+            raise ClaspError(
+                "model.loss.freeze_last_layer_steps and model.loss.freeze_last_layer_epochs are both set: keep one"
+            )
+        # the resolved config records the steps this run actually froze the last layer for
+        loss_cfg.freeze_last_layer_steps = round(loss_cfg.freeze_last_layer_epochs * steps_per_epoch)
+        loss_cfg.freeze_last_layer_epochs = 0.0
     identity = RunIdentity(labels.labelset, stream.num_images, world, global_batch, steps_per_epoch)
     step, checkpoint_step, changes, previous_config = 0, 0, (), None
     if resumed is not None:
@@ -327,6 +417,8 @@ def train(cfg: PretrainConfig) -> RunSummary:
     batches = stream.batches(start_batch=(step - origin_step) * cfg.grad_accum, first_epoch=origin_epoch)
     t_first, step_first, t_log, step_log = None, step, time.perf_counter(), step
     terms_now: dict[str, float] = {}
+    on = {"dino": loss_cfg.dino, "part": loss_cfg.part, "attribute": loss_cfg.attribute}
+    watch = _LossWatch(accelerator.device, [on.get(k, False) for k in LOSS_TERMS])
     try:
         while step < last_step:
             torch.manual_seed(derive_seed(cfg.seed, rank, step))  # model randomness depends only on the step
@@ -344,19 +436,15 @@ def train(cfg: PretrainConfig) -> RunSummary:
                     accelerator.backward(loss / cfg.grad_accum)
                 terms_sum += torch.stack([terms[k].float() for k in LOSS_TERMS])
             terms_mean = accelerator.reduce(terms_sum / cfg.grad_accum, reduction="mean")
-            if not bool(torch.isfinite(terms_mean).all()):
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_TERMS, terms_mean.tolist(), strict=True))
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step + 1} ({shown}); the update was not applied. "
-                    f"Last good checkpoint: {last_ckpt or 'none (no checkpoint written yet)'}. "
-                    "Resume from it with a lower optim.lr, bf16 instead of fp16, or a smaller optim.clip_grad."
-                )
-            grad_norm = (
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                if cfg.optim.clip_grad > 0
-                else None
-            )
+            watch.update(step + 1, terms_mean)  # no host sync: read at log intervals and checkpoints
+            # DINO: the frozen last layer's gradient is cancelled before clipping, so it takes no part in it
             core.cancel_last_layer_grads(step)
+            grad_norm = None
+            if cfg.optim.clip_grad > 0 and cfg.optim.clip_mode == "global":
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            elif cfg.optim.clip_grad > 0:
+                accelerator.unscale_gradients()  # fp16: clip the true gradients (no-op otherwise)
+                grad_norm = clip_grads_per_param(model.parameters(), cfg.optim.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             core.update_teacher(values["momentum"])
@@ -366,6 +454,15 @@ def train(cfg: PretrainConfig) -> RunSummary:
                 t_first, step_first = time.perf_counter(), step
 
             if step % cfg.log_every == 0 or step == last_step:
+                watch.check(last_ckpt)
+                for term in watch.zero_terms():
+                    if main:
+                        log.warning(
+                            "loss/%s has been exactly 0 for %d steps (up to step %d): it has no valid targets and "
+                            "teaches nothing. For part: check the label set's part confidences (clasp audit) "
+                            "against model.loss.part_conf_threshold",
+                            term, ZERO_LOSS_WARN_STEPS, step,
+                        )  # fmt: skip
                 now = time.perf_counter()
                 images_per_s = (step - step_log) * global_batch / max(now - t_log, 1e-9)
                 t_log, step_log = now, step
@@ -383,6 +480,7 @@ def train(cfg: PretrainConfig) -> RunSummary:
                     progress.set_postfix(loss=f"{terms_now['total']:.4f}", img_s=f"{images_per_s:.0f}")
 
             if step % cfg.checkpoint_every == 0 or step == last_step:
+                watch.check(last_ckpt)  # never save a model that took a non-finite step
                 path = checkpoint_path(out, step)
                 if main:
                     save_checkpoint(path, checkpoint_state(), cfg.keep_last)

@@ -319,7 +319,9 @@ class _FakeMoE(torch.nn.Module):
 def test_backbone_prompt_choices(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import transfer.backbone as tb
 
-    monkeypatch.setattr(tb, "_load_clasp", lambda path, img_size: (_FakeMoE(), {"mean": [0.5] * 3, "std": [0.5] * 3}))
+    monkeypatch.setattr(
+        tb, "_load_clasp", lambda path, img_size, *_: (_FakeMoE(), {"mean": [0.5] * 3, "std": [0.5] * 3})
+    )
     images = torch.rand(2, 3, 4, 2)
     learned = build_backbone(BackboneConfig(spec=str(tmp_path), prompt_mix={"instance": 0.8}), (4, 2))
     assert learned.mean == (0.5, 0.5, 0.5)

@@ -15,12 +15,25 @@ Prompt choice (MoE backbones only; ignored with a note for plain ViTs when left 
 ``prompt: instance|part|attribute`` (one fixed prompt), ``prompt: mix`` with fixed ``prompt_mix``
 weights, or ``prompt: learned`` — a softmax over learnable logits, initialised from ``prompt_mix``,
 fine-tuned with the task.
+
+Like with like: every backbone kind gets stochastic depth at ``backbone.drop_path_rate`` (CLASP exports
+included), and ``provenance()`` — what ``results.json`` records under ``backbone`` — states the spec,
+the drop-path rate actually found in the model, the MoE settings, the prompt mix and, when the input
+size differs from the pre-training size, how the position embeddings were resampled.
+
+The router of a MoE backbone is frozen during fine-tuning (the experts, the rest of the backbone and
+a learned prompt mix still train): a fine-tune runs a single task under one prompt (or a fixed mix),
+where the pre-training balance loss would push that prompt toward uniform expert use (against the
+specialisation pre-training learned) and no balance loss would let the router collapse onto one expert
+on a small dataset; a frozen router keeps the routing pre-training learned, with no extra loss weight
+to tune.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +48,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_PROMPTS = ("instance", "part", "attribute")
 _UNLISTED_PROMPT_WEIGHT = 0.01  # learned mixes start every prompt above zero so all stay trainable
+_ROUTER_PARAMS = (".router_token.", ".router_prompt.", "task_prompts.")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,6 +90,8 @@ class FeatureBackbone(nn.Module):
         std: tuple[float, ...],
         freeze: bool = False,
         layer_decay: float = 1.0,
+        spec: str = "",
+        settings: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -81,7 +99,12 @@ class FeatureBackbone(nn.Module):
         self.layer_decay = layer_decay
         if freeze:
             self.model.requires_grad_(False)
+        for name, param in model.named_parameters():
+            if any(key in f".{name}" for key in _ROUTER_PARAMS):
+                param.requires_grad_(False)  # frozen router (module docstring)
         self.source = source
+        self.spec = spec or source
+        self.settings = dict(settings or {})
         self.prompt_names = prompt_names
         self.prompt_mode = prompt_mode  # none | fixed | mix | learned
         self.pool = pool
@@ -116,6 +139,36 @@ class FeatureBackbone(nn.Module):
             return f"fixed: {prompt}"
         weights = ", ".join(f"{n} {w:.3f}" for n, w in zip(self.prompt_names, prompt.tolist(), strict=True))
         return f"{self.prompt_mode} mix: {weights}"
+
+    @property
+    def drop_path_rate(self) -> float:
+        """The stochastic-depth rate the model applies (its largest per-block drop probability)."""
+        probs = [float(getattr(m, "drop_prob", 0.0) or 0.0) for m in self.model.modules()]
+        return max(probs, default=0.0)
+
+    def provenance(self) -> dict[str, Any]:
+        """What a published number was fine-tuned from (``results.json``'s ``backbone``)."""
+        prompt = self.current_prompt()
+        mix = {}
+        if isinstance(prompt, torch.Tensor):
+            mix = {n: round(w, 4) for n, w in zip(self.prompt_names, prompt.detach().float().tolist(), strict=True)}
+        elif isinstance(prompt, str):
+            mix = {prompt: 1.0}
+        return {
+            "spec": self.spec,
+            "source": self.source,
+            "drop_path_rate": self.drop_path_rate,
+            "moe": self.settings.get("moe", "off"),
+            "router": "frozen" if self.prompt_mode != "none" else None,
+            "prompt": self.describe_prompt(),
+            "prompt_mix": mix,
+            "frozen_backbone": self.frozen,
+            **(
+                {"position_embedding": self.settings["position_embedding"]}
+                if "position_embedding" in self.settings
+                else {}
+            ),
+        }
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         prompt = self.current_prompt()
@@ -181,7 +234,7 @@ def build_backbone(cfg: BackboneConfig, img_size: tuple[int, int]) -> FeatureBac
         source, file_cfg = spec, {}
     else:
         path = Path(spec[len("clasp:") :] if spec.startswith("clasp:") else spec)
-        model, file_cfg = _load_clasp(path, img_size)
+        model, file_cfg = _load_clasp(path, img_size, cfg.drop_path_rate)
         source = f"CLASP export {path}"
     names, mode, weights = _resolve_prompt(model, file_cfg, cfg)
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -189,6 +242,8 @@ def build_backbone(cfg: BackboneConfig, img_size: tuple[int, int]) -> FeatureBac
     std = file_cfg.get("std") or pretrained_cfg.get("std") or IMAGENET_STD
     return FeatureBackbone(
         model,
+        spec=spec,
+        settings=_settings(file_cfg, img_size),
         source=source,
         prompt_names=names,
         prompt_mode=mode,
@@ -273,7 +328,28 @@ def _registered_arch(name: str) -> tuple[str, dict[str, Any]]:
     return (spec.timm_name, dict(spec.timm_kwargs)) if spec else (name, {})
 
 
-def _load_clasp(path: Path, img_size: tuple[int, int]) -> tuple[nn.Module, dict[str, Any]]:
+def _settings(file_cfg: dict[str, Any], img_size: tuple[int, int]) -> dict[str, Any]:
+    """MoE settings of a CLASP export, and a note (also logged) when its position embeddings were resampled."""
+    settings: dict[str, Any] = {}
+    moe = file_cfg.get("moe") or {}
+    if moe.get("enabled"):
+        keep = ("num_experts", "top_k", "blocks", "prompt_dim")
+        settings["moe"] = {**{k: moe[k] for k in keep if k in moe}, "dispatch": "dropless"}
+    trained = file_cfg.get("img_size")
+    if trained and tuple(trained) != tuple(img_size):
+        patch = int(file_cfg.get("patch_size", 16))
+        note = (
+            f"pre-trained at {trained[0]}x{trained[1]}, fine-tuned at {img_size[0]}x{img_size[1]}: position "
+            f"embeddings resampled from a {trained[0] // patch}x{trained[1] // patch} to a "
+            f"{img_size[0] // patch}x{img_size[1] // patch} token grid (timm resample_abs_pos_embed: bicubic, "
+            "antialiased; class token kept)"
+        )
+        settings["position_embedding"] = note
+        log.warning("backbone %s", note)
+    return settings
+
+
+def _load_clasp(path: Path, img_size: tuple[int, int], drop_path_rate: float) -> tuple[nn.Module, dict[str, Any]]:
     if not path.is_dir():
         raise ClaspError(
             f"backbone '{path}' is not a folder; use a CLASP export folder (model.safetensors + config.json), "
@@ -288,7 +364,8 @@ def _load_clasp(path: Path, img_size: tuple[int, int]) -> tuple[nn.Module, dict[
         raise ClaspError(f"{config_path} is not valid JSON: {exc}") from None
     from pretrain.export import load_backbone
 
-    return load_backbone(path, img_size=tuple(img_size)), file_cfg  # resamples position embeddings if needed
+    # resamples position embeddings if needed
+    return load_backbone(path, img_size=tuple(img_size), drop_path_rate=drop_path_rate), file_cfg
 
 
 def _resolve_prompt(

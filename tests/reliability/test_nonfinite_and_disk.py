@@ -45,7 +45,9 @@ def test_non_finite_loss_stops_naming_step_terms_and_checkpoint(
     args = pretrain_overrides(
         labelled[0], run, "max_steps=3", "checkpoint_every=1", "data.std=[0,0,0]", "resume_accept=[data.std]"
     )
-    line = assert_user_error(clasp_in_process("pretrain", *args), "non-finite loss at step 2", "was not applied")
+    line = assert_user_error(
+        clasp_in_process("pretrain", *args), "non-finite loss at step 2", "nothing after it was saved"
+    )
     for term in ("total=", "dino=", "part=", "attribute="):
         assert term in line, (term, line)
     assert f"Last good checkpoint: {run / 'checkpoints' / 'step-000000001.pt'}" in line

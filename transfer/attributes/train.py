@@ -200,7 +200,7 @@ def _write(
         "dataset": data.name,
         "layout": data.layout,
         "protocol": protocol,
-        "backbone": model.backbone.source,
+        "backbone": model.backbone.provenance(),
         "prompt": model.backbone.describe_prompt(),
         "metrics": summary,
         "per_attribute": per_attribute,

@@ -254,7 +254,7 @@ def _write(
         protocol += f"; {weights}, test shorter side {cfg.data.test_size} px (max {cfg.data.max_size})"
         protocol += "; detector: ViTDet simple feature pyramid + Faster R-CNN (not SOLIDER's CSP head)"
         vit = model.backbone.vit
-        backbone, prompt = vit.source, vit.describe_prompt()
+        backbone, prompt = vit.provenance(), vit.describe_prompt()
     else:
         protocol += f"; detections from {cfg.detections}"
         backbone, prompt = None, None

@@ -252,7 +252,7 @@ def _write(
         "dataset": data.name,
         "layout": data.layout,
         "protocol": protocol,
-        "backbone": model.backbone.source,
+        "backbone": model.backbone.provenance(),
         "prompt": model.backbone.describe_prompt(),
         "head": f"multi-level fuse of blocks {model.levels} + progressive upsampling to stride 4, dim {cfg.head.dim}",
         "metrics": {k: metrics[k] for k in ("mIoU", "mIoU_present_classes", "pixel_acc", "mean_acc")},

@@ -489,7 +489,7 @@ def _write(
         "dataset": data.name,
         "layout": data.layout,
         "protocol": _protocol(data, cfg),
-        "backbone": searcher.reid.backbone.source,
+        "backbone": searcher.reid.backbone.provenance(),
         "prompt": (
             f"detector {searcher.detector.backbone.vit.describe_prompt()}; "
             f"embedding {searcher.reid.backbone.describe_prompt()}"

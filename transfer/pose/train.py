@@ -304,7 +304,7 @@ def _write(
         "dataset": data.name,
         "layout": data.layout,
         "protocol": protocol,
-        "backbone": model.backbone.source,
+        "backbone": model.backbone.provenance(),
         "prompt": model.backbone.describe_prompt(),
         "head": f"{cfg.head.kind} decoder ({cfg.head.channels} channels)",
         "metrics": scores,

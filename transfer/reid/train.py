@@ -258,7 +258,7 @@ def _write(
         "dataset": data.name,
         "layout": data.layout,
         "protocol": protocol,
-        "backbone": model.backbone.source,
+        "backbone": model.backbone.provenance(),
         "prompt": model.backbone.describe_prompt(),
         "metrics": metrics,
         "metrics_reranked": reranked,
