@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import duckdb
 import numpy as np
@@ -43,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, save_config
+from pipeline.config import POSITIVE, PROBABILITY, ConfigError, save_config
 from pipeline.errors import ClaspError
 from pipeline.formats import (
     MANIFEST_FILE,
@@ -72,9 +73,9 @@ class AuditConfig:
     compare: str | None = None  # a second label set id of the same corpus
     out: str = "runs/audit"
     memory_limit: str = "2GB"  # DuckDB memory limit; beyond it DuckDB spills to out/.duckdb_tmp
-    threads: int = 2
-    uncertain_margin: float = 0.3  # an attribute value is uncertain when |2p - 1| < this
-    low_confidence: float = 0.3  # an image is low-confidence when its mean |2p - 1| over attributes < this
+    threads: Annotated[int, POSITIVE] = 2
+    uncertain_margin: Annotated[float, PROBABILITY] = 0.3  # an attribute value is uncertain when |2p - 1| < this
+    low_confidence: Annotated[float, PROBABILITY] = 0.3  # image low-confidence: mean |2p - 1| over attributes < this
     vertical_order: list[str] = field(default_factory=lambda: ["head", "upper_clothes", "lower_clothes", "shoes"])
     order_margin: float = 0.06  # a part may sit this much (share of the height) below a lower part before flagged
     implausible_shard_share: float = 0.5  # a shard with more implausible part orders than this is an error

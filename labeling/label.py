@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,7 +31,7 @@ from labeling.clip_model import DenseClip, LoadedClip, load_clip
 from labeling.image_shards import ShardImages, ShardIndex, index_shard
 from labeling.labelers import build_labeler
 from labeling.writer import ShardBuffer, blank_rows, code_version, finalize_labelset, write_shard
-from pipeline.config import ConfigError, save_config, to_dict
+from pipeline.config import NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, at_least, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import (
     image_shard_path,
@@ -66,17 +66,17 @@ class LabelConfig:
     attributes: str = str(DEFAULT_ATTRIBUTES)
     # (H, W) fed to CLIP; None = (2w, w) for a square CLIP of native width w (448x224 for ViT-B-16:
     # CLIP's trained scale across the shoulders, a pedestrian's 2:1 height), or the native size if not square.
-    resolution: tuple[int, int] | None = None
-    label_grid: tuple[int, int] = (16, 8)  # stored part map cells; 16x8 = the pre-training ViT's patch grid
+    resolution: Annotated[tuple[int, int] | None, POSITIVE] = None
+    label_grid: Annotated[tuple[int, int], POSITIVE] = (16, 8)  # stored part map cells (the ViT's patch grid)
     dense: Literal["auto", "value", "tokens"] = "auto"  # patch features; auto: tokens if avg-pooled, else value
     value_residual: bool = False  # MaskCLIP dense path: add the last block's input to the value path
     group_softmax: bool = True  # exclusive attribute groups share one softmax
-    fg_threshold: float = 0.5
+    fg_threshold: Annotated[float, PROBABILITY] = 0.5
     foreground: Literal["both", "parts", "prompts"] = "both"  # person-vs-background prompts and/or part classes
-    conf_levels: int = 16  # part_conf quantised to this many levels (keeps labels small after zstd)
+    conf_levels: Annotated[int, at_least(2)] = 16  # part_conf levels (few: small after zstd)
     with_embed: bool = False  # also store the CLIP image embedding (fp16) as clip_embed
-    batch_size: int = 64
-    workers: int = 2
+    batch_size: Annotated[int, POSITIVE] = 64
+    workers: Annotated[int, NON_NEGATIVE] = 2
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     quiet: bool = False

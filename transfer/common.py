@@ -18,13 +18,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import save_config, to_dict
+from pipeline.config import NON_NEGATIVE, POSITIVE, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_path, write_json_atomic
 
@@ -55,13 +55,13 @@ def task_entry(name: str) -> tuple[type, Callable[[Any], dict[str, Any]]]:
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "adamw", "adam"] = "sgd"
-    lr: float = 0.008
-    weight_decay: float = 1e-4
+    lr: Annotated[float, POSITIVE] = 0.008
+    weight_decay: Annotated[float, NON_NEGATIVE] = 1e-4
     momentum: float = 0.9
-    warmup_epochs: float = 5.0
+    warmup_epochs: Annotated[float, NON_NEGATIVE] = 5.0
     warmup_lr_factor: float = 0.01  # warmup starts at lr * factor
     min_lr_factor: float = 0.002  # cosine ends at lr * factor (TransReID's defaults)
-    grad_clip: float = 0.0  # max grad norm; 0 = off
+    grad_clip: Annotated[float, NON_NEGATIVE] = 0.0  # max grad norm; 0 = off
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, *, steps_per_epoch: int, epochs: int) -> tuple[Any, Any]:
@@ -327,6 +327,7 @@ def write_results(
     results.json marks the run complete, so the resume checkpoint is deleted after it.
     """
     record = {**record, "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    record["headline"] = dict(table)  # what `clasp transfer` prints when it ends
     record["config"] = json.loads(json.dumps(to_dict(cfg)))
     save_config(cfg, out_dir / "config.yaml")
     lines = [f"# {title}", ""]

@@ -21,11 +21,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
 
+from pipeline.config import AT_LEAST_ONE, POSITIVE
 from pipeline.errors import ClaspError
 from pipeline.formats import write_json_atomic
 from transfer.backbone import BackboneConfig, part_prompt_backbone
@@ -59,7 +60,7 @@ class DetDataConfig:
     train_sizes: tuple[int, ...] = (1024,)  # shorter side(s) in training; several = multi-scale training
     test_size: int = 1024  # shorter side at test time (1024 = CityPersons' original 2048x1024)
     max_size: int = 2048
-    batch_size: int = 2
+    batch_size: Annotated[int, POSITIVE] = 2
     workers: int = 4
     flip_prob: float = 0.5
     min_height_px: float = 50.0  # training positives (Pedestron / CSP "h50"); the rest are ignore regions
@@ -91,7 +92,7 @@ class DetConfig:
             name="adamw", lr=1e-4, weight_decay=0.1, warmup_epochs=1.0, min_lr_factor=0.01, grad_clip=1.0
         )
     )
-    epochs: int = 12
+    epochs: Annotated[int, AT_LEAST_ONE] = 12
     max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
     detections: str = ""  # score this detections file on the val split instead of training
     seed: int = 0

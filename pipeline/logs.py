@@ -1,0 +1,33 @@
+"""One logging setup for the ``clasp`` command: CLASP's and the libraries' messages at one level.
+
+Libraries talk through ``logging`` (open_clip's "No pretrained weights loaded", timm's notes,
+huggingface_hub's retries) or through ``warnings``; both end in one stderr handler, at the level the
+user picks with ``clasp --log-level`` or ``CLASP_LOG_LEVEL`` (default: warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pipeline.errors import ClaspError
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# Libraries whose warnings are chatter at the default level: shown with --log-level info or debug.
+CHATTY = ("open_clip", "timm", "huggingface_hub", "urllib3", "filelock", "accelerate", "torch.distributed")
+
+
+def setup_logging(level: str) -> None:
+    """Route every logger and Python warning to one stderr handler at ``level`` (debug|info|warning|error)."""
+    name = level.lower()
+    if name not in LEVELS:
+        raise ClaspError(f"log level {level!r} (--log-level / CLASP_LOG_LEVEL): choose one of {', '.join(LEVELS)}")
+    os.environ["CLASP_LOG_LEVEL"] = name  # worker processes that set up logging themselves follow the same level
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS[name])
+    for library in CHATTY:  # library notes need an explicit info/debug; their errors always show
+        logging.getLogger(library).setLevel(max(LEVELS[name], logging.ERROR) if name == "warning" else LEVELS[name])
+    logging.captureWarnings(True)
