@@ -25,8 +25,9 @@ def setup_logging(level: str) -> None:
     os.environ["CLASP_LOG_LEVEL"] = name  # worker processes that set up logging themselves follow the same level
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.clasp = True  # replaced, not stacked, when the command line is set up again (tests invoke it often)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "clasp", False)] + [handler]
     root.setLevel(LEVELS[name])
     for library in CHATTY:  # library notes need an explicit info/debug; their errors always show
         logging.getLogger(library).setLevel(max(LEVELS[name], logging.ERROR) if name == "warning" else LEVELS[name])

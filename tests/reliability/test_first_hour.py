@@ -1,0 +1,143 @@
+"""A new user's first hour through the real ``clasp`` console script (issue 18): values that would train
+silently wrong or crash deep inside a stage are refused when the config is read, every setting is
+discoverable, Ctrl-C and failures leave one line and no empty folders, audit can fail a CI job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+from reliability_kit import CLASP, CORPUS, REPO, assert_user_error, child_env, clasp, clasp_all, pretrain_overrides
+
+TINY_REID = [
+    "backbone.spec=random:vit_tiny_patch16_224",
+    "backbone.timm_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
+    "data.img_size=[32,16]",
+    "data.p_identities=2",
+    "data.k_instances=2",
+    "data.workers=0",
+    "optim.warmup_epochs=0",
+    "max_steps_per_epoch=2",
+    "eval.batch_size=16",
+    "device=cpu",
+]
+
+
+def test_values_that_would_train_wrong_or_crash_are_refused_before_any_work(tmp_path: Path) -> None:
+    cases = {
+        "neg_lr": (["optim.lr=-1"], "optim.lr=-1.0", "must be > 0"),
+        "neg_batch": (["data.batch_size=-4"], "data.batch_size=-4", "must be > 0"),
+        "no_epochs": (["optim.epochs=0"], "optim.epochs=0", "must be >= 1"),
+        "patch": (["model.img_size=[30,16]"], "model.img_size=[30, 16]", "not a multiple of model.patch_size=8"),
+        "warmup": (["optim.warmup_epochs=5"], "optim.warmup_epochs=5", "longer than the run (optim.epochs=2)"),
+    }
+    runs = clasp_all(*[["pretrain", *pretrain_overrides(tmp_path, tmp_path / k, *v[0])] for k, v in cases.items()])
+    for (name, (_, *needles)), done in zip(cases.items(), runs, strict=True):
+        assert_user_error(done, *needles)
+        assert not (tmp_path / name).exists(), name
+
+
+def test_command_line_options_are_checked_like_config_values(world: Path, tmp_path: Path) -> None:
+    label_run, ingest_run, transfer_run, clip_run = clasp_all(
+        ["label", "--root", str(tmp_path), "--corpus", CORPUS, "--batch-size", "-4"],
+        ["ingest", "--source", str(world / "luperson"), "--corpus", "x", "--root", str(tmp_path / "root"),
+         "--images-per-shard", "0"],
+        ["transfer", "reid", "--data", str(world / "market1501"), "--dataset", "market1501", "--out",
+         str(tmp_path / "reid"), "epochs=0"],
+        ["clip-train", "--pairs", str(world / "pairs.csv"), "--out", str(tmp_path / "clip"), "--epochs", "0"],
+    )  # fmt: skip
+    assert_user_error(label_run, "batch_size=-4", "must be > 0")
+    assert_user_error(ingest_run, "images_per_shard=0", "must be > 0")
+    assert_user_error(transfer_run, "epochs=0", "must be >= 1")  # it used to evaluate an untrained head, exit 0
+    assert_user_error(clip_run, "epochs=0", "must be >= 1")
+    assert not any((tmp_path / name).exists() for name in ("root", "reid", "clip"))
+
+
+def test_config_command_prints_every_setting_as_loadable_yaml(tmp_path: Path) -> None:
+    from pipeline.config import load_config, to_dict
+    from pretrain.config import PretrainConfig
+
+    pretrain_run, reid_run, bad_run, version_run = clasp_all(
+        ["config", "pretrain"], ["config", "transfer", "reid"], ["config", "pretrian"], ["--version"]
+    )
+    assert pretrain_run.returncode == 0, pretrain_run.stderr
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(pretrain_run.stdout)
+    assert to_dict(load_config(PretrainConfig, path)) == to_dict(PretrainConfig())  # copied as is, it loads
+    leaves = [line for line in pretrain_run.stdout.splitlines() if re.match(r"\s*\w+: [^#\s]", line)]
+    assert len(leaves) > 60 and all(re.fullmatch(r"\s*\w+: .*  # .+ \(.+\)", line) for line in leaves), leaves
+    assert "  batch_size: 64  # images per process per micro-batch (int, > 0)" in pretrain_run.stdout
+    assert "optim:" in pretrain_run.stdout and "  lr: 0.0005  # " in pretrain_run.stdout
+    assert yaml.safe_load(reid_run.stdout)["epochs"] == 120
+    assert_user_error(bad_run, "'pretrian'", "choose synth")
+    assert re.fullmatch(r"clasp \S+\n", version_run.stdout), version_run
+
+
+def test_help_shows_flags_as_flags_and_examples_that_load(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.ingest import IngestConfig
+    from pretrain.config import PretrainConfig
+    from transfer.reid.train import ReidConfig
+
+    helps = clasp_all(["ingest", "--help"], ["pretrain", "--help"], ["transfer", "--help"])
+    for done, cls in zip(helps, (IngestConfig, PretrainConfig, ReidConfig), strict=True):
+        text = done.stdout
+        assert done.returncode == 0 and "Examples:" in text and "clasp config" in text, text
+        assert "<bool>" not in text  # `--quiet <bool>` read as if it took a value
+        example = re.search(r"e\.g\. (.+?)\s*$", " ".join(text.split("Options:")[0].split()))
+        load_config(cls, overrides=example.group(1).split())  # the overrides example uses keys of this command
+    assert "--overwrite " in helps[0].stdout and "--images-per-shard <int>" in helps[0].stdout
+
+
+def test_audit_exit_status_follows_fail_on(labelled: tuple[Path, str], tmp_path: Path) -> None:
+    root, labelset = labelled
+    base = ["audit", "--root", str(root), "--corpus", CORPUS, "--labelset", labelset, "mosaics=false", "--quiet"]
+    never, default, bad = clasp_all(
+        [*base, "--out", str(tmp_path / "a"), "--fail-on", "never"],
+        [*base, "--out", str(tmp_path / "b")],
+        [*base, "--out", str(tmp_path / "c"), "--fail-on", "sometimes"],
+    )
+    assert never.returncode == 0, never.stderr
+    findings = json.loads((tmp_path / "b" / "summary.json").read_text())["findings"]
+    errors = sum(f["severity"] == "error" for f in findings)
+    assert errors > 0, findings  # random-CLIP labels put parts out of order: the audit must say so
+    assert default.returncode == 1 and f"{errors} finding(s) at level error" in default.stderr, default.stderr
+    assert_user_error(bad, "--fail-on 'sometimes'", "error, warning or never")
+
+
+def test_transfer_prints_its_headline_and_where_the_table_is(world: Path, tmp_path: Path) -> None:
+    out = tmp_path / "reid"
+    done = clasp("transfer", "reid", "--data", str(world / "market1501"), "--dataset", "market1501",
+                 "--out", str(out), "epochs=1", *TINY_REID)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("reid: mAP (no re-ranking) ") and f"(table: {out / 'results.md'})" in last, last
+
+
+def test_ctrl_c_prints_one_line_and_leaves_nothing_half_written(labelled: tuple[Path, str], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = child_env(CLASP_TEST_PAUSE_WRITE="step-*.pt:1")  # stall in the middle of the first checkpoint write
+    proc = subprocess.Popen([str(CLASP), "pretrain", *pretrain_overrides(labelled[0], out)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline, marks = time.monotonic() + 120, []
+        while not marks and time.monotonic() < deadline and proc.poll() is None:
+            marks = list(tmp_path.rglob("*.paused"))
+            time.sleep(0.05)
+        assert marks and proc.poll() is None, proc.communicate()
+        marks[0].unlink()  # the test's marker
+        os.kill(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert [line for line in stderr.splitlines() if line.strip()] == ["interrupted: rerun the same command to resume"]
+    assert not list((out / "checkpoints").glob("*.tmp-*"))  # the half-written checkpoint is gone
