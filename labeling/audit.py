@@ -163,6 +163,13 @@ def _label_files(root: str, corpus: str, labelset: str) -> list[Path]:
     files = sorted(labels_dir(root, corpus, labelset).glob(f"{corpus}-*.parquet"))
     for f in files:
         shard_index(f)  # a stray file with a non-shard name is a user mistake worth naming
+        try:
+            pq.read_metadata(f)  # the footer only: a truncated shard (killed copy, full disk) has none
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ClaspError(
+                f"label shard {f} is unreadable ({str(exc).splitlines()[0]}); delete it and re-run `clasp label` "
+                "for this corpus, it relabels that shard"
+            ) from None
     return files
 
 
