@@ -14,7 +14,17 @@ import time
 from pathlib import Path
 
 import yaml
-from reliability_kit import CLASP, CORPUS, REPO, assert_user_error, child_env, clasp, clasp_all, pretrain_overrides
+from reliability_kit import (
+    CLASP,
+    CORPUS,
+    REPO,
+    assert_user_error,
+    child_env,
+    clasp,
+    clasp_all,
+    copy_root,
+    pretrain_overrides,
+)
 
 TINY_REID = [
     "backbone.spec=random:vit_tiny_patch16_224",
@@ -141,3 +151,38 @@ def test_ctrl_c_prints_one_line_and_leaves_nothing_half_written(labelled: tuple[
     assert proc.returncode == 130, stderr
     assert [line for line in stderr.splitlines() if line.strip()] == ["interrupted: rerun the same command to resume"]
     assert not list((out / "checkpoints").glob("*.tmp-*"))  # the half-written checkpoint is gone
+
+
+def test_files_that_are_not_what_they_claim_get_one_line(labelled: tuple[Path, str], tmp_path: Path) -> None:
+    root, labelset = labelled
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    truncated = copy_root(root, tmp_path / "root")
+    shard = sorted((truncated / CORPUS / "labels" / labelset).glob("*.parquet"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a copy killed half-way
+    export_run, clip_run, audit_run = clasp_all(
+        ["export", str(junk), "--out", str(tmp_path / "release")],
+        ["label", "--root", str(root), "--corpus", CORPUS, "--clip", "clasp-vit-tiny-8", "--clip-checkpoint", str(junk),
+         "--device", "cpu", "--allow-random-weights"],
+        ["audit", "--root", str(truncated), "--corpus", CORPUS, "--out", str(tmp_path / "audit")],
+    )  # fmt: skip
+    assert_user_error(export_run, str(junk), "is not a pre-training checkpoint")
+    assert_user_error(clip_run, f"--clip-checkpoint {junk} is not an open_clip checkpoint")
+    assert_user_error(audit_run, f"label shard {shard} is unreadable", "re-run `clasp label`")
+    assert not (tmp_path / "release").exists() and not (tmp_path / "audit").exists()
+
+
+def test_hub_clip_weights_offline_fail_in_seconds(labelled: tuple[Path, str], tmp_path: Path) -> None:
+    args = ["label", "--root", str(labelled[0]), "--corpus", CORPUS, "--clip", "ViT-B-16:openai", "--device", "cpu"]
+    empty_cache = {"HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path)}
+    offline = clasp(*args, env={**empty_cache, "HF_HUB_OFFLINE": "1"})
+    unreachable = clasp(*args, env={**empty_cache, "HF_ENDPOINT": "http://127.0.0.1:9"})  # nothing listens there
+    assert_user_error(offline, "'openai' for ViT-B-16 are not in the local cache", "HF_HUB_OFFLINE is set")
+    assert_user_error(unreachable, "http://127.0.0.1:9 cannot be reached", "--clip-checkpoint")
+
+
+def test_rerun_into_a_run_of_another_model_names_the_setting(labelled: tuple[Path, str], tmp_path: Path) -> None:
+    first = clasp("pretrain", *pretrain_overrides(labelled[0], tmp_path / "run", "max_steps=1"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = clasp("pretrain", *pretrain_overrides(labelled[0], tmp_path / "run", "model.arch=vit_tiny"))
+    assert_user_error(again, "holds another model than this config (model.arch vit_micro -> vit_tiny)", "out=")
