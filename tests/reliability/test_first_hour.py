@@ -186,3 +186,30 @@ def test_rerun_into_a_run_of_another_model_names_the_setting(labelled: tuple[Pat
     assert first.returncode == 0, first.stderr[-2000:]
     again = clasp("pretrain", *pretrain_overrides(labelled[0], tmp_path / "run", "model.arch=vit_tiny"))
     assert_user_error(again, "holds another model than this config (model.arch vit_micro -> vit_tiny)", "out=")
+
+
+def test_audit_mosaics_rank_by_probability_one_image_per_video(labelled: tuple[Path, str], tmp_path: Path) -> None:
+    from labeling.audit import AuditConfig, AuditResult, connect, run_audit
+    from labeling.audit_metrics import select_mosaics, video_of
+
+    root, labelset = labelled
+    cfg = AuditConfig(root=str(root), corpus=CORPUS, labelset=labelset, out=str(tmp_path / "audit"), quiet=True,
+                      mosaic_per_attribute=2, mosaic_parts=0)  # fmt: skip
+    page = run_audit(cfg).read_text()
+    assert "Highest (left) and lowest (right) attribute probability p" in page and "confident images" not in page
+    con, ctx = connect(cfg)
+    try:
+        selected = select_mosaics(con, ctx, AuditResult(ctx, {}, {}, [], {}, {}, 0))
+    finally:
+        con.close()
+    videos = {video_of(key) for key in ctx_keys(root)}
+    assert len(videos) >= 2
+    for entry in selected["attributes"]:
+        for side in (entry["most"], entry["least"]):
+            assert len(side) == 2 and len({video_of(key) for key in side}) == 2, entry  # not two frames of one video
+
+
+def ctx_keys(root: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(root / CORPUS / "images" / "manifest.parquet", columns=["key"]).column("key").to_pylist()
