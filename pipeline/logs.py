@@ -1,8 +1,10 @@
 """One logging setup for the ``clasp`` command: CLASP's and the libraries' messages at one level.
 
-Libraries talk through ``logging`` (open_clip's "No pretrained weights loaded", timm's notes,
-huggingface_hub's retries) or through ``warnings``; both end in one stderr handler, at the level the
-user picks with ``clasp --log-level`` or ``CLASP_LOG_LEVEL`` (default: warning).
+Libraries talk through ``logging`` (open_clip's "No pretrained weights loaded" goes to the root
+logger, timm's notes, huggingface_hub's retries) or through ``warnings``; both end in one stderr
+handler, at the level the user picks with ``clasp --log-level`` or ``CLASP_LOG_LEVEL`` (default:
+warning). At the default level library warnings are chatter and hidden (their errors always show);
+``--log-level info`` shows them.
 """
 
 from __future__ import annotations
@@ -13,8 +15,23 @@ import os
 from pipeline.errors import ClaspError
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-# Libraries whose warnings are chatter at the default level: shown with --log-level info or debug.
-CHATTY = ("open_clip", "timm", "huggingface_hub", "urllib3", "filelock", "accelerate", "torch.distributed")
+LIBRARIES = ("open_clip", "timm", "huggingface_hub", "urllib3", "filelock", "accelerate", "torch", "webdataset")
+
+
+class _LibraryChatter(logging.Filter):
+    """Drop records of third-party libraries below ``threshold``, also those they send to the root logger."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.threshold:
+            return True
+        top = record.name.split(".")[0]
+        if top == "root":
+            return not any(f"/{lib}/" in record.pathname.replace("\\", "/") for lib in LIBRARIES)
+        return top not in LIBRARIES
 
 
 def setup_logging(level: str) -> None:
@@ -25,10 +42,9 @@ def setup_logging(level: str) -> None:
     os.environ["CLASP_LOG_LEVEL"] = name  # worker processes that set up logging themselves follow the same level
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_LibraryChatter(logging.ERROR if name == "warning" else LEVELS[name]))
     handler.clasp = True  # replaced, not stacked, when the command line is set up again (tests invoke it often)
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if not getattr(h, "clasp", False)] + [handler]
     root.setLevel(LEVELS[name])
-    for library in CHATTY:  # library notes need an explicit info/debug; their errors always show
-        logging.getLogger(library).setLevel(max(LEVELS[name], logging.ERROR) if name == "warning" else LEVELS[name])
     logging.captureWarnings(True)

@@ -213,3 +213,18 @@ def ctx_keys(root: Path) -> list[str]:
     import pyarrow.parquet as pq
 
     return pq.read_table(root / CORPUS / "images" / "manifest.parquet", columns=["key"]).column("key").to_pylist()
+
+
+def test_library_chatter_follows_the_log_level(labelled: tuple[Path, str], tmp_path: Path) -> None:
+    args = ["--clip", "clasp-vit-tiny-8", "--allow-random-weights", "--device", "cpu", "--resolution", "64x32",
+            "-j", "0", "-b", "8", "-q"]  # fmt: skip
+    roots = [copy_root(labelled[0], tmp_path / name) for name in ("a", "b")]
+    default, info = (
+        clasp("label", "--root", str(root), "--corpus", CORPUS, *args, env=env)
+        for root, env in zip(roots, ({}, {"CLASP_LOG_LEVEL": "info"}), strict=True)
+    )
+    assert default.returncode == 0 and info.returncode == 0, (default.stderr, info.stderr)
+    assert "No pretrained weights loaded" not in default.stderr  # open_clip's note, raw on the terminal before
+    assert "WARNING root: No pretrained weights loaded" in info.stderr and "INFO root:" in info.stderr
+    assert "LABELING WITH RANDOM WEIGHTS" in default.stderr  # CLASP's own warning stays visible
+    assert_user_error(clasp("--log-level", "loud", "config", "ingest"), "log level 'loud'", "debug, info")
