@@ -58,6 +58,7 @@ from pipeline.formats import (
     shard_index,
     write_json_atomic,
 )
+from pipeline.progress import progress
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -420,19 +421,6 @@ def _consistency_sample(ctx: AuditContext) -> pa.Table:
 
 
 # --- the whole audit ---------------------------------------------------------------------------
-def _progress(quiet: bool):  # noqa: ANN202 - rich.progress.Progress
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]audit[/] {task.description:<28}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=quiet,
-        transient=True,
-    )
-
-
 def run_audit(cfg: AuditConfig) -> Path:
     """Standard audits (+ ground truth, + comparison), summary.json, query results and report.html; returns its path."""
     from labeling.audit_metrics import compare_labelsets, gt_metrics, select_mosaics
@@ -447,11 +435,10 @@ def run_audit(cfg: AuditConfig) -> Path:
     con, ctx = connect(cfg, tmp)
     steps = len(standard_queries(ctx)) + 3 + bool(cfg.compare) + bool(cfg.gt) + cfg.mosaics
     try:
-        with _progress(cfg.quiet) as bar:
-            task = bar.add_task("", total=steps)
+        with progress(steps, "audit", quiet=cfg.quiet, unit="step") as advance:
 
             def done(name: str) -> None:
-                bar.update(task, advance=1, description=name)
+                advance(1, step=name)
 
             result = run_standard_audit(cfg, con, ctx, on_step=done)
             for name, wanted, fn in [

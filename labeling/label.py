@@ -42,6 +42,7 @@ from pipeline.formats import (
     shard_index,
 )
 from pipeline.guards import ensure_free_space, resolve_device
+from pipeline.progress import progress
 from pipeline.vocab import DEFAULT_ATTRIBUTES, DEFAULT_PARTS, AttributeVocab, PartVocab, load_attributes, load_parts
 
 log = logging.getLogger(__name__)
@@ -154,28 +155,6 @@ def _batches(indices: list[ShardIndex], batch_size: int) -> list[list[int]]:
         out.extend(list(range(start + i, start + min(i + batch_size, n))) for i in range(0, n, batch_size))
         start += n
     return out
-
-
-def _progress(total: int, quiet: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]label[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.0f} img/s"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=quiet,
-    )
 
 
 def run_labeling(cfg: LabelConfig) -> str:
@@ -346,8 +325,7 @@ def _label_shards(
     total = sum(len(i.keys) for i in indices)
     pending = None  # previous batch: its device->host copy overlaps this batch's forward
     t0 = time.perf_counter()
-    with _progress(total, cfg.quiet or env.rank != 0) as progress:
-        task = progress.add_task("label", total=total, rate=0.0)
+    with progress(total, "label", quiet=cfg.quiet or env.rank != 0) as advance:
         for item_ids, images, ok in loader:
             x = (images.to(device, non_blocking=True).float() - mean) / std
             if on_gpu:
@@ -363,7 +341,7 @@ def _label_shards(
                 consume(*pending)
             pending = (item_ids, ok, host)
             stats["images"] += len(item_ids)
-            progress.update(task, advance=len(item_ids), rate=stats["images"] / (time.perf_counter() - t0))
+            advance(len(item_ids))
         if pending is not None:
             consume(*pending)
     stats["loop_s"] = time.perf_counter() - t0

@@ -74,15 +74,17 @@ def _root(
 
 @contextlib.contextmanager
 def _no_empty_output(*folders: str | Path | None) -> Iterator[None]:
-    """On failure (error or Ctrl-C), remove those of ``folders`` this command created that hold no file."""
+    """On failure (error or Ctrl-C), remove those of ``folders`` this command created that hold no output
+    (bookkeeping such as ``.ingest/lock`` does not count)."""
     made = [Path(f) for f in folders if f is not None and not Path(f).exists()]
     try:
         yield
     except BaseException:
-        for folder in made:
-            if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
-                import shutil
+        import shutil
 
+        for folder in made:
+            files = [p.relative_to(folder) for p in folder.rglob("*") if p.is_file()]
+            if not any(not any(part.startswith(".") for part in f.parts) for f in files):
                 shutil.rmtree(folder, ignore_errors=True)
         raise
 

@@ -9,13 +9,12 @@ results record it wrote to ``out_dir/results.json``.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import importlib
 import json
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +26,7 @@ from torch import nn
 from pipeline.config import NON_NEGATIVE, POSITIVE, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_path, write_json_atomic
+from pipeline.progress import progress  # noqa: F401 - the tasks' progress display
 
 TASKS: dict[str, str] = {
     "reid": "transfer.reid.train",
@@ -351,37 +351,3 @@ def _md_value(value: Any) -> str:
 
 def pct(value: float) -> str:
     return f"{100.0 * value:.2f}"
-
-
-# --- progress --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def progress(total: int, description: str, *, quiet: bool, unit: str = "img") -> Iterator[Callable[..., None]]:
-    """Yield ``advance(n, **fields)``; a rich bar with throughput and ETA unless ``quiet``."""
-    if quiet:
-        yield lambda n=1, **fields: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class SpeedColumn(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            return Text(f"{task.speed:.1f} {unit}/s" if task.speed else f"- {unit}/s")
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        SpeedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-    )
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=total, status="")
-
-        def advance(n: int = 1, **fields: Any) -> None:
-            status = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-            bar.update(task, advance=n, status=status)
-
-        yield advance

@@ -55,19 +55,23 @@ def test_values_that_would_train_wrong_or_crash_are_refused_before_any_work(tmp_
 
 
 def test_command_line_options_are_checked_like_config_values(world: Path, tmp_path: Path) -> None:
-    label_run, ingest_run, transfer_run, clip_run = clasp_all(
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    label_run, ingest_run, transfer_run, clip_run, source_run = clasp_all(
         ["label", "--root", str(tmp_path), "--corpus", CORPUS, "--batch-size", "-4"],
         ["ingest", "--source", str(world / "luperson"), "--corpus", "x", "--root", str(tmp_path / "root"),
          "--images-per-shard", "0"],
         ["transfer", "reid", "--data", str(world / "market1501"), "--dataset", "market1501", "--out",
          str(tmp_path / "reid"), "epochs=0"],
         ["clip-train", "--pairs", str(world / "pairs.csv"), "--out", str(tmp_path / "clip"), "--epochs", "0"],
+        ["ingest", "--source", str(not_a_folder), "--corpus", "x", "--root", str(tmp_path / "root2")],
     )  # fmt: skip
     assert_user_error(label_run, "batch_size=-4", "must be > 0")
     assert_user_error(ingest_run, "images_per_shard=0", "must be > 0")
     assert_user_error(transfer_run, "epochs=0", "must be >= 1")  # it used to evaluate an untrained head, exit 0
     assert_user_error(clip_run, "epochs=0", "must be >= 1")
-    assert not any((tmp_path / name).exists() for name in ("root", "reid", "clip"))
+    assert_user_error(source_run, str(not_a_folder), "not a directory")
+    assert not any((tmp_path / name).exists() for name in ("root", "reid", "clip", "root2"))  # root2: only a lock
 
 
 def test_config_command_prints_every_setting_as_loadable_yaml(tmp_path: Path) -> None:
@@ -109,11 +113,15 @@ def test_help_shows_flags_as_flags_and_examples_that_load(tmp_path: Path) -> Non
 def test_audit_exit_status_follows_fail_on(labelled: tuple[Path, str], tmp_path: Path) -> None:
     root, labelset = labelled
     base = ["audit", "--root", str(root), "--corpus", CORPUS, "--labelset", labelset, "mosaics=false", "--quiet"]
-    never, default, bad = clasp_all(
+    never, default, bad, loud = clasp_all(
         [*base, "--out", str(tmp_path / "a"), "--fail-on", "never"],
         [*base, "--out", str(tmp_path / "b")],
         [*base, "--out", str(tmp_path / "c"), "--fail-on", "sometimes"],
+        [*base[:-1], "--out", str(tmp_path / "d"), "--fail-on", "never"],
     )
+    # the one progress display (tqdm, as in every stage): count, elapsed<ETA, rate; nothing with --quiet
+    assert re.search(r"audit: 100%.*\| (\d+)/\1 \[[\d:]+<[\d:]+, +[\d.]+ ?(step/s|s/step)", loud.stderr), loud.stderr
+    assert "audit:" not in never.stderr
     assert never.returncode == 0, never.stderr
     findings = json.loads((tmp_path / "b" / "summary.json").read_text())["findings"]
     errors = sum(f["severity"] == "error" for f in findings)
