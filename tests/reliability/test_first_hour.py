@@ -141,9 +141,10 @@ def test_transfer_prints_its_headline_and_where_the_table_is(world: Path, tmp_pa
 
 def test_ctrl_c_prints_one_line_and_leaves_nothing_half_written(labelled: tuple[Path, str], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    env = child_env(CLASP_TEST_PAUSE_WRITE="step-*.pt:1")  # stall in the middle of the first checkpoint write
-    proc = subprocess.Popen([str(CLASP), "pretrain", *pretrain_overrides(labelled[0], out)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    env = child_env(CLASP_TEST_PAUSE_WRITE="step-*.pt:2")  # stall in the middle of the second checkpoint write
+    args = pretrain_overrides(labelled[0], out, "data.workers=2", "checkpoint_every=4")  # workers busy mid-epoch
+    proc = subprocess.Popen([str(CLASP), "pretrain", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
         deadline, marks = time.monotonic() + 120, []
         while not marks and time.monotonic() < deadline and proc.poll() is None:
@@ -151,7 +152,7 @@ def test_ctrl_c_prints_one_line_and_leaves_nothing_half_written(labelled: tuple[
             time.sleep(0.05)
         assert marks and proc.poll() is None, proc.communicate()
         marks[0].unlink()  # the test's marker
-        os.kill(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: to the main process and its DataLoader workers
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -159,6 +160,7 @@ def test_ctrl_c_prints_one_line_and_leaves_nothing_half_written(labelled: tuple[
     assert proc.returncode == 130, stderr
     assert [line for line in stderr.splitlines() if line.strip()] == ["interrupted: rerun the same command to resume"]
     assert not list((out / "checkpoints").glob("*.tmp-*"))  # the half-written checkpoint is gone
+    assert [p.name for p in (out / "checkpoints").glob("step-*.pt")] == ["step-000000004.pt"]
 
 
 def test_files_that_are_not_what_they_claim_get_one_line(labelled: tuple[Path, str], tmp_path: Path) -> None:
