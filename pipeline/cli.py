@@ -104,8 +104,8 @@ def _given(cfg: Any, given: dict[str, Any]) -> Any:
 @app.command(epilog=_example("clasp synth --out data/world --identities 40 --preview", "clasp config synth"))
 def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the synthetic world."),
-    identities: int = typer.Option(None, "--identities", "-n", help="Number of identities."),
-    seed: int = typer.Option(None, "--seed", help="Random seed (output is deterministic for a seed)."),
+    identities: int = typer.Option(None, "--identities", "-n", help="Number of identities (default 200)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed; output is deterministic for a seed (default 0)."),
     preview: bool = typer.Option(False, "--preview", help="Also write preview.png (masks + keypoints)."),
     config: Path = CONFIG_OPT,
     overrides: list[str] = _overrides("identities=40 workers=2"),
@@ -181,7 +181,9 @@ def _hxw(value: str | None, flag: str) -> tuple[int, int] | None:
     )
 )
 def label(
-    corpus: str = typer.Option(None, "--corpus", help="Ingested corpus name (ROOT/<corpus>/images/)."),
+    corpus: str = typer.Option(
+        None, "--corpus", help="Ingested corpus name, ROOT/<corpus>/images/ (default synthetic)."
+    ),
     root: str = typer.Option(None, "--root", help="Data root (default: data)."),
     clip: str = typer.Option(None, "--clip", help="open_clip ARCH[:TAG] (default ViT-B-16:openai)."),
     clip_checkpoint: str = typer.Option(None, "--clip-checkpoint", help="clip-train output dir or weights file."),
@@ -191,9 +193,9 @@ def label(
     parts: str = typer.Option(None, "--parts", help="Part vocabulary YAML (default data_manifests/parts.yaml)."),
     attributes: str = typer.Option(None, "--attributes", help="Attribute vocabulary YAML (default PA-100K's)."),
     resolution: str = typer.Option(None, "--resolution", help="CLIP input HxW (default 2w x w of the CLIP's size)."),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per forward pass."),
-    workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers."),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default 64)."),
+    workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers (default 2)."),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     config: Path = CONFIG_OPT,
     overrides: list[str] = _overrides("fg_threshold=0.4 with_embed=true"),
@@ -225,11 +227,11 @@ def clip_train(
     pairs: str = typer.Option(None, "--pairs", help="CSV/Parquet of image,caption rows, or a folder of them."),
     arch: str = typer.Option(None, "--arch", help="open_clip architecture (default clasp-vit-tiny-8)."),
     init: str = typer.Option(None, "--init", help="Fine-tune from ARCH:TAG or a checkpoint path."),
-    out: str = typer.Option(None, "--out", "-o", help="Output folder (open_clip local-dir layout)."),
-    epochs: int = typer.Option(None, "--epochs", help="Passes over the pairs."),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Pairs per step."),
-    workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers."),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    out: str = typer.Option(None, "--out", "-o", help="Output folder, open_clip local-dir layout (default runs/clip)."),
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the pairs (default 10)."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Pairs per step (default 128)."),
+    workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers (default 2)."),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch lines."),
     config: Path = CONFIG_OPT,
     overrides: list[str] = _overrides("lr=1e-3 time_limit_s=600"),
@@ -260,12 +262,14 @@ def clip_train(
     )
 )
 def audit(
-    corpus: str = typer.Option(None, "--corpus", help="Corpus name under ROOT."),
+    corpus: str = typer.Option(None, "--corpus", help="Corpus name under ROOT (default synthetic)."),
     root: str = typer.Option(None, "--root", help="Data root (default: data)."),
     labelset: str = typer.Option(None, "--labelset", help="Label set id (default: the latest complete one)."),
     gt: str = typer.Option(None, "--gt", help="Ground truth: gt.parquet of `clasp synth`, or PA-100K annotation.mat."),
     compare: str = typer.Option(None, "--compare", help="A second label set id of the corpus to compare with."),
-    out: str = typer.Option(None, "--out", "-o", help="Output directory (report.html, summary.json, queries/)."),
+    out: str = typer.Option(
+        None, "--out", "-o", help="Report folder: report.html, summary.json, queries/ (default runs/audit)."
+    ),
     sql: str = typer.Option(None, "--sql", help="Run this query over the views (labels, manifest, ...), print, exit."),
     max_rows: int = typer.Option(100, "--max-rows", help="With --sql: rows to print.", show_default=True),
     fail_on: str = typer.Option(

@@ -5,6 +5,7 @@ discoverable, Ctrl-C and failures leave one line and no empty folders, audit can
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -238,3 +239,31 @@ def test_library_chatter_follows_the_log_level(labelled: tuple[Path, str], tmp_p
     assert "WARNING root: No pretrained weights loaded" in info.stderr and "INFO root:" in info.stderr
     assert "LABELING WITH RANDOM WEIGHTS" in default.stderr  # CLASP's own warning stays visible
     assert_user_error(clasp("--log-level", "loud", "config", "ingest"), "log level 'loud'", "debug, info")
+
+
+def test_defaults_named_in_help_are_the_config_defaults() -> None:
+    import typer
+
+    from pipeline import cli
+
+    group = typer.main.get_command(cli.app)
+    checked = 0
+    for name, target in cli.COMMAND_CONFIGS.items():
+        module, cls_name = target.split(":")
+        defaults = to_plain(getattr(importlib.import_module(module), cls_name)())
+        for param in group.commands[name].params:
+            said = re.search(r"\(default:? ([^)]+)\)", getattr(param, "help", None) or "")
+            key = param.name if param.name in defaults else {"fmt": "format"}.get(param.name)
+            if not said or key not in defaults or defaults[key] is None or said.group(1).startswith(("2w", "PA-")):
+                continue  # a described default: "the latest complete one", "2w x w of the CLIP's size"
+            value = str(defaults[key])
+            shown = {value, Path(value).relative_to(REPO).as_posix() if Path(value).is_absolute() else value}
+            assert said.group(1) in shown, (name, key, said.group(1), value)
+            checked += 1
+    assert checked >= 15
+
+
+def to_plain(cfg: object) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
