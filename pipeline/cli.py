@@ -33,7 +33,6 @@ app = typer.Typer(
 )
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML experiment file (overrides the defaults).")
-LOG_LEVELS = ("debug", "info", "warning", "error")
 INTERRUPTED = "interrupted: rerun the same command to resume"
 
 
@@ -420,7 +419,13 @@ def config_cmd(
         cls, title = getattr(importlib.import_module(module), name), f"clasp {command}"
     else:
         raise ClaspError(f"clasp config {command!r}: no such command; choose {', '.join(COMMAND_CONFIGS)} or transfer")
-    typer.echo(describe_config(cls, title=title), nl=False)
+    values = None
+    if command == "demo":  # the demo's defaults are configs/demo.yaml's
+        from pipeline.ablate import DEMO_CONFIG
+        from pipeline.config import load_config
+
+        values, title = load_config(cls, DEMO_CONFIG), f"{title} (configs/demo.yaml)"
+    typer.echo(describe_config(cls, title=title, values=values), nl=False)
 
 
 # --- orchestration: demo, ablation -----------------------------------------------------------

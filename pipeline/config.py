@@ -333,8 +333,9 @@ def _yaml_value(value: Any) -> str:
     return text.removesuffix("...").strip()
 
 
-def describe_config(cls: type, *, title: str) -> str:
-    """Every setting of ``cls`` as commented YAML: the defaults, each with its help and type; loadable as is."""
+def describe_config(cls: type, *, title: str, values: Any = None) -> str:
+    """Every setting of ``cls`` as commented YAML: its defaults (or those of ``values``, a resolved config),
+    each with its help and type; loadable as is."""
     lines = [
         f"# {title}: every setting with its default. Save as a file, keep the lines you change,",
         "# and pass it with --config FILE (or give single settings as key=value after the command).",
@@ -358,5 +359,5 @@ def describe_config(cls: type, *, title: str) -> str:
                 f"{indent}{f.name}: {_yaml_value(value)}  # " + (f"{text} " if text else "") + f"({_kind(tp)})"
             )
 
-    walk(cls, to_dict(cls()), "")
+    walk(cls, to_dict(values if values is not None else cls()), "")
     return "\n".join(lines) + "\n"

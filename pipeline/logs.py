@@ -10,7 +10,6 @@ warning). At the default level library warnings are chatter and hidden (their er
 from __future__ import annotations
 
 import logging
-import os
 
 from pipeline.errors import ClaspError
 
@@ -39,12 +38,14 @@ def setup_logging(level: str) -> None:
     name = level.lower()
     if name not in LEVELS:
         raise ClaspError(f"log level {level!r} (--log-level / CLASP_LOG_LEVEL): choose one of {', '.join(LEVELS)}")
-    os.environ["CLASP_LOG_LEVEL"] = name  # worker processes that set up logging themselves follow the same level
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_LibraryChatter(logging.ERROR if name == "warning" else LEVELS[name]))
-    handler.clasp = True  # replaced, not stacked, when the command line is set up again (tests invoke it often)
+    handler.clasp = True  # replaced, not stacked, when the command line is set up again
     root = logging.getLogger()
-    root.handlers[:] = [h for h in root.handlers if not getattr(h, "clasp", False)] + [handler]
     root.setLevel(LEVELS[name])
+    hosts = [h for h in root.handlers if not getattr(h, "clasp", False)]
+    if hosts:  # run inside a program that set up logging itself (pytest, a notebook): its handlers decide
+        return
+    root.handlers[:] = [handler]
     logging.captureWarnings(True)

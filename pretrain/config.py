@@ -46,7 +46,7 @@ class DataConfig:
     photometric: bool = True  # colour jitter, greyscale, blur, solarise (image only)
     part_flip: dict[str, str] = field(default_factory=dict)  # extra left<->right part class pairs
     mean: tuple[float, float, float] = IMAGENET_MEAN  # input normalisation (RGB)
-    std: Annotated[tuple[float, float, float], POSITIVE] = IMAGENET_STD  # input normalisation (RGB)
+    std: tuple[float, float, float] = IMAGENET_STD  # input normalisation (RGB); 0 gives a non-finite loss
 
 
 @dataclass
