@@ -73,8 +73,13 @@ def _root(
 
 @contextlib.contextmanager
 def _no_empty_output(*folders: str | Path | None) -> Iterator[None]:
-    """On failure (error or Ctrl-C), remove those of ``folders`` this command created that hold no output
-    (bookkeeping such as ``.ingest/lock`` does not count)."""
+    """Refuse output ``folders`` that are files; on failure (error or Ctrl-C), remove those this command
+    created that hold no output (bookkeeping such as ``.ingest/lock`` does not count)."""
+    from pipeline.errors import ClaspError
+
+    for folder in (Path(f) for f in folders if f is not None):
+        if folder.exists() and not folder.is_dir():
+            raise ClaspError(f"output folder {folder} is a file: give the path of a folder (new or existing)")
     made = [Path(f) for f in folders if f is not None and not Path(f).exists()]
     try:
         yield

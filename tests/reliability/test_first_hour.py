@@ -267,3 +267,14 @@ def to_plain(cfg: object) -> dict:
     import dataclasses
 
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def test_an_output_folder_that_is_a_file_is_refused(labelled: tuple[Path, str], tmp_path: Path) -> None:
+    taken = tmp_path / "notes.txt"
+    taken.write_text("my notes")
+    pretrain_run, synth_run = clasp_all(
+        ["pretrain", *pretrain_overrides(labelled[0], taken)], ["synth", "--out", str(taken), "-n", "2"]
+    )
+    for done in (pretrain_run, synth_run):  # pretrain: a 40-line FileExistsError before
+        assert_user_error(done, f"output folder {taken} is a file")
+    assert taken.read_text() == "my notes"
