@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,8 @@ from pipeline.config import NON_NEGATIVE, POSITIVE, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_path, write_json_atomic
 from pipeline.progress import progress  # noqa: F401 - the tasks' progress display
+
+log = logging.getLogger(__name__)
 
 TASKS: dict[str, str] = {
     "reid": "transfer.reid.train",
@@ -74,6 +77,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, steps_per_epoch: int,
     )
     total = max(1, steps_per_epoch * epochs)
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    if cfg.warmup_epochs > epochs:  # kept for short smoke runs, but not silently: the peak lr comes at the end
+        log.warning(
+            "optim.warmup_epochs=%g is longer than the run (%d epochs): the warm-up is cut to %d of %d steps",
+            cfg.warmup_epochs, epochs, warmup, total,
+        )  # fmt: skip
     schedule = CosineLRScheduler(
         optimizer,
         t_initial=max(1, total - warmup),

@@ -134,8 +134,9 @@ def test_audit_exit_status_follows_fail_on(labelled: tuple[Path, str], tmp_path:
 def test_transfer_prints_its_headline_and_where_the_table_is(world: Path, tmp_path: Path) -> None:
     out = tmp_path / "reid"
     done = clasp("transfer", "reid", "--data", str(world / "market1501"), "--dataset", "market1501",
-                 "--out", str(out), "epochs=1", *TINY_REID)  # fmt: skip
+                 "--out", str(out), "epochs=1", *TINY_REID, "optim.warmup_epochs=5")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "optim.warmup_epochs=5 is longer than the run (1 epochs)" in done.stderr  # was cut silently
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("reid: mAP (no re-ranking) ") and f"(table: {out / 'results.md'})" in last, last
 
