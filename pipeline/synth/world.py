@@ -42,7 +42,7 @@ from typing import Annotated
 import numpy as np
 from PIL import Image
 
-from pipeline.config import POSITIVE, ConfigError, save_config
+from pipeline.config import POSITIVE, ConfigError, at_least, save_config
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_path, write_json_atomic
 from pipeline.synth.layouts import GtWriter, LmdbWriter, write_pa100k_mat
@@ -61,7 +61,7 @@ DENSE_SETS = ("coco", "citypersons", "cuhk_sysu", "prw", "lip")
 class SynthConfig:
     """Size and shape of the synthetic world. Defaults: 4,820 images (seed 0), under a minute on one core."""
 
-    identities: Annotated[int, POSITIVE] = 200  # people in the LUPerson-like corpus
+    identities: Annotated[int, at_least(2)] = 200  # people in the LUPerson-like corpus
     seed: int = 0
     preview: bool = False  # also write preview.png
     workers: Annotated[int, POSITIVE] = 1  # rendering processes (output bytes do not depend on it)
