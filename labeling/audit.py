@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import duckdb
 import numpy as np
@@ -43,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, save_config
+from pipeline.config import POSITIVE, PROBABILITY, ConfigError, save_config
 from pipeline.errors import ClaspError
 from pipeline.formats import (
     MANIFEST_FILE,
@@ -57,6 +58,7 @@ from pipeline.formats import (
     shard_index,
     write_json_atomic,
 )
+from pipeline.progress import progress
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -72,9 +74,9 @@ class AuditConfig:
     compare: str | None = None  # a second label set id of the same corpus
     out: str = "runs/audit"
     memory_limit: str = "2GB"  # DuckDB memory limit; beyond it DuckDB spills to out/.duckdb_tmp
-    threads: int = 2
-    uncertain_margin: float = 0.3  # an attribute value is uncertain when |2p - 1| < this
-    low_confidence: float = 0.3  # an image is low-confidence when its mean |2p - 1| over attributes < this
+    threads: Annotated[int, POSITIVE] = 2
+    uncertain_margin: Annotated[float, PROBABILITY] = 0.3  # an attribute value is uncertain when |2p - 1| < this
+    low_confidence: Annotated[float, PROBABILITY] = 0.3  # image low-confidence: mean |2p - 1| over attributes < this
     vertical_order: list[str] = field(default_factory=lambda: ["head", "upper_clothes", "lower_clothes", "shoes"])
     order_margin: float = 0.06  # a part may sit this much (share of the height) below a lower part before flagged
     implausible_shard_share: float = 0.5  # a shard with more implausible part orders than this is an error
@@ -164,6 +166,13 @@ def _label_files(root: str, corpus: str, labelset: str) -> list[Path]:
     files = sorted(labels_dir(root, corpus, labelset).glob(f"{corpus}-*.parquet"))
     for f in files:
         shard_index(f)  # a stray file with a non-shard name is a user mistake worth naming
+        try:
+            pq.read_metadata(f)  # the footer only: a truncated shard (killed copy, full disk) has none
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ClaspError(
+                f"label shard {f} is unreadable ({str(exc).splitlines()[0]}); delete it and re-run `clasp label` "
+                "for this corpus, it relabels that shard"
+            ) from None
     return files
 
 
@@ -467,19 +476,6 @@ def _part_confidence_sample(ctx: AuditContext) -> pa.Table:
 
 
 # --- the whole audit ---------------------------------------------------------------------------
-def _progress(quiet: bool):  # noqa: ANN202 - rich.progress.Progress
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]audit[/] {task.description:<28}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=quiet,
-        transient=True,
-    )
-
-
 def run_audit(cfg: AuditConfig) -> Path:
     """Standard audits (+ ground truth, + comparison), summary.json, query results and report.html; returns its path."""
     from labeling.audit_metrics import compare_labelsets, gt_metrics, select_mosaics
@@ -494,11 +490,10 @@ def run_audit(cfg: AuditConfig) -> Path:
     con, ctx = connect(cfg, tmp)
     steps = len(standard_queries(ctx)) + 3 + bool(cfg.compare) + bool(cfg.gt) + cfg.mosaics
     try:
-        with _progress(cfg.quiet) as bar:
-            task = bar.add_task("", total=steps)
+        with progress(steps, "audit", quiet=cfg.quiet, unit="step") as advance:
 
             def done(name: str) -> None:
-                bar.update(task, advance=1, description=name)
+                advance(1, step=name)
 
             result = run_standard_audit(cfg, con, ctx, on_step=done)
             for name, wanted, fn in [

@@ -364,6 +364,23 @@ def _flat(arr: pa.Array | pa.ChunkedArray) -> pa.Buffer | np.ndarray:
 
 
 # --- mosaics ------------------------------------------------------------------------------------
+NEAR_DUPLICATE_POOL = 8  # candidates per mosaic slot
+
+
+def video_of(key: str) -> str:
+    """The video (or track) an image key comes from: the key without its last ``_frame`` part."""
+    return key.rsplit("_", 1)[0] if "_" in key else key
+
+
+def one_per_video(keys: list[str], k: int) -> list[str]:
+    """The first ``k`` of ``keys`` (best first) taking one image per video; other frames fill up only if too few."""
+    first, rest, seen = [], [], set()
+    for key in keys:
+        (rest if video_of(key) in seen else first).append(key)
+        seen.add(video_of(key))
+    return (first + rest)[:k]
+
+
 def select_mosaics(con: duckdb.DuckDBPyConnection, ctx: AuditContext, result: AuditResult) -> dict:
     """Keys (with captions) of the images to show: per attribute most/least confident, random part maps, worst."""
     from labeling.audit import _sql_str
@@ -372,15 +389,17 @@ def select_mosaics(con: duckdb.DuckDBPyConnection, ctx: AuditContext, result: Au
     k = cfg.mosaic_per_attribute
     sel: dict = {"attributes": [], "parts": [], "worst": [], "worst_title": ""}
     if k > 0:
+        # candidates beyond k, so that near-duplicate frames of one video (LUPerson keys
+        # country_city_video_frame) can give way to other videos: one image per video where possible
+        pool = k * NEAR_DUPLICATE_POOL
         aggs = ", ".join(
-            f"max_by(key, attr_prob[{i}], {k}), min_by(key, attr_prob[{i}], {k})"
+            f"max_by(key, attr_prob[{i}], {pool}), min_by(key, attr_prob[{i}], {pool})"
             for i in range(1, len(ctx.attributes) + 1)
         )
         row = con.execute(f"SELECT {aggs} FROM labels").fetchone()
         for i, name in enumerate(ctx.attributes):
-            sel["attributes"].append(
-                {"attribute": name, "idx": i, "most": row[2 * i] or [], "least": row[2 * i + 1] or []}
-            )
+            most, least = one_per_video(row[2 * i] or [], k), one_per_video(row[2 * i + 1] or [], k)
+            sel["attributes"].append({"attribute": name, "idx": i, "most": most, "least": least})
     if cfg.mosaic_parts > 0:
         sample = f"reservoir({int(cfg.mosaic_parts)} ROWS) REPEATABLE ({int(cfg.seed)})"
         sel["parts"] = [r[0] for r in con.execute(f"SELECT key FROM labels_pos USING SAMPLE {sample}").fetchall()]

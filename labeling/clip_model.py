@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +93,48 @@ def looks_untrained(model: nn.Module) -> bool:
     return scale is not None and abs(float(scale.detach().float().reshape(-1)[0]) - _INIT_LOGIT_SCALE) < 1e-6
 
 
+def _reachable(url: str, timeout_s: float = 3.0) -> bool:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def _fail_fast_offline(arch: str, tag: str) -> None:
+    """Weights ARCH:TAG that are not cached here and cannot be downloaded: one line in seconds, where
+    open_clip would spend about a minute in download retries before failing."""
+    cfg = open_clip.pretrained.get_pretrained_cfg(arch, tag)
+    hub, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, name), str) for name in names):
+            return
+        source = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    elif url:
+        if (Path.home() / ".cache" / "clip" / os.path.basename(url)).is_file():
+            return
+        source, offline = url, False
+    else:  # a file path or a tag open_clip does not know: open_clip's own message says so
+        return
+    if offline or not _reachable(source):
+        why = "HF_HUB_OFFLINE is set" if offline else f"{source} cannot be reached"
+        raise ClaspError(
+            f"CLIP weights '{tag}' for {arch} are not in the local cache and {why}: download them once with network "
+            "access, or pass a local checkpoint with --clip-checkpoint PATH (or train one with `clasp clip-train`)"
+        )
+
+
 def _create(arch: str, pretrained: str | None) -> tuple[nn.Module, object]:
+    if pretrained is not None and not Path(pretrained).exists():
+        _fail_fast_offline(arch, pretrained)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
     except RuntimeError as exc:
@@ -133,7 +176,15 @@ def load_clip(
             if ckpt.is_dir():
                 raise ClaspError(f"--clip-checkpoint {ckpt} is a directory without {OPEN_CLIP_CONFIG}")
             weights = ckpt
-            model, preprocess = _create(arch, str(ckpt))
+            try:
+                model, preprocess = _create(arch, str(ckpt))
+            except ClaspError:
+                raise
+            except Exception as exc:  # torch.load / state_dict errors of a file that is not a CLIP of `arch`
+                raise ClaspError(
+                    f"--clip-checkpoint {ckpt} is not an open_clip checkpoint of {arch} ({type(exc).__name__}: "
+                    f"{str(exc)[:120]}): give a `clasp clip-train` output folder or the weights file of --clip ARCH"
+                ) from None
             tokenizer = open_clip.get_tokenizer(arch)
         identity = ClipIdentity(arch=arch, weights=str(weights), weights_id=file_sha256(weights), random=False)
     else:

@@ -27,6 +27,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import open_clip
@@ -39,7 +40,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from labeling.clip_model import OPEN_CLIP_CONFIG, file_sha256, load_clip, parse_clip_spec
-from pipeline.config import ConfigError, save_config, to_dict
+from pipeline.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_path, write_json_atomic
 from pipeline.guards import resolve_device
@@ -56,9 +57,9 @@ class ClipTrainConfig:
     arch: str = "clasp-vit-tiny-8"  # open_clip architecture (labeling/model_configs/ adds the tiny default)
     init: str | None = None  # ARCH:TAG or a checkpoint (file or local-dir folder) to fine-tune; None = from scratch
     out: str = "runs/clip"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-3
+    epochs: Annotated[int, AT_LEAST_ONE] = 10
+    batch_size: Annotated[int, POSITIVE] = 128
+    lr: Annotated[float, POSITIVE] = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 50
     hflip: bool = True  # captions say nothing about left/right, so flipping is label-preserving
@@ -67,7 +68,7 @@ class ClipTrainConfig:
     # teaches the text tower phrases on their own, the form of the labeler's prompts, instead of whole captions.
     caption_phrases: float = 0.5
     time_limit_s: float | None = None  # stop early (after the running step) and save; None = all epochs
-    workers: int = 2
+    workers: Annotated[int, NON_NEGATIVE] = 2
     seed: int = 0
     device: str = "auto"
     quiet: bool = False

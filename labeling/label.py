@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,7 +33,7 @@ from labeling.clip_model import DenseClip, LoadedClip, load_clip
 from labeling.image_shards import ShardImages, ShardIndex, index_shard
 from labeling.labelers import build_labeler
 from labeling.writer import ShardBuffer, blank_rows, code_version, finalize_labelset, write_shard
-from pipeline.config import ConfigError, save_config, to_dict
+from pipeline.config import NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, at_least, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import (
     LABELSET_FILE,
@@ -47,6 +47,7 @@ from pipeline.formats import (
     shard_index,
 )
 from pipeline.guards import ensure_free_space, resolve_device
+from pipeline.progress import progress
 from pipeline.vocab import DEFAULT_ATTRIBUTES, DEFAULT_PARTS, AttributeVocab, PartVocab, load_attributes, load_parts
 
 log = logging.getLogger(__name__)
@@ -71,17 +72,17 @@ class LabelConfig:
     attributes: str = str(DEFAULT_ATTRIBUTES)
     # (H, W) fed to CLIP; None = (2w, w) for a square CLIP of native width w (448x224 for ViT-B-16:
     # CLIP's trained scale across the shoulders, a pedestrian's 2:1 height), or the native size if not square.
-    resolution: tuple[int, int] | None = None
-    label_grid: tuple[int, int] = (16, 8)  # stored part map cells; 16x8 = the pre-training ViT's patch grid
+    resolution: Annotated[tuple[int, int] | None, POSITIVE] = None
+    label_grid: Annotated[tuple[int, int], POSITIVE] = (16, 8)  # stored part map cells (the ViT's patch grid)
     dense: Literal["auto", "value", "tokens"] = "auto"  # patch features; auto: tokens if avg-pooled, else value
     value_residual: bool = False  # MaskCLIP dense path: add the last block's input to the value path
     group_softmax: bool = True  # exclusive attribute groups share one softmax
-    fg_threshold: float = 0.5
+    fg_threshold: Annotated[float, PROBABILITY] = 0.5
     foreground: Literal["both", "parts", "prompts"] = "both"  # person-vs-background prompts and/or part classes
-    conf_levels: int = 16  # part_conf quantised to this many levels (keeps labels small after zstd)
+    conf_levels: Annotated[int, at_least(2)] = 16  # part_conf levels (few: small after zstd)
     with_embed: bool = False  # also store the CLIP image embedding (fp16) as clip_embed
-    batch_size: int = 64
-    workers: int = 2
+    batch_size: Annotated[int, POSITIVE] = 64
+    workers: Annotated[int, NON_NEGATIVE] = 2
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     quiet: bool = False
@@ -160,28 +161,6 @@ def _batches(indices: list[ShardIndex], batch_size: int) -> list[list[int]]:
         out.extend(list(range(start + i, start + min(i + batch_size, n))) for i in range(0, n, batch_size))
         start += n
     return out
-
-
-def _progress(total: int, quiet: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]label[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.0f} img/s"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=quiet,
-    )
 
 
 def run_labeling(cfg: LabelConfig) -> str:
@@ -382,8 +361,7 @@ def _label_shards(
     total = sum(len(i.keys) for i in indices)
     pending = None  # previous batch: its device->host copy overlaps this batch's forward
     t0 = time.perf_counter()
-    with _progress(total, cfg.quiet or env.rank != 0) as progress:
-        task = progress.add_task("label", total=total, rate=0.0)
+    with progress(total, "label", quiet=cfg.quiet or env.rank != 0) as advance:
         for item_ids, images, ok in loader:
             x = (images.to(device, non_blocking=True).float() - mean) / std
             if on_gpu:
@@ -399,7 +377,7 @@ def _label_shards(
                 consume(*pending)
             pending = (item_ids, ok, host)
             stats["images"] += len(item_ids)
-            progress.update(task, advance=len(item_ids), rate=stats["images"] / (time.perf_counter() - t0))
+            advance(len(item_ids))
         if pending is not None:
             consume(*pending)
     stats["loop_s"] = time.perf_counter() - t0

@@ -268,7 +268,7 @@ def _mosaics(ctx: AuditContext, sel: dict) -> str:
         out.append(f'<h3>Worst: {html.escape(sel["worst_title"])}</h3><div class="grid">')
         out.append("".join(pair(k, f"{cap} · {k}") for k, cap in sel["worst"] if k in labels) + "</div>")
     if sel.get("attributes"):
-        out.append("<h3>Most (left) and least (right) confident images per attribute</h3>")
+        out.append("<h3>Highest (left) and lowest (right) attribute probability p, one image per video or track</h3>")
         for a in sel["attributes"]:
 
             def tiles(keys: list[str], a: dict = a) -> str:

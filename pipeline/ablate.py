@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +193,8 @@ def _transfer(cfg: AblationConfig, run: TransferRun, backbone: str, seed: int, w
     extra = [f"data_dir={data}", f"dataset={run.dataset}", f"backbone.spec={backbone}", f"seed={seed}"]
     tcfg = load_config(config_cls, None, [*run.overrides, *extra, f"quiet={str(cfg.quiet).lower()}"])
     key = _hash({k: v for k, v in to_dict(tcfg).items() if k != "out_dir"})
-    tcfg.out_dir = str(out / "transfer" / f"{run.task}-{run.dataset}" / f"{Path(backbone).name}-{key}")
+    name = re.sub(r"[^\w.-]+", "-", Path(backbone).name)  # random:vit_micro -> random-vit_micro: no ':' in paths
+    tcfg.out_dir = str(out / "transfer" / f"{run.task}-{run.dataset}" / f"{name}-{key}")
     return run_task(tcfg)
 
 

@@ -2,7 +2,9 @@
 
 This is the one module that knows every stage. Stage code is imported inside each command so
 ``clasp --help`` stays fast. Every command takes ``--config FILE`` plus dotted ``key=value``
-overrides; user mistakes (ClaspError) print one line and exit with status 2.
+overrides; user mistakes (ClaspError) print one line and exit with status 2, Ctrl-C prints one line
+and exits with 130, and a failed command leaves no empty output folder behind. ``clasp config CMD``
+prints every setting of a command with its default and help.
 
 Each stage section below belongs to that stage's maintainer; keep commands thin: parse options,
 build the stage's config, call one function of the stage.
@@ -10,8 +12,14 @@ build the stage's config, call one function of the stage.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -21,26 +29,90 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: flags show no value placeholder, examples keep their lines
 )
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML experiment file (overrides the defaults).")
-OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=1e-4 model.moe.enabled=false")
+INTERRUPTED = "interrupted: rerun the same command to resume"
+
+
+def _overrides(example: str) -> Any:
+    return typer.Argument(None, help=f"Dotted key=value settings (all: `clasp config CMD`), e.g. {example}")
+
+
+def _example(*lines: str) -> str:
+    """--help epilog: real commands (\b keeps click from re-wrapping them) and where every setting is listed."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"clasp {version('clasp')}")
+        except PackageNotFoundError:
+            typer.echo("clasp (not installed: running from a source tree)")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    log_level: str = typer.Option(
+        None, "--log-level", help="debug | info | warning | error for CLASP and library messages (env CLASP_LOG_LEVEL)."
+    ),
+    _show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """CLASP: label a person corpus with CLIP once, pre-train one backbone, transfer it to every human-centric task."""
+    from pipeline.logs import setup_logging
+
+    setup_logging(log_level or os.environ.get("CLASP_LOG_LEVEL") or "warning")
+
+
+@contextlib.contextmanager
+def _no_empty_output(*folders: str | Path | None) -> Iterator[None]:
+    """Refuse output ``folders`` that are files; on failure (error or Ctrl-C), remove those this command
+    created that hold no output (bookkeeping such as ``.ingest/lock`` does not count)."""
+    from pipeline.errors import ClaspError
+
+    for folder in (Path(f) for f in folders if f is not None):
+        if folder.exists() and not folder.is_dir():
+            raise ClaspError(f"output folder {folder} is a file: give the path of a folder (new or existing)")
+    made = [Path(f) for f in folders if f is not None and not Path(f).exists()]
+    try:
+        yield
+    except BaseException:
+        import shutil
+
+        for folder in made:
+            files = [p.relative_to(folder) for p in folder.rglob("*") if p.is_file()]
+            if not any(not any(part.startswith(".") for part in f.parts) for f in files):
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _given(cfg: Any, given: dict[str, Any]) -> Any:
+    """``cfg`` with the options given on the command line, value-checked like a config file."""
+    import dataclasses
+
+    from pipeline.config import check_config
+
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    check_config(cfg)
+    return cfg
 
 
 # --- foundation: synthetic world -------------------------------------------------------------
-@app.command()
+@app.command(epilog=_example("clasp synth --out data/world --identities 40 --preview", "clasp config synth"))
 def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the synthetic world."),
-    identities: int = typer.Option(None, "--identities", "-n", help="Number of identities."),
-    seed: int = typer.Option(None, "--seed", help="Random seed (output is deterministic for a seed)."),
+    identities: int = typer.Option(None, "--identities", "-n", help="Number of identities (default 200)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed; output is deterministic for a seed (default 0)."),
     preview: bool = typer.Option(False, "--preview", help="Also write preview.png (masks + keypoints)."),
     config: Path = CONFIG_OPT,
-    overrides: list[str] = OVERRIDES_ARG,
+    overrides: list[str] = _overrides("identities=40 workers=2"),
 ) -> None:
     """Generate synthetic pedestrians with ground truth in LUPerson/Market-1501/PA-100K layouts."""
     from pipeline.config import load_config
@@ -54,11 +126,16 @@ def synth(
     if preview:
         overrides.append("preview=true")
     cfg = load_config(SynthConfig, config, overrides)
-    write_world(cfg, out)
+    with _no_empty_output(out):
+        write_world(cfg, out)
 
 
 # --- stage 0: ingest -------------------------------------------------------------------------
-@app.command()
+@app.command(
+    epilog=_example(
+        "clasp ingest --source data/world/luperson --corpus synthetic --images-per-shard 2000", "clasp config ingest"
+    )
+)
 def ingest(
     source: str = typer.Option(None, "--source", "-s", help="Image folder, LMDB (dir or .mdb), or list file."),
     fmt: str = typer.Option(None, "--format", "-f", help="Source format: folder | lmdb | list (default folder)."),
@@ -70,11 +147,9 @@ def ingest(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an ingest made with other settings."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     config: Path = CONFIG_OPT,
-    overrides: list[str] = OVERRIDES_ARG,
+    overrides: list[str] = _overrides("full_decode=true"),
 ) -> None:
     """Pack an image corpus into shuffled, keyed WebDataset shards with a manifest (stage 0)."""
-    import dataclasses
-
     from pipeline.config import load_config
     from pipeline.ingest import IngestConfig
     from pipeline.ingest import ingest as run_ingest
@@ -84,7 +159,9 @@ def ingest(
         "source": source, "format": fmt, "corpus": corpus, "root": root, "images_per_shard": images_per_shard,
         "seed": seed, "workers": workers, "overwrite": overwrite or None, "quiet": quiet or None,
     }  # fmt: skip
-    run_ingest(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
+    cfg = _given(cfg, given)
+    with _no_empty_output(cfg.root, Path(cfg.root) / cfg.corpus if cfg.corpus else None):
+        run_ingest(cfg)
 
 
 # --- stage 1: labeling -----------------------------------------------------------------------
@@ -100,9 +177,17 @@ def _hxw(value: str | None, flag: str) -> tuple[int, int] | None:
     return (h, w)
 
 
-@app.command()
+@app.command(
+    epilog=_example(
+        "clasp label --corpus synthetic --clip-checkpoint runs/clip --batch-size 32 --device cpu",
+        "clasp label --corpus luperson --clip ViT-B-16:openai with_embed=true",
+        "clasp config label",
+    )
+)
 def label(
-    corpus: str = typer.Option(None, "--corpus", help="Ingested corpus name (ROOT/<corpus>/images/)."),
+    corpus: str = typer.Option(
+        None, "--corpus", help="Ingested corpus name, ROOT/<corpus>/images/ (default synthetic)."
+    ),
     root: str = typer.Option(None, "--root", help="Data root (default: data)."),
     clip: str = typer.Option(None, "--clip", help="open_clip ARCH[:TAG] (default ViT-B-16:openai)."),
     clip_checkpoint: str = typer.Option(None, "--clip-checkpoint", help="clip-train output dir or weights file."),
@@ -112,16 +197,14 @@ def label(
     parts: str = typer.Option(None, "--parts", help="Part vocabulary YAML (default data_manifests/parts.yaml)."),
     attributes: str = typer.Option(None, "--attributes", help="Attribute vocabulary YAML (default PA-100K's)."),
     resolution: str = typer.Option(None, "--resolution", help="CLIP input HxW (default 2w x w of the CLIP's size)."),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per forward pass."),
-    workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers."),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default 64)."),
+    workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers (default 2)."),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     config: Path = CONFIG_OPT,
-    overrides: list[str] = OVERRIDES_ARG,
+    overrides: list[str] = _overrides("fg_threshold=0.4 with_embed=true"),
 ) -> None:
     """Label an ingested corpus with CLIP parts and attributes, once, into Parquet shards (stage 1)."""
-    import dataclasses
-
     from labeling.label import LabelConfig, run_labeling
     from pipeline.config import load_config
 
@@ -132,26 +215,32 @@ def label(
         "resolution": _hxw(resolution, "--resolution"), "batch_size": batch_size, "workers": workers,
         "device": device, "quiet": quiet or None,
     }  # fmt: skip
-    run_labeling(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
+    cfg = _given(cfg, given)
+    with _no_empty_output(Path(cfg.root) / cfg.corpus / "labels"):
+        run_labeling(cfg)
 
 
-@app.command("clip-train")
+@app.command(
+    "clip-train",
+    epilog=_example(
+        "clasp clip-train --pairs data/world/pairs.csv --out runs/clip --epochs 10 --device cpu",
+        "clasp config clip-train",
+    ),
+)
 def clip_train(
     pairs: str = typer.Option(None, "--pairs", help="CSV/Parquet of image,caption rows, or a folder of them."),
     arch: str = typer.Option(None, "--arch", help="open_clip architecture (default clasp-vit-tiny-8)."),
     init: str = typer.Option(None, "--init", help="Fine-tune from ARCH:TAG or a checkpoint path."),
-    out: str = typer.Option(None, "--out", "-o", help="Output folder (open_clip local-dir layout)."),
-    epochs: int = typer.Option(None, "--epochs", help="Passes over the pairs."),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Pairs per step."),
-    workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers."),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    out: str = typer.Option(None, "--out", "-o", help="Output folder, open_clip local-dir layout (default runs/clip)."),
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the pairs (default 10)."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Pairs per step (default 128)."),
+    workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers (default 2)."),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch lines."),
     config: Path = CONFIG_OPT,
-    overrides: list[str] = OVERRIDES_ARG,
+    overrides: list[str] = _overrides("lr=1e-3 time_limit_s=600"),
 ) -> None:
     """Train or fine-tune an open_clip model on image-caption pairs (e.g. the synthetic world's pairs.csv)."""
-    import dataclasses
-
     from labeling.clip_train import ClipTrainConfig, train_clip
     from pipeline.config import load_config
 
@@ -160,46 +249,84 @@ def clip_train(
         "pairs": pairs, "arch": arch, "init": init, "out": out, "epochs": epochs, "batch_size": batch_size,
         "workers": workers, "device": device, "quiet": quiet or None,
     }  # fmt: skip
-    weights = train_clip(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
+    cfg = _given(cfg, given)
+    with _no_empty_output(cfg.out):
+        weights = train_clip(cfg)
     if not quiet:
         typer.echo(f"CLIP checkpoint: {weights} (use: clasp label --clip-checkpoint {weights.parent})")
 
 
 # --- stage 1b: audit -------------------------------------------------------------------------
-@app.command()
+@app.command(
+    epilog=_example(
+        "clasp audit --corpus synthetic --gt data/world/gt.parquet --out runs/audit",
+        "clasp audit --corpus synthetic --fail-on warning      # CI: exit 1 on any warning",
+        'clasp audit --corpus synthetic --sql "SELECT shard, count(*) FROM labels GROUP BY shard"',
+        "clasp config audit",
+    )
+)
 def audit(
-    corpus: str = typer.Option(None, "--corpus", help="Corpus name under ROOT."),
+    corpus: str = typer.Option(None, "--corpus", help="Corpus name under ROOT (default synthetic)."),
     root: str = typer.Option(None, "--root", help="Data root (default: data)."),
     labelset: str = typer.Option(None, "--labelset", help="Label set id (default: the latest complete one)."),
     gt: str = typer.Option(None, "--gt", help="Ground truth: gt.parquet of `clasp synth`, or PA-100K annotation.mat."),
     compare: str = typer.Option(None, "--compare", help="A second label set id of the corpus to compare with."),
-    out: str = typer.Option(None, "--out", "-o", help="Output directory (report.html, summary.json, queries/)."),
+    out: str = typer.Option(
+        None, "--out", "-o", help="Report folder: report.html, summary.json, queries/ (default runs/audit)."
+    ),
     sql: str = typer.Option(None, "--sql", help="Run this query over the views (labels, manifest, ...), print, exit."),
-    max_rows: int = typer.Option(100, "--max-rows", help="With --sql: rows to print."),
+    max_rows: int = typer.Option(100, "--max-rows", help="With --sql: rows to print.", show_default=True),
+    fail_on: str = typer.Option(
+        "error",
+        "--fail-on",
+        help="Exit 1 when a finding of this level or worse is reported: error | warning | never.",
+        show_default=True,
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
     config: Path = CONFIG_OPT,
-    overrides: list[str] = OVERRIDES_ARG,
+    overrides: list[str] = _overrides("mosaics=false threads=4"),
 ) -> None:
     """Audit label shards with DuckDB: standard checks, ground truth, comparison, HTML report; or ad-hoc --sql."""
-    import dataclasses
+    import json
 
-    from labeling.audit import AuditConfig, print_table, run_audit, run_sql
+    from labeling.audit import SEVERITIES, AuditConfig, print_table, run_audit, run_sql
     from pipeline.config import load_config
+    from pipeline.errors import ClaspError
 
+    if fail_on not in (*SEVERITIES[:2], "never"):
+        raise ClaspError(f"--fail-on {fail_on!r}: choose error, warning or never")
     cfg = load_config(AuditConfig, config, overrides)
     given = dict(corpus=corpus, root=root, labelset=labelset, gt=gt, compare=compare, out=out, quiet=quiet or None)
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    cfg = _given(cfg, given)
     if sql is not None:
         print_table(run_sql(cfg, sql), max_rows=max_rows)
         return
-    report = run_audit(cfg)
+    with _no_empty_output(cfg.out):
+        report = run_audit(cfg)
     if not cfg.quiet:
         typer.echo(f"audit report: {report}")
+    if fail_on != "never":
+        levels = SEVERITIES[: SEVERITIES.index(fail_on) + 1]
+        findings = json.loads((report.parent / "summary.json").read_text())["findings"]
+        failing = [f for f in findings if f["severity"] in levels]
+        if failing:
+            typer.echo(
+                f"audit: {len(failing)} finding(s) at level {fail_on} or worse (--fail-on never: exit 0)", err=True
+            )
+            raise typer.Exit(1)
 
 
 # --- stage 2: pre-training -------------------------------------------------------------------
-@app.command()
-def pretrain(config: Path = CONFIG_OPT, overrides: list[str] = OVERRIDES_ARG) -> None:
+@app.command(
+    epilog=_example(
+        "clasp pretrain --config configs/pretrain/demo.yaml data.corpus=synthetic out=runs/pretrain/demo",
+        "accelerate launch --num_processes 8 -m pipeline.cli pretrain --config configs/pretrain/vit_s_luperson.yaml",
+        "clasp config pretrain",
+    )
+)
+def pretrain(
+    config: Path = CONFIG_OPT, overrides: list[str] = _overrides("optim.lr=1e-4 model.moe.enabled=false")
+) -> None:
     """Pre-train the CLASP backbone; under `accelerate launch` every process runs this same command."""
     from pipeline.config import load_config
     from pretrain.config import PretrainConfig
@@ -207,12 +334,13 @@ def pretrain(config: Path = CONFIG_OPT, overrides: list[str] = OVERRIDES_ARG) ->
     cfg = load_config(PretrainConfig, config, list(overrides or []))
     from pretrain.trainer import train  # after validation: a config error needs no torch import
 
-    summary = train(cfg)
+    with _no_empty_output(cfg.out):
+        summary = train(cfg)
     if not cfg.quiet:
         typer.echo(f"pretrain: step {summary.step}/{summary.total_steps}, checkpoint {summary.checkpoint}")
 
 
-@app.command()
+@app.command(epilog=_example("clasp export runs/pretrain/demo --out runs/release/demo"))
 def export(
     checkpoint: Path = typer.Argument(..., help="Training checkpoint (step-*.pt) or a run directory (its latest)."),
     out: Path = typer.Option(..., "--out", "-o", help="Release directory: model.safetensors, config.json, card."),
@@ -221,13 +349,21 @@ def export(
     from pretrain.export import export_summary
     from pretrain.trainer import export_run
 
-    typer.echo(export_summary(export_run(checkpoint, out)))
+    with _no_empty_output(out):
+        typer.echo(export_summary(export_run(checkpoint, out)))
 
 
 # --- stage 3: transfer -----------------------------------------------------------------------
 
 
-@app.command()
+@app.command(
+    epilog=_example(
+        "clasp transfer reid --data data/world/market1501 --dataset market1501 --backbone runs/release/demo "
+        "--out runs/transfer/reid epochs=2",
+        "clasp transfer attributes --data data/PA-100K --dataset pa100k --backbone timm:vit_small_patch16_224",
+        "clasp config transfer reid",
+    )
+)
 def transfer(
     task: str = typer.Argument(..., help="reid, attributes, pose, detection, person-search or parsing."),
     data: Path = typer.Option(None, "--data", "-d", help="Dataset folder in its official layout."),
@@ -236,7 +372,7 @@ def transfer(
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (results.json, results.md, weights)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     config: Path = CONFIG_OPT,
-    overrides: list[str] = OVERRIDES_ARG,
+    overrides: list[str] = _overrides("epochs=2 optim.lr=0.004"),
 ) -> None:
     """Fine-tune a backbone on a downstream task and evaluate it with the field's protocol."""
     from pipeline.config import load_config
@@ -245,25 +381,79 @@ def transfer(
     config_cls, run_task = task_entry(task)
     options = {"data_dir": data, "dataset": dataset, "backbone.spec": backbone, "out_dir": out, "quiet": quiet or None}
     extra = [f"{key}={value}" for key, value in options.items() if value is not None]
-    run_task(load_config(config_cls, config, list(overrides or []) + extra))
+    cfg = load_config(config_cls, config, list(overrides or []) + extra)
+    with _no_empty_output(cfg.out_dir):
+        record = run_task(cfg)
+    if not cfg.quiet:
+        headline = ", ".join(f"{name} {value}" for name, value in list(record.get("headline", {}).items())[:4])
+        typer.echo(f"{task}: {headline} (table: {Path(cfg.out_dir) / 'results.md'})")
+
+
+# --- discoverability --------------------------------------------------------------------------
+
+COMMAND_CONFIGS = {
+    "synth": "pipeline.synth:SynthConfig",
+    "ingest": "pipeline.ingest:IngestConfig",
+    "label": "labeling.label:LabelConfig",
+    "clip-train": "labeling.clip_train:ClipTrainConfig",
+    "audit": "labeling.audit:AuditConfig",
+    "pretrain": "pretrain.config:PretrainConfig",
+    "ablate": "pipeline.ablate:AblationConfig",
+    "demo": "pipeline.ablate:AblationConfig",
+}
+
+
+@app.command("config", epilog=_example("clasp config pretrain > my_pretrain.yaml", "clasp config transfer reid"))
+def config_cmd(
+    command: str = typer.Argument(..., help=f"{' | '.join(COMMAND_CONFIGS)} | transfer"),
+    task: str = typer.Argument(None, help="With transfer: the task (reid, attributes, pose, ...)."),
+) -> None:
+    """Print every setting of a command with its default and a one-line help, as YAML to copy into --config."""
+    import importlib
+
+    from pipeline.config import describe_config
+    from pipeline.errors import ClaspError
+
+    if command == "transfer":
+        from transfer.common import TASKS, task_entry
+
+        if task is None:
+            raise ClaspError(f"clasp config transfer TASK: name the task, one of {', '.join(TASKS)}")
+        cls, title = task_entry(task)[0], f"clasp transfer {task}"
+    elif command in COMMAND_CONFIGS:
+        module, name = COMMAND_CONFIGS[command].split(":")
+        cls, title = getattr(importlib.import_module(module), name), f"clasp {command}"
+    else:
+        raise ClaspError(f"clasp config {command!r}: no such command; choose {', '.join(COMMAND_CONFIGS)} or transfer")
+    values = None
+    if command == "demo":  # the demo's defaults are configs/demo.yaml's
+        from pipeline.ablate import DEMO_CONFIG
+        from pipeline.config import load_config
+
+        values, title = load_config(cls, DEMO_CONFIG), f"{title} (configs/demo.yaml)"
+    typer.echo(describe_config(cls, title=title, values=values), nl=False)
 
 
 # --- orchestration: demo, ablation -----------------------------------------------------------
 
 
-@app.command()
-def ablate(config: Path = CONFIG_OPT, overrides: list[str] = OVERRIDES_ARG) -> None:
+@app.command(
+    epilog=_example("clasp ablate --config configs/ablation_synthetic.yaml seeds=[0,1]", "clasp config ablate")
+)
+def ablate(config: Path = CONFIG_OPT, overrides: list[str] = _overrides("seeds=[0,1]")) -> None:
     """Pre-train every variant, transfer each to every task, write the ablation table (resumable)."""
     from pipeline.ablate import AblationConfig, run_ablation
 
     run_ablation(_load_config(AblationConfig, config, overrides))
 
 
-@app.command()
+@app.command(epilog=_example("clasp demo --out runs/demo", "clasp config demo"))
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Where the demo writes everything."),
+    out: Path = typer.Option(
+        Path("runs/demo"), "--out", "-o", help="Where the demo writes everything.", show_default=True
+    ),
     config: Path = CONFIG_OPT,
-    overrides: list[str] = OVERRIDES_ARG,
+    overrides: list[str] = _overrides("seeds=[0]"),
 ) -> None:
     """The whole pipeline on the built-in synthetic world (offline, CPU, minutes): configs/demo.yaml."""
     from pipeline.ablate import DEMO_CONFIG, AblationConfig, run_ablation
@@ -278,14 +468,29 @@ def _load_config(cls: type, config: Path | None, overrides: list[str] | None) ->
     return load_config(cls, config_path(config) if config else None, list(overrides or []))
 
 
+class Interrupted(BaseException):
+    """Ctrl-C in the main process; not a KeyboardInterrupt, which click would turn into "Aborted!"."""
+
+
+def _on_sigint(signum: int, frame: object, *, main_pid: int) -> None:
+    # forked workers (DataLoader) inherit this handler: they ignore Ctrl-C and the main process stops them
+    if os.getpid() == main_pid:
+        raise Interrupted()
+
+
 def main() -> None:
     from pipeline.errors import ClaspError
 
+    signal.signal(signal.SIGINT, functools.partial(_on_sigint, main_pid=os.getpid()))
     try:
         app()
     except ClaspError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except (Interrupted, KeyboardInterrupt):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the message
+        typer.secho(INTERRUPTED, err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -3,18 +3,26 @@
 Every stage describes its settings as a (possibly nested) dataclass. ``load_config`` builds one
 from the defaults, then a YAML experiment file, then command-line overrides such as
 ``optim.lr=1e-4 model.moe.num_experts=8``. Unknown keys and wrongly typed values are errors that
-name the key (and the closest valid one), never silently ignored. ``save_config`` writes the
-resolved config next to a stage's outputs so every result records what made it.
+name the key (and the closest valid one), never silently ignored. Values are checked too, before any
+work starts: a field declares its range next to its default (``batch_size: Annotated[int, POSITIVE] = 64``)
+and a dataclass may add checks across its fields in ``config_errors(prefix)``. ``save_config`` writes
+the resolved config next to a stage's outputs so every result records what made it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 
@@ -25,6 +33,46 @@ T = TypeVar("T")
 
 class ConfigError(ClaspError, ValueError):
     """A user mistake in a config file or override; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A range a setting must lie in, declared in its annotation: ``Annotated[int, POSITIVE]``.
+    Applied to every element of a list/tuple value; ``None`` (where the type allows it) always passes."""
+
+    ok: Callable[[Any], bool]
+    need: str  # completes "must be ...", e.g. "> 0"
+
+
+POSITIVE = Check(lambda v: v > 0, "> 0")
+NON_NEGATIVE = Check(lambda v: v >= 0, ">= 0")
+AT_LEAST_ONE = Check(lambda v: v >= 1, ">= 1")
+PROBABILITY = Check(lambda v: 0 <= v <= 1, "between 0 and 1")
+
+
+def at_least(low: float) -> Check:
+    return Check(lambda v: v >= low, f">= {low:g}")
+
+
+def check_config(cfg: Any, prefix: str = "") -> None:
+    """Raise ConfigError for the first setting of ``cfg`` (nested dataclasses included) outside its range."""
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_config(value, prefix=f"{prefix}{f.name}.")
+            continue
+        checks = [c for c in typing.get_args(hints[f.name])[1:] if isinstance(c, Check)]
+        if typing.get_origin(hints[f.name]) is not Annotated or value is None:
+            continue
+        items = value if isinstance(value, list | tuple) else [value]
+        for check in checks:
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) and check.ok(v) for v in items):
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(f"{prefix}{f.name}={shown} is out of range: it must be {check.need}")
+    errors = cfg.config_errors(prefix) if hasattr(cfg, "config_errors") else []
+    if errors:
+        raise ConfigError(errors[0])
 
 
 def _closest(key: str, options: list[str]) -> str:
@@ -40,6 +88,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check/convert ``value`` to annotation ``tp``; raise ConfigError naming ``where``."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Annotated:  # the range is checked on the finished config (check_config)
+        return _coerce(value, args[0], where)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
@@ -125,7 +175,9 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Validated dict -> dataclass (the step ``load_config`` ends with), for configs stored inside files."""
-    return _from_dict(cls, data, prefix)
+    cfg = _from_dict(cls, data, prefix)
+    check_config(cfg, prefix)
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -201,7 +253,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"override '{item}' must look like key=value (e.g. optim.lr=1e-4)")
         key, raw = item.split("=", 1)
         _set_dotted(tree, cls, key.strip(), raw.strip())
-    return _from_dict(cls, tree)
+    cfg = _from_dict(cls, tree)
+    check_config(cfg)
+    return cfg
 
 
 def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
@@ -220,3 +274,90 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(path)
     return path
+
+
+# --- `clasp config CMD`: every setting with its default and help ------------------------------------
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """One line of help per field of dataclass ``cls``: the comment on its line, else the comment lines
+    right above it (the source is the documentation, so help cannot drift from the code)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments: dict[int, str] = {}
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            code_lines.add(tok.start[0])
+    names = {f.name for f in dataclasses.fields(cls)}
+    helps: dict[str, str] = {}
+    for number, line in enumerate(source.splitlines(), start=1):
+        head = line[:4] == "    " and line[4:5].isidentifier() and line[4:].split(":", 1)
+        if not head or len(head) != 2 or head[0] not in names:
+            continue
+        text = comments.get(number)
+        if text is None:  # full-line comments directly above
+            above, k = [], number - 1
+            while k in comments and k not in code_lines:
+                above.insert(0, comments[k])
+                k -= 1
+            text = " ".join(above)
+        helps[head[0]] = text
+    return helps
+
+
+def _kind(tp: Any) -> str:
+    """Short type/range text: "int, > 0", "one of no | bf16 | fp16", "path or null"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        checks = [c.need for c in args[1:] if isinstance(c, Check)]
+        return ", ".join([_kind(args[0]), *checks])
+    if origin is typing.Literal:
+        return "one of " + " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        rest = [_kind(a) for a in args if a is not type(None)]
+        return " or ".join(rest) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple):
+        return "list"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
+def describe_config(cls: type, *, title: str, values: Any = None) -> str:
+    """Every setting of ``cls`` as commented YAML: its defaults (or those of ``values``, a resolved config),
+    each with its help and type; loadable as is."""
+    lines = [
+        f"# {title}: every setting with its default. Save as a file, keep the lines you change,",
+        "# and pass it with --config FILE (or give single settings as key=value after the command).",
+    ]
+
+    def walk(node_cls: type, defaults: dict[str, Any], indent: str) -> None:
+        hints = typing.get_type_hints(node_cls, include_extras=True)
+        helps = field_help(node_cls)
+        for f in dataclasses.fields(node_cls):
+            if not f.init:
+                continue
+            tp, value = hints[f.name], defaults[f.name]
+            bare = typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+            if _is_dataclass_type(bare):
+                doc = helps.get(f.name) or (inspect.getdoc(bare) or "").split("\n")[0]
+                lines.append(f"{indent}{f.name}:" + (f"  # {doc}" if doc else ""))
+                walk(bare, value, indent + "  ")
+                continue
+            text = helps.get(f.name, "")
+            lines.append(
+                f"{indent}{f.name}: {_yaml_value(value)}  # " + (f"{text} " if text else "") + f"({_kind(tp)})"
+            )
+
+    walk(cls, to_dict(values if values is not None else cls()), "")
+    return "\n".join(lines) + "\n"

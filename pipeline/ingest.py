@@ -46,11 +46,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import save_config, to_dict
+from pipeline.config import NON_NEGATIVE, POSITIVE, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import (
     MANIFEST_COLUMNS,
@@ -100,9 +101,9 @@ class IngestConfig:
     format: str = "folder"  # folder | lmdb | list
     corpus: str = ""  # output name: ROOT/<corpus>/images/<corpus>-NNNNNN.tar
     root: str = "data"
-    images_per_shard: int = 10000  # candidates per shard before rejects; DESIGN targets 5k-20k
+    images_per_shard: Annotated[int, POSITIVE] = 10000  # candidates per shard before rejects; DESIGN targets 5k-20k
     seed: int = 0  # of the one global shuffle of the image order
-    workers: int = 0  # processes; 0 = all cores available to this process
+    workers: Annotated[int, NON_NEGATIVE] = 0  # processes; 0 = all cores available to this process
     quiet: bool = False  # no progress bar or summary
     overwrite: bool = False  # replace a previous ingest of this corpus made with other settings/source
     full_decode: bool = False  # also decode every image with PIL (slow; catches corrupt entropy data)

@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import time
 from contextlib import nullcontext
@@ -118,6 +119,21 @@ def resolve_resume(cfg: PretrainConfig) -> Path | None:
     if not path.is_file():
         raise ClaspError(f"resume={cfg.resume}: no such checkpoint file (use latest, none, or a step-*.pt path)")
     return path
+
+
+def _model_changes(state: dict[str, Any], cfg: PretrainConfig) -> str:
+    """The model settings that differ between a checkpoint's config and ``cfg``: "model.arch vit_micro -> vit_tiny"."""
+    old, new = _flat(state.get("config", {}).get("model", {}), "model."), _flat(to_dict(cfg.model), "model.")
+    return ", ".join(
+        f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+    )
+
+
+def _flat(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def save_checkpoint(path: Path, state: dict[str, Any], keep_last: int) -> None:
@@ -361,8 +377,12 @@ def train(cfg: PretrainConfig) -> RunSummary:
     if resumed is not None:
         try:
             model.load_state_dict(resumed["model"], strict=True)
-        except RuntimeError as exc:
-            raise ClaspError(f"{resume_from} does not match model settings of this config: {exc}") from None
+        except RuntimeError as exc:  # torch lists every mismatched tensor (100+ lines); name the settings instead
+            changes = _model_changes(resumed, cfg) or str(exc).splitlines()[0][:80]
+            raise ClaspError(
+                f"{resume_from} holds another model than this config ({changes}): rerun with a new out=FOLDER, "
+                "or resume=none to start over in this one"
+            ) from None
         optimizer.load_state_dict(resumed["optimizer"])
     model, optimizer = accelerator.prepare(model, optimizer)
     if resumed is not None and resumed.get("scaler") is not None and accelerator.scaler is not None:
@@ -521,7 +541,15 @@ def export_run(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if not checkpoint.is_file():
         raise ClaspError(f"checkpoint {checkpoint} does not exist")
     # mmap: the card facts are tiny, the tensors need not be read here
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise ClaspError(
+            f"{checkpoint} is not a pre-training checkpoint (torch.load: {type(exc).__name__}): give a run folder "
+            f"or one of its {CHECKPOINT_DIR}/step-*.pt files"
+        ) from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        raise ClaspError(f"{checkpoint} is not a pre-training checkpoint (no model/config): give a run folder")
     data = state.get("data") or {}
     card = {
         "corpus": data.get("corpus", "unknown"),

@@ -9,26 +9,29 @@ results record it wrote to ``out_dir/results.json``.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import importlib
 import json
+import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import save_config, to_dict
+from pipeline.config import NON_NEGATIVE, POSITIVE, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_path, write_json_atomic
+from pipeline.progress import progress  # noqa: F401 - the tasks' progress display
 from pipeline.safe_load import load_plain_state
 from transfer.backbone import FeatureBackbone, layer_lr_scales
+
+log = logging.getLogger(__name__)
 
 TASKS: dict[str, str] = {
     "reid": "transfer.reid.train",
@@ -57,13 +60,13 @@ def task_entry(name: str) -> tuple[type, Callable[[Any], dict[str, Any]]]:
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "adamw", "adam"] = "sgd"
-    lr: float = 0.008
-    weight_decay: float = 1e-4
+    lr: Annotated[float, POSITIVE] = 0.008
+    weight_decay: Annotated[float, NON_NEGATIVE] = 1e-4
     momentum: float = 0.9
-    warmup_epochs: float = 5.0
+    warmup_epochs: Annotated[float, NON_NEGATIVE] = 5.0
     warmup_lr_factor: float = 0.01  # warmup starts at lr * factor
     min_lr_factor: float = 0.002  # cosine ends at lr * factor (TransReID's defaults)
-    grad_clip: float = 0.0  # max grad norm; 0 = off
+    grad_clip: Annotated[float, NON_NEGATIVE] = 0.0  # max grad norm; 0 = off
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, *, steps_per_epoch: int, epochs: int) -> tuple[Any, Any]:
@@ -83,6 +86,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, steps_per_epoch: int,
     )
     total = max(1, steps_per_epoch * epochs)
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    if cfg.warmup_epochs > epochs:  # kept for short smoke runs, but not silently: the peak lr comes at the end
+        log.warning(
+            "optim.warmup_epochs=%g is longer than the run (%d epochs): the warm-up is cut to %d of %d steps",
+            cfg.warmup_epochs, epochs, warmup, total,
+        )  # fmt: skip
     schedule = CosineLRScheduler(
         optimizer,
         t_initial=max(1, total - warmup),
@@ -397,6 +405,7 @@ def write_results(
     results.json marks the run complete, so the resume checkpoint is deleted after it.
     """
     record = {**record, "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    record["headline"] = dict(table)  # what `clasp transfer` prints when it ends
     record["config"] = json.loads(json.dumps(to_dict(cfg)))
     save_config(cfg, out_dir / "config.yaml")
     lines = [f"# {title}", ""]
@@ -420,37 +429,3 @@ def _md_value(value: Any) -> str:
 
 def pct(value: float) -> str:
     return f"{100.0 * value:.2f}"
-
-
-# --- progress --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def progress(total: int, description: str, *, quiet: bool, unit: str = "img") -> Iterator[Callable[..., None]]:
-    """Yield ``advance(n, **fields)``; a rich bar with throughput and ETA unless ``quiet``."""
-    if quiet:
-        yield lambda n=1, **fields: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class SpeedColumn(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            return Text(f"{task.speed:.1f} {unit}/s" if task.speed else f"- {unit}/s")
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        SpeedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-    )
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=total, status="")
-
-        def advance(n: int = 1, **fields: Any) -> None:
-            status = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-            bar.update(task, advance=n, status=status)
-
-        yield advance

@@ -37,11 +37,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from PIL import Image
 
-from pipeline.config import ConfigError, save_config
+from pipeline.config import POSITIVE, ConfigError, at_least, save_config
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_path, write_json_atomic
 from pipeline.synth.layouts import GtWriter, LmdbWriter, write_pa100k_mat
@@ -60,10 +61,10 @@ DENSE_SETS = ("coco", "citypersons", "cuhk_sysu", "prw", "lip")
 class SynthConfig:
     """Size and shape of the synthetic world. Defaults: 4,820 images (seed 0), under a minute on one core."""
 
-    identities: int = 200  # people in the LUPerson-like corpus
+    identities: Annotated[int, at_least(2)] = 200  # people in the LUPerson-like corpus
     seed: int = 0
     preview: bool = False  # also write preview.png
-    workers: int = 1  # rendering processes (output bytes do not depend on it)
+    workers: Annotated[int, POSITIVE] = 1  # rendering processes (output bytes do not depend on it)
     quiet: bool = False  # no progress bar
     overwrite: bool = False  # replace a previous world in --out (only the files synth writes)
     # LUPerson-like corpus

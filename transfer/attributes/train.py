@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 from pipeline.errors import ClaspError
 from transfer.attributes import metrics as attr_metrics
 from transfer.attributes.datasets import AttrData, load_attr_dataset
@@ -44,9 +45,9 @@ from transfer.common import (
 
 @dataclass
 class AttrDataConfig:
-    img_size: tuple[int, int] = (256, 192)  # (height, width), Rethinking_of_PAR; SOLIDER used 256x128
-    batch_size: int = 64
-    global_batch: int = 0  # >0: images per step over all processes (batch_size per process is then derived)
+    img_size: Annotated[tuple[int, int], POSITIVE] = (256, 192)  # (height, width), Rethinking_of_PAR; SOLIDER: 256x128
+    batch_size: Annotated[int, POSITIVE] = 64
+    global_batch: Annotated[int, NON_NEGATIVE] = 0  # >0: images per step over all processes (per-process derived)
     workers: int = 8
     flip_prob: float = 0.5
     padding_px: int = 10
@@ -70,7 +71,7 @@ class AttrConfig:
     )
     weighted_loss: bool = True
     threshold: float = 0.5
-    epochs: int = 30
+    epochs: Annotated[int, AT_LEAST_ONE] = 30
     max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
     seed: int = 0
     device: str = "auto"

@@ -21,11 +21,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
 
+from pipeline.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 from pipeline.errors import ClaspError
 from pipeline.formats import write_json_atomic
 from transfer.backbone import BackboneConfig, part_prompt_backbone
@@ -59,8 +60,8 @@ class DetDataConfig:
     train_sizes: tuple[int, ...] = (1024,)  # shorter side(s) in training; several = multi-scale training
     test_size: int = 1024  # shorter side at test time (1024 = CityPersons' original 2048x1024)
     max_size: int = 2048
-    batch_size: int = 2
-    global_batch: int = 0  # >0: images per step over all processes (batch_size per process is then derived)
+    batch_size: Annotated[int, POSITIVE] = 2
+    global_batch: Annotated[int, NON_NEGATIVE] = 0  # >0: images per step over all processes (per-process derived)
     workers: int = 4
     flip_prob: float = 0.5
     min_height_px: float = 50.0  # training positives (Pedestron / CSP "h50"); the rest are ignore regions
@@ -92,7 +93,7 @@ class DetConfig:
             name="adamw", lr=1e-4, weight_decay=0.1, warmup_epochs=1.0, min_lr_factor=0.01, grad_clip=1.0
         )
     )
-    epochs: int = 12
+    epochs: Annotated[int, AT_LEAST_ONE] = 12
     # Mean teacher (SOLIDER/Pedestron's CSP: alpha 0.999): an exponential moving average of the weights,
     # updated after every step; the average is what is evaluated and saved. 0 = off (the final weights).
     ema_decay: float = 0.0

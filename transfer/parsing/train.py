@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import AT_LEAST_ONE
 from pipeline.errors import ClaspError
 from transfer.backbone import BackboneConfig, build_backbone, part_prompt_backbone
 from transfer.common import (
@@ -96,7 +97,7 @@ class ParsingConfig:
         default_factory=lambda: OptimConfig(name="adamw", lr=2e-4, weight_decay=0.05, warmup_epochs=2.0)
     )
     eval: ParsingEvalConfig = field(default_factory=ParsingEvalConfig)
-    epochs: int = 50
+    epochs: Annotated[int, AT_LEAST_ONE] = 50
     max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
     seed: int = 0
     device: str = "auto"

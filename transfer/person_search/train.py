@@ -25,11 +25,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 
+from pipeline.config import AT_LEAST_ONE
 from pipeline.errors import ClaspError
 from transfer.backbone import BackboneConfig, build_backbone
 from transfer.common import (
@@ -57,7 +58,7 @@ class DetectorConfig:
     min_size: int = 900  # torchvision resize: shorter side (SeqNet's 900 x 1500)
     max_size: int = 1500
     batch_size: int = 4
-    epochs: int = 20
+    epochs: Annotated[int, AT_LEAST_ONE] = 20
     max_steps_per_epoch: int = 0  # 0 = full epochs
     flip_prob: float = 0.5
     prompt: str = "learned"  # MoE prompt of the detector's backbone copy (overrides backbone.prompt)
@@ -89,7 +90,7 @@ class EmbedConfig:
     data: CropConfig = field(default_factory=CropConfig)
     loss: ReidLossConfig = field(default_factory=ReidLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    epochs: int = 60
+    epochs: Annotated[int, AT_LEAST_ONE] = 60
     max_steps_per_epoch: int = 0
 
 

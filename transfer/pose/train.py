@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config import AT_LEAST_ONE, POSITIVE
 from pipeline.errors import ClaspError
 from pipeline.formats import write_json_atomic
 from transfer.backbone import BackboneConfig, build_backbone, part_prompt_backbone
@@ -59,7 +60,7 @@ from transfer.pose.model import PoseModel
 
 @dataclass
 class PoseDataConfig:
-    img_size: tuple[int, int] = (256, 192)  # (height, width) of the crop
+    img_size: Annotated[tuple[int, int], POSITIVE] = (256, 192)  # (height, width) of the crop
     sigma: float = 2.0  # Gaussian target, heatmap pixels
     padding: float = 1.25
     batch_size: int = 64
@@ -103,7 +104,7 @@ class PoseConfig:
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(name="adamw", lr=5e-4, weight_decay=0.1, warmup_epochs=1.0)
     )
-    epochs: int = 210
+    epochs: Annotated[int, AT_LEAST_ONE] = 210
     max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
     seed: int = 0
     device: str = "auto"

@@ -21,11 +21,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 
+from pipeline.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 from pipeline.errors import ClaspError
 from transfer.backbone import BackboneConfig, FeatureBackbone, build_backbone
 from transfer.common import (
@@ -52,10 +53,10 @@ from transfer.reid.sampler import PKBatchSampler
 
 @dataclass
 class ReidDataConfig:
-    img_size: tuple[int, int] = (256, 128)  # (height, width); 384x128 is the other common setting
-    p_identities: int = 16
-    k_instances: int = 4
-    global_batch: int = 0  # >0: P x K images over all processes; P per process = global_batch / (K x processes)
+    img_size: Annotated[tuple[int, int], POSITIVE] = (256, 128)  # (height, width); 384x128 is the other common setting
+    p_identities: Annotated[int, POSITIVE] = 16
+    k_instances: Annotated[int, POSITIVE] = 4
+    global_batch: Annotated[int, NON_NEGATIVE] = 0  # >0: P x K images over all processes; P per process derived
     workers: int = 8
     flip_prob: float = 0.5
     padding_px: int = 10
@@ -80,7 +81,7 @@ class ReidEvalConfig:
     k2: int = 6
     lambda_value: float = 0.3
     max_rank: int = 50
-    batch_size: int = 128
+    batch_size: Annotated[int, POSITIVE] = 128
 
 
 @dataclass
@@ -95,7 +96,7 @@ class ReidConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: ReidLossConfig = field(default_factory=ReidLossConfig)
     eval: ReidEvalConfig = field(default_factory=ReidEvalConfig)
-    epochs: int = 120
+    epochs: Annotated[int, AT_LEAST_ONE] = 120
     max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
     seed: int = 0
     device: str = "auto"

@@ -1,0 +1,31 @@
+"""The one progress display of every stage: a tqdm bar with count, rate and ETA, silent when quiet.
+
+Stages call ``progress(total, description, quiet=..., unit=...)`` and get ``advance(n, **fields)``;
+fields (loss=0.41, step="gt metrics") show after the rate. tqdm writes to stderr, so a stage's
+stdout stays its results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def progress(total: int, description: str, *, quiet: bool, unit: str = "img") -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, **fields)``: one bar of ``total`` units with throughput and ETA unless ``quiet``."""
+    if quiet:
+        yield lambda n=1, **fields: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, smoothing=0.1) as bar:
+
+        def advance(n: int = 1, **fields: Any) -> None:
+            if fields:
+                text = {k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in fields.items()}
+                bar.set_postfix(text, refresh=False)
+            bar.update(n)
+
+        yield advance
