@@ -44,6 +44,7 @@ class Variant:
     # a fixed backbone spec instead of pre-training (e.g. pixels:16x8, the raw-pixel floor); only the tasks
     # that can read it run (`frozen` for pixels:HxW)
     backbone: str | None = None
+    seeds: list[int] | None = None  # this variant's seeds instead of the run's (e.g. more seeds for the controls)
 
 
 @dataclass
@@ -257,7 +258,7 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     for variant in cfg.variants:
-        for seed in cfg.seeds:
+        for seed in cfg.seeds if variant.seeds is None else variant.seeds:
             if variant.backbone:
                 backbone = variant.backbone
             elif variant.pretrain:
@@ -360,7 +361,8 @@ def _markdown(
         gt = any(v.name == entry["variant"] and v.labels == "gt" for v in cfg.variants)
         lines.append(f"| {entry['variant']}{' †' if gt else ''} | " + " | ".join(cells) + " |")
     protocol = (
-        f"Values in %, mean over seeds {cfg.seeds} (± = std). re-ID: Market-1501 protocol (same-id same-camera "
+        f"Values in %, mean over seeds {cfg.seeds} unless a variant names its own (± = std over its seeds). "
+        "re-ID: Market-1501 protocol (same-id same-camera "
         "gallery entries removed), no re-ranking. Attributes: label-based mA (Rethinking_of_PAR definition). "
         "`frozen` columns: no training at all (retrieval on pooled features; closed-form class-balanced ridge for "
         f"attributes, transfer/frozen.py); the others: linear probe as configured. Label set {labelset}."
