@@ -56,3 +56,11 @@ def test_bad_specs_and_datasets_are_named(tmp_path: Path) -> None:
         pixel_size("pixels:16")
     with pytest.raises(ClaspError, match="unknown dataset 'coco'"):
         _run(tmp_path, "coco", "pixels:4x2", tmp_path / "o")
+
+
+def test_feature_backbone_reports_the_token_stride_of_a_conv_stem() -> None:
+    # dense heads size their maps from it: the conv stem's 4 px and the projection's 4 px make 16
+    from transfer.backbone import BackboneConfig, build_backbone
+
+    for spec in ("random:vit_micro_conv", "random:vit_micro"):
+        assert build_backbone(BackboneConfig(spec=spec), (128, 64)).patch_size == 16

@@ -126,7 +126,8 @@ class FeatureBackbone(nn.Module):
         """Stride of the token grid in pixels (16 for ViT-*/16)."""
         embed = getattr(self.model, "patch_embed", None)
         if hasattr(embed, "feat_ratio"):  # timm PatchEmbed / HybridEmbed: a conv stem's stride included
-            return int(embed.feat_ratio()[0])
+            ratio = embed.feat_ratio()  # an int (as_scalar) or (h, w)
+            return int(ratio if isinstance(ratio, int) else ratio[0])
         size = getattr(embed, "patch_size", (16, 16))
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
