@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The synthetic ablation table on one GPU: a 50k-image world (all CPU cores), CLIP trained on its captions,
-# labels, audits, then ViT-S (conv stem) at 256x128 in bf16 pre-trained per variant and read out frozen
+# labels, audits, then ViT-S (conv stem) at 256x128 in bf16 pre-trained per variant (the CPU ablation's regime:
+# attribute weight 10, no colour jitter, crops of 80-100%; configs/ablation_synthetic.yaml) and read out frozen
 # (retrieval mAP on the Market-1501 layout, closed-form ridge mA on the PA-100K layout). Sized for < 9 min
 # on one H200; prints the table (results.md) and, last line, one JSON object with the table.
 #
@@ -47,6 +48,7 @@ pretrain_config: configs/pretrain/vit_s_luperson.yaml
 pretrain_overrides: [model.arch=$ARCH, "model.img_size=$IMG", data.batch_size=$BATCH, data.workers=$WORKERS,
   data.steps_per_epoch=20, optim.epochs=$EPOCHS, optim.warmup_epochs=1, optim.lr=1.0e-3, optim.scale_lr_with_batch=false,
   data.num_local_crops=2, model.loss.dino_out_dim=$DINO_DIM, model.loss.freeze_last_layer_steps=0,
+  model.loss.attribute_weight=10, data.photometric=false, "data.global_scale=[0.8,1.0]",
   mixed_precision=$PRECISION, checkpoint_every=100000, tensorboard=false, data.shuffle_buffer=512]
 variants:
   - {name: raw_pixels, pretrain: false, backbone: "pixels:16x8"}
