@@ -10,6 +10,12 @@ The set mirrors a completed CLIP label set of the same ingest (same shards, keys
 grid, vocabularies and schema), so pre-training reads it unchanged. Per cell of the label grid: the part
 class covering most of the cell's pixels (background included), its pixel share as confidence; attributes
 are the 0/1 ground truth.
+
+Degraded copies make the ablation's dose-response (label quality on the x axis, measured afterwards by
+``clasp audit --gt``): ``attr_flip`` flips each 0/1 attribute value with that probability; ``part_noise``
+shifts each image's part mask by up to ``part_noise`` x 20% of its height (and half that sideways; boundary
+jitter) and relabels each of its foreground classes with that probability as another foreground class
+(class swaps). Noise is drawn per image from (``noise_seed``, key), so a set is the same on every run.
 """
 
 from __future__ import annotations
@@ -56,8 +62,40 @@ def _summaries(part_map: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.n
     return area, row
 
 
-def write_gt_labelset(root: str | Path, corpus: str, source: str, gt_path: str | Path) -> str:
-    """Write the ground-truth twin of CLIP label set ``source``; returns its id (``gt-<hash>``), reused if complete."""
+def degrade_mask(mask: np.ndarray, level: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """A part mask with its boundaries shifted and classes swapped at noise ``level`` (0 = unchanged)."""
+    if level <= 0:
+        return mask
+    h, w = mask.shape
+    jy, jx = int(round(level * 0.2 * h)), int(round(level * 0.1 * w))
+    dy, dx = int(rng.integers(-jy, jy + 1)), int(rng.integers(-jx, jx + 1))
+    shifted = np.zeros_like(mask)  # what moves in from outside the crop is background
+    shifted[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = mask[
+        max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    lut = np.arange(256, dtype=mask.dtype)
+    for c in range(1, num_classes):
+        if rng.random() < level:
+            lut[c] = rng.choice([k for k in range(1, num_classes) if k != c])
+    return lut[shifted]
+
+
+def write_gt_labelset(
+    root: str | Path,
+    corpus: str,
+    source: str,
+    gt_path: str | Path,
+    *,
+    attr_flip: float = 0.0,
+    part_noise: float = 0.0,
+    noise_seed: int = 0,
+) -> str:
+    """Write the ground-truth twin of CLIP label set ``source``, degraded by ``attr_flip`` / ``part_noise`` (module
+    docstring); returns its id (``gt-<hash>``), reused if complete."""
+    if not (0 <= attr_flip <= 1 and 0 <= part_noise <= 1):
+        raise ClaspError(
+            f"ground-truth label noise must lie in [0, 1] (attr_flip {attr_flip}, part_noise {part_noise})"
+        )
     src_dir = labels_dir(root, corpus, source)
     header_path = src_dir / LABELSET_FILE
     if not header_path.is_file():
@@ -66,7 +104,11 @@ def write_gt_labelset(root: str | Path, corpus: str, source: str, gt_path: str |
     gt_path = Path(gt_path)
     if not gt_path.is_file():
         raise ClaspError(f"{gt_path} not found: ground-truth labels need the synthetic world's gt.parquet")
-    gt_id = hashlib.sha1(f"{source}:{gt_path.stat().st_size}:{gt_path.stat().st_mtime_ns}".encode()).hexdigest()[:8]
+    identity = f"{source}:{gt_path.stat().st_size}:{gt_path.stat().st_mtime_ns}"
+    noisy = attr_flip > 0 or part_noise > 0
+    if noisy:
+        identity += f":flip={attr_flip}:parts={part_noise}:seed={noise_seed}"
+    gt_id = hashlib.sha1(identity.encode()).hexdigest()[:8]
     set_id = f"gt-{gt_id}"
     out_dir = labels_dir(root, corpus, set_id)
     if (out_dir / LABELSET_FILE).is_file():
@@ -92,6 +134,10 @@ def write_gt_labelset(root: str | Path, corpus: str, source: str, gt_path: str |
         area, row = np.zeros((n, k - 1)), np.zeros((n, k - 1))
         for i, key in enumerate(keys):
             mask = np.asarray(Image.open(io.BytesIO(gt["part_mask"][by_key[key]])))
+            if noisy:
+                rng = np.random.default_rng([noise_seed, int(hashlib.sha1(key.encode()).hexdigest()[:8], 16)])
+                attr[i] = np.where(rng.random(attr.shape[1]) < attr_flip, 1 - attr[i], attr[i])
+                mask = degrade_mask(mask, part_noise, k, rng)
             maps[i], confs[i] = cell_parts(mask, grid, k)
             area[i], row[i] = _summaries(maps[i], k)
         cols = {
@@ -117,6 +163,7 @@ def write_gt_labelset(root: str | Path, corpus: str, source: str, gt_path: str |
         "source_labelset": source,
         "gt": str(gt_path),
         "model": {"arch": "ground truth", "weights": None, "random": False},
+        "noise": {"attr_flip": attr_flip, "part_noise": part_noise, "seed": noise_seed},
     }
     finalize_labelset(out_dir, paths, new_header)
     return set_id

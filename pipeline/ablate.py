@@ -39,6 +39,14 @@ class Variant:
     # clip: the CLIP label set; gt: the synthetic world's ground truth in the same format (labeling.oracle),
     # the upper bound that tells label quality apart from the method
     labels: Literal["clip", "gt"] = "clip"
+    # gt labels degraded on purpose (labeling.oracle): attribute flip rate and part-map noise level, for the
+    # dose-response; each such set is audited against the truth so its quality is measured, not assumed
+    attr_flip: float = 0.0
+    part_noise: float = 0.0
+    # a fixed backbone spec instead of pre-training (e.g. pixels:16x8, the raw-pixel floor); only the tasks
+    # that can read it run (`frozen` for pixels:HxW)
+    backbone: str | None = None
+    seeds: list[int] | None = None  # this variant's seeds instead of the run's (e.g. more seeds for the controls)
 
 
 @dataclass
@@ -163,6 +171,23 @@ def _audit(cfg: AblationConfig, out: Path, root: Path, world: Path | None, label
     return report
 
 
+def _label_quality(out: Path, root: Path, corpus: str, labelset: str, world: Path) -> dict[str, float]:
+    """Attribute mA and part mIoU of a label set against the world's truth (`clasp audit --gt`), cached per set."""
+    from labeling.audit import AuditConfig, run_audit
+
+    audit_dir = out / "audit" if labelset_is_clip(labelset) else out / "audit-gt" / labelset
+    summary = audit_dir / "summary.json"
+    if not summary.is_file() or json.loads(summary.read_text()).get("labelset") != labelset:
+        run_audit(AuditConfig(root=str(root), corpus=corpus, labelset=labelset, gt=str(world / "gt.parquet"),
+                              out=str(audit_dir), mosaics=False, quiet=True))  # fmt: skip
+    metrics = json.loads(summary.read_text())["metrics"]
+    return {"attribute_mA": float(metrics["attribute_mA"]), "part_mIoU": float(metrics["part_mIoU"])}
+
+
+def labelset_is_clip(labelset: str) -> bool:
+    return not labelset.startswith("gt-")
+
+
 def _pretrain(cfg: AblationConfig, variant: Variant, seed: int, root: Path, labelset: str, out: Path) -> Path:
     """Pre-train + export one variant; returns the export folder (reused when its config is unchanged)."""
     from pretrain.config import PretrainConfig
@@ -211,25 +236,43 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
     report = _audit(cfg, out, root, world, labelset, log) if cfg.audit else None
 
     gt_labelset = None
-    if any(v.pretrain and v.labels == "gt" for v in cfg.variants):
+    variant_labels: dict[str, str] = {}  # variant name -> the label set it pre-trains on
+    for variant in cfg.variants:
+        if not variant.pretrain or variant.backbone:
+            continue
+        if variant.labels == "clip":
+            variant_labels[variant.name] = labelset
+            continue
         if world is None:
             raise ClaspError("ablation: variants with `labels: gt` need the synthetic world (leave `root` unset)")
         from labeling.oracle import write_gt_labelset
 
-        gt_labelset = write_gt_labelset(root, cfg.corpus, labelset, world / "gt.parquet")
-        log(f"label: ground-truth label set {gt_labelset} (upper bound, not CLIP labels)")
+        set_id = write_gt_labelset(root, cfg.corpus, labelset, world / "gt.parquet", attr_flip=variant.attr_flip,
+                                   part_noise=variant.part_noise)  # fmt: skip
+        variant_labels[variant.name] = set_id
+        if variant.attr_flip == 0 and variant.part_noise == 0:
+            gt_labelset = set_id
+        log(f"label: ground-truth label set {set_id} for {variant.name} (not CLIP labels)")
+    label_quality: dict[str, dict[str, float]] = {}
+    if world is not None and cfg.audit:
+        for name, set_id in variant_labels.items():
+            label_quality[name] = _label_quality(out, root, cfg.corpus, set_id, world)
+            log(f"audit: labels of {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in label_quality[name].items()))
 
     rows: list[dict[str, Any]] = []
     for variant in cfg.variants:
-        for seed in cfg.seeds:
-            if variant.pretrain:
-                variant_labels = gt_labelset if variant.labels == "gt" else labelset
-                backbone = str(_pretrain(cfg, variant, seed, root, variant_labels, out))
+        for seed in cfg.seeds if variant.seeds is None else variant.seeds:
+            if variant.backbone:
+                backbone = variant.backbone
+            elif variant.pretrain:
+                backbone = str(_pretrain(cfg, variant, seed, root, variant_labels[variant.name], out))
                 log(f"pretrain: {variant.name} seed {seed} -> {backbone}")
             else:
                 arch = load_config(_pretrain_cls(), repo_path(cfg.pretrain_config), cfg.pretrain_overrides).model.arch
                 backbone = f"random:{arch}"
             for run in cfg.transfers:
+                if backbone.startswith("pixels:") and run.task != "frozen":
+                    continue  # raw pixels have no weights to fine-tune or probe: frozen read-outs only
                 result = _transfer(cfg, run, backbone, seed, world, out)
                 value = _metric(result, run.metric)
                 rows.append(
@@ -250,13 +293,14 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
         "labelset": labelset,
         "gt_labelset": gt_labelset,
         "audit_report": str(report) if report else None,
+        "label_quality": label_quality,  # per variant: its labels against the truth (clasp audit --gt)
         "rows": rows,
         "table": table,
     }
     write_json_atomic(out / "results.json", results)
-    md = _markdown(table, cfg, labelset)
+    md = _markdown(table, cfg, labelset, label_quality)
     (out / "results.md").write_text(md)
-    _plot(table, cfg, out / "results.png")
+    _plot(table, cfg, out / "results.png", label_quality)
     print(md)
     if report:
         print(f"audit report: {report}")
@@ -277,6 +321,11 @@ def _metric(result: dict[str, Any], name: str) -> float:
     raise ClaspError(f"transfer results have no metric '{name}' (keys: {', '.join(result)})")
 
 
+def column(run: TransferRun) -> str:
+    """Table column of a transfer run: ``market1501 mAP`` (trained read-out) or ``market1501 mAP frozen``."""
+    return f"{run.dataset} {run.metric}" + (" frozen" if run.task == "frozen" else "")
+
+
 def _summarise(rows: list[dict[str, Any]], cfg: AblationConfig) -> list[dict[str, Any]]:
     import numpy as np
 
@@ -289,53 +338,85 @@ def _summarise(rows: list[dict[str, Any]], cfg: AblationConfig) -> list[dict[str
                 for r in rows
                 if r["variant"] == variant.name and r["task"] == run.task and r["dataset"] == run.dataset
             ]
-            col = f"{run.dataset} {run.metric}"
-            entry[col] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
+            if vals:  # a raw-pixel variant has no trained read-out
+                entry[column(run)] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}
         table.append(entry)
     return table
 
 
-def _markdown(table: list[dict[str, Any]], cfg: AblationConfig, labelset: str) -> str:
-    cols = [f"{run.dataset} {run.metric}" for run in cfg.transfers]
-    lines = ["| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+def _markdown(
+    table: list[dict[str, Any]], cfg: AblationConfig, labelset: str, label_quality: dict[str, dict[str, float]]
+) -> str:
+    cols = [column(run) for run in cfg.transfers]
+    quality = ["labels attribute mA", "labels part mIoU"] if label_quality else []
+    lines = ["| variant | " + " | ".join(cols + quality) + " |", "|---|" + "---|" * len(cols + quality)]
     for entry in table:
         cells = []
         for col in cols:
-            cell = entry[col]
-            text = f"{100 * cell['mean']:.1f}"
-            if cell["n"] > 1:
+            cell = entry.get(col)
+            text = "–" if cell is None else f"{100 * cell['mean']:.1f}"
+            if cell is not None and cell["n"] > 1:
                 text += f" ± {100 * cell['std']:.1f}"
             cells.append(text)
+        if quality:
+            q = label_quality.get(entry["variant"])
+            cells += [f"{100 * q['attribute_mA']:.1f}", f"{100 * q['part_mIoU']:.1f}"] if q else ["–", "–"]
         gt = any(v.name == entry["variant"] and v.labels == "gt" for v in cfg.variants)
         lines.append(f"| {entry['variant']}{' †' if gt else ''} | " + " | ".join(cells) + " |")
     protocol = (
-        f"Values in %, mean over seeds {cfg.seeds} (± = std). re-ID: Market-1501 protocol (same-id same-camera "
+        f"Values in %, mean over seeds {cfg.seeds} unless a variant names its own (± = std over its seeds). "
+        "re-ID: Market-1501 protocol (same-id same-camera "
         "gallery entries removed), no re-ranking. Attributes: label-based mA (Rethinking_of_PAR definition). "
-        f"Label set {labelset}."
+        "`frozen` columns: no training at all (retrieval on pooled features; closed-form class-balanced ridge for "
+        f"attributes, transfer/frozen.py); the others: linear probe as configured. Label set {labelset}."
     )
     if any(v.labels == "gt" for v in cfg.variants):
-        protocol += " † pre-trained on the synthetic world's ground-truth labels (upper bound), not CLIP labels."
+        protocol += (
+            " † pre-trained on the synthetic world's ground-truth labels (upper bound) or a degraded copy of them, "
+            "not CLIP labels."
+        )
+    if quality:
+        protocol += " Label columns: the variant's pre-training labels against the truth (clasp audit --gt)."
     return "\n".join(lines) + "\n\n" + protocol + "\n"
 
 
-def _plot(table: list[dict[str, Any]], cfg: AblationConfig, path: Path) -> None:
+def _plot(
+    table: list[dict[str, Any]], cfg: AblationConfig, path: Path, label_quality: dict[str, dict[str, float]]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = [f"{run.dataset} {run.metric}" for run in cfg.transfers]
-    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3), squeeze=False)
+    cols = [column(run) for run in cfg.transfers]
+    dose = [e for e in table if e["variant"] in label_quality]
+    rows = 2 if len(dose) >= 2 else 1
+    fig, axes = plt.subplots(rows, len(cols), figsize=(4 * len(cols), 3.2 * rows), squeeze=False)
     for ax, col in zip(axes[0], cols, strict=True):
-        names = [e["variant"] for e in table]
-        means = [100 * e[col]["mean"] for e in table]
-        stds = [100 * e[col]["std"] for e in table]
+        have = [e for e in table if col in e]
+        names = [e["variant"] for e in have]
+        means = [100 * e[col]["mean"] for e in have]
+        stds = [100 * e[col]["std"] for e in have]
         # points with error bars on an axis fitted to the values: differences of a point near chance stay visible
         ax.errorbar(range(len(names)), means, yerr=stds, fmt="o", color="#4c72b0", capsize=4)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.set_title(col + (f" (mean ± std over seeds {cfg.seeds})" if len(cfg.seeds) > 1 else ""), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.2)
+    if rows == 2:  # dose-response: downstream quality against the measured quality of the pre-training labels
+        clip_names = {v.name for v in cfg.variants if v.labels == "clip"}
+        for ax, col in zip(axes[1], cols, strict=True):
+            for e in (e for e in dose if col in e):
+                x = 100 * label_quality[e["variant"]]["attribute_mA"]
+                clip = e["variant"] in clip_names
+                ax.errorbar(x, 100 * e[col]["mean"], yerr=100 * e[col]["std"], fmt="s" if clip else "o", capsize=3,
+                            color="#c44e52" if clip else "#55a868")  # fmt: skip
+                ax.annotate(e["variant"], (x, 100 * e[col]["mean"]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+            ax.set_xlabel("label attribute mA (audit vs truth), %", fontsize=8)
+            ax.set_ylabel(col, fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.margins(0.15)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

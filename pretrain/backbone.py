@@ -36,6 +36,10 @@ class ArchSpec:
 
     timm_name: str
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Pixels per token side taken by a convolutional stem before the patch projection (0 = plain patchify).
+    # timm's R+ViT hybrids (``vit_tiny_r_s16_p8_224``): a 7x7/2 conv + norm + 3x3/2 max-pool, then a
+    # (patch_size / 4) projection, so ``model.patch_size`` stays the token stride and stock timm builds the same.
+    conv_stem_stride: int = 0
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -44,6 +48,10 @@ ARCHS: dict[str, ArchSpec] = {
     "vit_base": ArchSpec("vit_base_patch16_224", dict(embed_dim=768, depth=12, num_heads=12)),
     # a small model for the CPU demo and tests; stock timm builds it from the same kwargs
     "vit_micro": ArchSpec("vit_tiny_patch16_224", dict(embed_dim=128, depth=4, num_heads=4)),
+    # vit_micro behind a convolutional stem (as TransReID-SSL's ViT-B on LUPerson): at CPU budgets a plain
+    # ViT barely leaves its initialisation, while convolutions learn local structure within a few hundred steps
+    "vit_micro_conv": ArchSpec("vit_tiny_r_s16_p8_224", dict(embed_dim=128, depth=4, num_heads=4, patch_size=4), 4),
+    "vit_small_conv": ArchSpec("vit_tiny_r_s16_p8_224", dict(embed_dim=384, depth=12, num_heads=6, patch_size=4), 4),
 }
 
 
@@ -285,7 +293,23 @@ class ClaspViT(VisionTransformer):
 
 def timm_kwargs(arch: str, *, img_size: tuple[int, int], patch_size: int = 16) -> dict[str, Any]:
     """Keyword arguments for ``timm.create_model(ARCHS[arch].timm_name, **kwargs)`` giving the same layout."""
-    return dict(arch_spec(arch).timm_kwargs, img_size=tuple(img_size), patch_size=patch_size, num_classes=0)
+    spec = arch_spec(arch)
+    if spec.conv_stem_stride:  # timm's hybrid patch size counts stem output pixels
+        if patch_size % spec.conv_stem_stride:
+            raise ClaspError(f"model.patch_size {patch_size} must be a multiple of {arch}'s stem stride "
+                             f"{spec.conv_stem_stride}")  # fmt: skip
+        patch_size //= spec.conv_stem_stride
+    return dict(spec.timm_kwargs, img_size=tuple(img_size), patch_size=patch_size, num_classes=0)
+
+
+def _conv_stem_embed(in_chans: int = 3) -> Any:
+    """timm's R+ViT hybrid stem (ResNetV2 stem, no stages) as the ``embed_layer`` of a ViT; same parameter names."""
+    from functools import partial
+
+    from timm.layers import HybridEmbed
+    from timm.models.vision_transformer_hybrid import _resnetv2
+
+    return partial(HybridEmbed, backbone=_resnetv2(layers=(), in_chans=in_chans))
 
 
 def create_backbone(
@@ -300,4 +324,6 @@ def create_backbone(
     kwargs = timm_kwargs(arch, img_size=img_size, patch_size=patch_size)
     if img_size[0] % patch_size or img_size[1] % patch_size:
         raise ClaspError(f"model.img_size {list(img_size)} must be a multiple of model.patch_size {patch_size}")
+    if arch_spec(arch).conv_stem_stride:
+        kwargs["embed_layer"] = _conv_stem_embed()
     return ClaspViT(moe=moe, drop_path_rate=drop_path_rate, **kwargs)

@@ -19,9 +19,9 @@ def recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
     monkeypatch.setattr(ablate, "_label", lambda cfg, out, root, world, log: "clip-set")
     monkeypatch.setattr(ablate, "_audit", lambda *a: None)
 
-    def gt_labelset(root, corpus, source, gt_path):  # noqa: ANN001, ANN202
+    def gt_labelset(root, corpus, source, gt_path, attr_flip=0.0, part_noise=0.0):  # noqa: ANN001, ANN202
         calls["gt"].append((source, Path(gt_path).name))
-        return "gt-set"
+        return "gt-set" if attr_flip == part_noise == 0 else f"gt-noisy-{attr_flip}"
 
     import labeling.oracle
 
@@ -33,9 +33,14 @@ def recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
 
     def transfer(cfg, run, backbone, seed, world, out):  # noqa: ANN001, ANN202
         calls["transfer"].append((run.task, Path(backbone).name, seed))
-        score = {"random:vit_micro": 0.1, "dino-s0": 0.2, "dino-s1": 0.4, "gt-s0": 0.5, "gt-s1": 0.7}
-        return {"metrics": {run.metric: score[Path(backbone).name] if run.task == "reid" else 0.5}}
+        score = {"random:vit_micro": 0.1, "dino-s0": 0.2, "dino-s1": 0.4, "gt-s0": 0.5, "gt-s1": 0.7, "noisy-s0": 0.3,
+                 "pixels:8x4": 0.15, "gt2-s0": 0.5, "gt2-s1": 0.7}  # fmt: skip
+        return {"metrics": {run.metric: score[Path(backbone).name] if run.task in ("reid", "frozen") else 0.5}}
 
+    quality = {"clip-set": 0.6, "gt-set": 1.0, "gt-noisy-0.2": 0.8}
+    monkeypatch.setattr(
+        ablate, "_label_quality", lambda out, root, corpus, s, world: {"attribute_mA": quality[s], "part_mIoU": 0.5}
+    )
     monkeypatch.setattr(ablate, "_pretrain", pretrain)
     monkeypatch.setattr(ablate, "_transfer", transfer)
     return calls
@@ -78,3 +83,35 @@ def test_shipped_ablation_configs_load() -> None:
     for name in ("ablation_synthetic.yaml", "demo.yaml"):
         cfg = load_config(AblationConfig, ablate.REPO_DIR / "configs" / name)
         assert cfg.variants and cfg.transfers
+
+
+def test_floors_and_dose_response(recorded: dict, tmp_path: Path) -> None:
+    cfg = AblationConfig(
+        out=str(tmp_path / "out"),
+        variants=[
+            Variant(name="raw_pixels", pretrain=False, backbone="pixels:8x4"),
+            Variant(name="dino"),
+            Variant(name="gt", labels="gt"),
+            Variant(name="noisy", labels="gt", attr_flip=0.2, part_noise=0.2),
+            Variant(name="gt2", labels="gt", seeds=[0, 1]),
+        ],
+        transfers=[TransferRun(task="reid", metric="mAP"), TransferRun(task="frozen", metric="mAP")],
+        seeds=[0],
+    )
+    results = ablate.run_ablation(cfg)
+    # raw pixels: frozen read-out only; every pre-trained variant gets both
+    assert [c for c in recorded["transfer"] if c[1] == "pixels:8x4"] == [("frozen", "pixels:8x4", 0)]
+    assert ("noisy", 0, "gt-noisy-0.2") in recorded["pretrain"]
+    assert [(v, s) for v, s, _ in recorded["pretrain"] if v == "gt2"] == [("gt2", 0), ("gt2", 1)]  # its own seeds
+    assert results["label_quality"] == {
+        "dino": {"attribute_mA": 0.6, "part_mIoU": 0.5},
+        "gt": {"attribute_mA": 1.0, "part_mIoU": 0.5},
+        "noisy": {"attribute_mA": 0.8, "part_mIoU": 0.5},
+        "gt2": {"attribute_mA": 1.0, "part_mIoU": 0.5},
+    }
+    table = {row["variant"]: row for row in results["table"]}
+    assert "market1501 mAP" not in table["raw_pixels"] and table["raw_pixels"]["market1501 mAP frozen"]["mean"] == 0.15
+    assert {r["task"] for r in results["rows"]} == {"reid", "frozen"}
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| raw_pixels | – | 15.0 | – | – |" in md and "| noisy † | 30.0 | 30.0 | 80.0 | 50.0 |" in md
+    assert (tmp_path / "out" / "results.png").stat().st_size > 0

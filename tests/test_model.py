@@ -527,3 +527,20 @@ def test_balance_loss_comes_only_from_the_mixed_prompt_batch():
     _, with_locals = model(random_batch(n_local=2), teacher_temp=0.04)
     _, without = model(random_batch(n_local=0), teacher_temp=0.04)
     assert with_locals["moe_balance"] == without["moe_balance"] and with_locals["dino"] != without["dino"]
+def test_conv_stem_backbone_loads_into_stock_timm_and_keeps_the_token_grid() -> None:
+    # vit_micro_conv: timm's R+ViT hybrid stem in front of vit_micro; an export with the MoE off must load with
+    # strict=True into the stock timm model its config names, and tokens stay 16 px apart (8x4 at 128x64)
+    import timm
+
+    from pretrain.backbone import ARCHS, create_backbone, timm_kwargs
+
+    model = create_backbone("vit_micro_conv", img_size=(128, 64)).eval()
+    stock = timm.create_model(
+        ARCHS["vit_micro_conv"].timm_name, pretrained=False, **timm_kwargs("vit_micro_conv", img_size=(128, 64))
+    ).eval()
+    stock.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 3, 128, 64)
+    assert torch.equal(model.forward_features(x), stock.forward_features(x))
+    assert model.forward_features(x).shape == (2, 1 + 8 * 4, 128)
+    assert model.forward_features(torch.randn(1, 3, 64, 32)).shape == (1, 1 + 4 * 2, 128)  # local crops
+    assert any(name.startswith("patch_embed.backbone.") for name in model.state_dict())

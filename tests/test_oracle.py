@@ -13,7 +13,7 @@ from PIL import Image
 from test_label import label_cfg, write_clip_dir
 
 from labeling.label import run_labeling
-from labeling.oracle import cell_parts, write_gt_labelset
+from labeling.oracle import cell_parts, degrade_mask, write_gt_labelset
 from pipeline.errors import ClaspError
 from pipeline.formats import LABELSET_FILE, labels_dir
 
@@ -73,3 +73,37 @@ def test_latest_labelset_never_picks_a_ground_truth_set(tmp_path: Path) -> None:
         (d / LABELSET_FILE).write_text(json.dumps({"labelset": name, "ground_truth": gt}))
     os.utime(labels_dir(tmp_path, "c", "gt-1234") / LABELSET_FILE, (2e9, 2e9))  # newest
     assert latest_labelset(tmp_path, "c") == "clipset"
+
+
+def test_degrade_mask_shifts_boundaries_and_swaps_classes() -> None:
+    mask = np.zeros((40, 20), np.uint8)
+    mask[10:30, 5:15] = 3
+    rng = np.random.default_rng(0)
+    assert degrade_mask(mask, 0.0, 9, rng) is mask
+    noisy = [degrade_mask(mask, 1.0, 9, np.random.default_rng(s)) for s in range(8)]
+    assert all(3 not in m for m in noisy)  # level 1: every foreground class is swapped for another
+    assert all(set(np.unique(m)) - {0} for m in noisy)  # ... but stays foreground
+    assert len({(m > 0).tobytes() for m in noisy}) > 1  # boundaries moved, differently per draw
+
+
+def test_noisy_gt_labelset_flips_attributes_at_the_asked_rate(
+    ingested: tuple[Path, str], synth_world: Path, tmp_path: Path
+) -> None:
+    root, corpus = ingested
+    source = run_labeling(label_cfg(root, corpus, write_clip_dir(tmp_path / "clip"), resolution=(64, 32)))
+    clean = write_gt_labelset(root, corpus, source, synth_world / "gt.parquet")
+    noisy = write_gt_labelset(root, corpus, source, synth_world / "gt.parquet", attr_flip=0.3, part_noise=0.5)
+    assert noisy != clean and noisy.startswith("gt-")
+    assert write_gt_labelset(root, corpus, source, synth_world / "gt.parquet", attr_flip=0.3, part_noise=0.5) == noisy
+    header = json.loads((labels_dir(root, corpus, noisy) / LABELSET_FILE).read_text())
+    assert header["noise"] == {"attr_flip": 0.3, "part_noise": 0.5, "seed": 0}
+
+    def column(set_id: str, name: str) -> list:
+        d = labels_dir(root, corpus, set_id)
+        return [v for shard in sorted(header["shards"]) for v in pq.read_table(d / shard).column(name).to_pylist()]
+
+    a, b = np.array(column(clean, "attr_prob")), np.array(column(noisy, "attr_prob"))
+    assert 0.25 < (a != b).mean() < 0.35
+    assert column(clean, "part_map") != column(noisy, "part_map")
+    with pytest.raises(ClaspError, match="noise must lie in"):
+        write_gt_labelset(root, corpus, source, synth_world / "gt.parquet", attr_flip=1.5)

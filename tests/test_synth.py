@@ -253,3 +253,55 @@ def test_config_and_output_errors(tmp_path: Path) -> None:
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ClaspError, match="not empty"):
         write_world(SynthConfig(identities=2, quiet=True), tmp_path / "busy")
+
+
+@pytest.mark.parametrize("height", [169, 338, 591])
+def test_background_window_when_the_scale_is_capped_at_the_scene_height(height: int) -> None:
+    # A tiny person makes the window as tall as the scene: SCENE_H - height * (SCENE_H / height) is -5.7e-14 for
+    # these heights, which crashed `clasp synth -n 600` at image 1,413 ("box offset can't be negative").
+    from pipeline.synth.scene import background_window
+
+    window = background_window(
+        make_camera(0, 1), height=height, width=height // 2, scene_x=0.5, depth=0.5, person_px=1.0,
+        feet_y=height * 0.95, cx=height / 4,
+    )  # fmt: skip
+    assert window.size == (height // 2, height)
+
+
+def test_a_failed_world_leaves_no_partial_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.synth.world as world
+
+    def broken(job):  # noqa: ANN001
+        raise ValueError("render failed")
+
+    monkeypatch.setattr(world, "render_job", broken)
+    with pytest.raises(ValueError, match="render failed"):
+        write_world(load_config(SynthConfig, overrides=["identities=2", "quiet=true", "dense=[]"]), tmp_path / "w")
+    assert [p.name for p in (tmp_path / "w").iterdir()] == []
+
+
+def test_dense_scale_sizes_the_dense_sets(tmp_path: Path) -> None:
+    from pipeline.synth.world import dense_sizes
+
+    assert dense_sizes("lip", 1.0) == {}
+    assert dense_sizes("lip", 2.0) == {"train_images": 1200, "val_images": 300}
+    assert dense_sizes("cuhk_sysu", 0.01)["test_ids"] == 24  # TestG20 needs its test scenes
+    summary = write_world(
+        load_config(SynthConfig, overrides=["identities=2", "quiet=true", "dense=[citypersons]", "dense_scale=0.1"]),
+        tmp_path / "w",
+    )
+    images = sorted((tmp_path / "w" / "citypersons" / "leftImg8bit").rglob("*.png"))
+    assert summary["dense"] == ["citypersons"] and len(images) == 6 + 3
+    with pytest.raises(ConfigError, match="dense_scale"):
+        write_world(load_config(SynthConfig, overrides=["dense_scale=0"]), tmp_path / "z")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("identities", [600, 5000])
+def test_world_at_size(tmp_path: Path, identities: int) -> None:
+    # 600 identities crashed at image 1,413 before the background window fix; 5,000 is ~45k images (minutes).
+    cfg = load_config(SynthConfig, overrides=[f"identities={identities}", "quiet=true", "dense=[]", "workers=2"])
+    summary = write_world(cfg, tmp_path / "w")
+    assert summary["luperson"]["images"] == identities * cfg.tracks_per_identity * cfg.frames_per_track
+    assert (tmp_path / "w" / "world.json").is_file()
+    assert not [p for p in (tmp_path / "w").iterdir() if p.name.startswith(".synth-partial")]

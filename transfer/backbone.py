@@ -182,7 +182,11 @@ class FeatureBackbone(nn.Module):
     @property
     def patch_size(self) -> int:
         """Stride of the token grid in pixels (16 for ViT-*/16)."""
-        size = getattr(getattr(self.model, "patch_embed", None), "patch_size", (16, 16))
+        embed = getattr(self.model, "patch_embed", None)
+        if hasattr(embed, "feat_ratio"):  # timm PatchEmbed / HybridEmbed: a conv stem's stride included
+            ratio = embed.feat_ratio()  # an int (as_scalar) or (h, w)
+            return int(ratio if isinstance(ratio, int) else ratio[0])
+        size = getattr(embed, "patch_size", (16, 16))
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
     def feature_maps(self, images: torch.Tensor, indices: int | list[int] = 1) -> list[torch.Tensor]:

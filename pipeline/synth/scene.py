@@ -224,8 +224,10 @@ def background_window(
     s = min(s, SCENE_H / height, SCENE_W / width)
     x0 = scene_x * SCENE_W - cx * s
     y0 = y_feet - feet_y * s
-    x0 = float(np.clip(x0, 0, SCENE_W - width * s))
-    y0 = float(np.clip(y0, 0, SCENE_H - height * s))
-    box = (x0, y0, x0 + width * s, y0 + height * s)
+    # When s is capped at SCENE_H / height, SCENE_H - height * s can round to -5.7e-14 (height 169, 338, ...):
+    # clamp the bounds at 0 and the box at the scene's edge so PIL never sees a negative offset or an overrun.
+    x0 = float(np.clip(x0, 0, max(SCENE_W - width * s, 0.0)))
+    y0 = float(np.clip(y0, 0, max(SCENE_H - height * s, 0.0)))
+    box = (x0, y0, min(x0 + width * s, SCENE_W), min(y0 + height * s, SCENE_H))
     window = scene.resize((width, height), Image.Resampling.BILINEAR, box=box)
     return window

@@ -88,6 +88,10 @@ class SynthConfig:
     # Dense-task sets (multi-person scenes, pipeline.synth.crowd) at their writers' default sizes; each writer
     # draws from its own camera group and seed stream. [] skips them (the re-ID/attribute world only).
     dense: list[str] = field(default_factory=lambda: list(DENSE_SETS))
+    # Size of the dense-task sets as a factor on their writers' defaults (1.0: 320 COCO, 96 CityPersons, 750 LIP
+    # images, 72 CUHK-SYSU and 48 PRW identities). Independent of `identities`: scenes cost far more per image.
+    # CUHK-SYSU keeps at least its default test identities, so its TestG20 gallery always has enough scenes.
+    dense_scale: float = 1.0
     # Region-caption rows per corpus image in pairs.csv (body-part / background boxes with their phrases,
     # pipeline.synth.regions), so clip-train can teach patch tokens the part words; 0 = whole images only.
     region_pairs: int = 0
@@ -108,6 +112,7 @@ def _validate(cfg: SynthConfig) -> None:
         (cfg.pa100k_cameras >= 1, "pa100k_cameras must be >= 1"),
         (cfg.workers >= 1, "workers must be >= 1"),
         (cfg.region_pairs >= 0, "region_pairs must be >= 0"),
+        (0 < cfg.dense_scale <= 100, "dense_scale must be in (0, 100] (a factor on the dense sets' default sizes)"),
         (not set(cfg.dense) - set(DENSE_SETS), f"dense may list only {', '.join(DENSE_SETS)}"),
     ]
     for ok, message in checks:
@@ -179,8 +184,15 @@ def write_world(cfg: SynthConfig, out: Path) -> dict:
     """Render the whole world under ``out`` (see the module docstring) and return its counts."""
     _validate(cfg)
     out = Path(out)
-    start = time.perf_counter()
     tmp = _prepare_out(out, cfg.overwrite)
+    try:
+        return _write_world(cfg, out, tmp)
+    finally:  # a failed or interrupted run leaves no hidden partial folder behind (it can be tens of MB)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_world(cfg: SynthConfig, out: Path, tmp: Path) -> dict:
+    start = time.perf_counter()
     corpus, n_videos = plan_corpus(cfg)
     corpus = [dataclasses.replace(job, regions=cfg.region_pairs, index=i) for i, job in enumerate(corpus)]
     market = plan_market(cfg)
@@ -239,7 +251,6 @@ def write_world(cfg: SynthConfig, out: Path) -> dict:
         if (tmp / name).exists() and name != "world.json":
             os.replace(tmp / name, out / name)
     write_json_atomic(out / "world.json", summary)
-    shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
     if not cfg.quiet:
         print(f"synth: {len(jobs)} images in {seconds:.1f} s ({len(jobs) / seconds:.0f} img/s) -> {out}")
@@ -260,9 +271,26 @@ def _write_dense(cfg: SynthConfig, tmp: Path) -> dict[str, float]:
         start = time.perf_counter()
         if not cfg.quiet:
             print(f"synth: {name} (dense-task scenes)", flush=True)
-        writers[name](tmp / name, seed=cfg.seed)
+        writers[name](tmp / name, seed=cfg.seed, **dense_sizes(name, cfg.dense_scale))
         seconds[name] = round(time.perf_counter() - start, 2)
     return seconds
+
+
+# The dense writers' default counts and the smallest count each stays valid with: (default, floor).
+DENSE_SIZES = {
+    "coco": {"train_images": (256, 4), "val_images": (64, 2)},
+    "citypersons": {"train_images": (64, 4), "val_images": (32, 2)},
+    "lip": {"train_images": (600, 4), "val_images": (150, 2)},
+    "cuhk_sysu": {"train_ids": (48, 4), "test_ids": (24, 24), "distractor_scenes": (12, 12)},
+    "prw": {"train_ids": (32, 4), "test_ids": (16, 4)},
+}
+
+
+def dense_sizes(name: str, scale: float) -> dict[str, int]:
+    """Keyword arguments of dense writer ``name`` at ``scale`` times its default counts (1.0: the defaults)."""
+    if scale == 1.0:
+        return {}
+    return {key: max(floor, round(default * scale)) for key, (default, floor) in DENSE_SIZES[name].items()}
 
 
 def _summary(cfg: SynthConfig, corpus: list[Job], n_videos: int, rows: dict[str, list[dict]]) -> dict:
