@@ -488,7 +488,7 @@ def run_audit(cfg: AuditConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".duckdb_tmp"
     con, ctx = connect(cfg, tmp)
-    steps = len(standard_queries(ctx)) + 3 + bool(cfg.compare) + bool(cfg.gt) + cfg.mosaics
+    steps = len(standard_queries(ctx)) + 4 + bool(cfg.compare) + bool(cfg.gt) + cfg.mosaics
     try:
         with progress(steps, "audit", quiet=cfg.quiet, unit="step") as advance:
 

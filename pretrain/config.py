@@ -96,9 +96,8 @@ class PretrainConfig:
     cpu: bool = False  # force the CPU even where a GPU is visible
     grad_accum: Annotated[int, POSITIVE] = 1  # micro-batches per optimizer step
     max_steps: Annotated[int | None, POSITIVE] = None  # stop early (the schedules still span `optim.epochs`)
-    checkpoint_every: Annotated[int, POSITIVE] = (
-        1000  # optimizer steps; a resume continues the data stream where it stood
-    )
+    # optimizer steps between checkpoints; a resume continues the data stream where it stood
+    checkpoint_every: Annotated[int, POSITIVE] = 1000
     keep_last: Annotated[int, POSITIVE] = 3  # step checkpoints kept (older ones are deleted)
     resume: str = "latest"  # "latest" (in out/checkpoints, if any) | "none" | path to a checkpoint
     # settings a resume may change from its checkpoint's (world_size, optim.lr, ...; pretrain/resume.py)

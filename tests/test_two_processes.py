@@ -146,7 +146,8 @@ def test_resume_on_another_process_count_is_refused_or_rescaled(runs: dict[str, 
 
 def test_reid_with_two_processes_evaluates_as_with_one(tmp_path: Path) -> None:
     """Evaluation (features gathered across processes in dataset order) gives the 1-process metrics to 1e-6 for
-    the same weights (``epochs=0``: DDP broadcasts rank 0's initialisation, seeded as the 1-process run's).
+    the same weights (one step at lr 1e-30 with the before-BN feature: the weights stay rank 0's seeded
+    initialisation, which DDP broadcasts; ``epochs=0`` is refused since it would evaluate an untrained head).
     Fine-tuning cannot match exactly and is only run: each process normalises its own half batch in the BNNeck
     and mines triplets within it, and augmentations are seeded per rank (seed + rank)."""
     from test_transfer import _reid_overrides, write_market
@@ -168,7 +169,8 @@ def test_reid_with_two_processes_evaluates_as_with_one(tmp_path: Path) -> None:
                    "--main_process_port", str(port), "-m", "pipeline.cli", *args]  # fmt: skip
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    for proc in [start("one", 1, "epochs=0"), start("two", 2, "epochs=0"), start("tuned", 2)]:
+    frozen = ("epochs=1", "max_steps_per_epoch=1", "optim.lr=1e-30", "eval.feature=before_bn")
+    for proc in [start("one", 1, *frozen), start("two", 2, *frozen), start("tuned", 2)]:
         finish(proc)
     one, two, tuned = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two", "tuned"))
     for key, value in one["metrics"].items():

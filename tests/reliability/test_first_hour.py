@@ -197,7 +197,7 @@ def test_rerun_into_a_run_of_another_model_names_the_setting(labelled: tuple[Pat
     first = clasp("pretrain", *pretrain_overrides(labelled[0], tmp_path / "run", "max_steps=1"))
     assert first.returncode == 0, first.stderr[-2000:]
     again = clasp("pretrain", *pretrain_overrides(labelled[0], tmp_path / "run", "model.arch=vit_tiny"))
-    assert_user_error(again, "holds another model than this config (model.arch vit_micro -> vit_tiny)", "out=")
+    assert_user_error(again, "model.arch was 'vit_micro', is 'vit_tiny' now", "out=")
 
 
 def test_audit_mosaics_rank_by_probability_one_image_per_video(labelled: tuple[Path, str], tmp_path: Path) -> None:
