@@ -527,6 +527,8 @@ def test_balance_loss_comes_only_from_the_mixed_prompt_batch():
     _, with_locals = model(random_batch(n_local=2), teacher_temp=0.04)
     _, without = model(random_batch(n_local=0), teacher_temp=0.04)
     assert with_locals["moe_balance"] == without["moe_balance"] and with_locals["dino"] != without["dino"]
+
+
 def test_conv_stem_backbone_loads_into_stock_timm_and_keeps_the_token_grid() -> None:
     # vit_micro_conv: timm's R+ViT hybrid stem in front of vit_micro; an export with the MoE off must load with
     # strict=True into the stock timm model its config names, and tokens stay 16 px apart (8x4 at 128x64)
