@@ -449,3 +449,21 @@ def test_half_body_box_frames_the_upper_or_lower_body_as_vitpose() -> None:
     few[8:, 2] = 0
     assert half_body_box(few, 256 / 192, on, np.random.default_rng(0)) is None
     assert load_row("pose_coco").data.half_body_prob == 0.3
+
+
+@pytest.mark.parametrize("name", ["person_search_cuhk_sysu", "person_search_prw"])
+def test_person_search_rows_state_global_batches(name: str) -> None:
+    """The reference's 2 scenes per step on 1 or 2 processes; on 8 the detector batch cannot split and says so,
+    while the embedding's 64 crops split in whole K groups."""
+    from transfer.person_search.train import detector_batch, embedding_identities
+
+    cfg = load_row(name)
+    for processes, scenes in ((1, 2), (2, 1)):
+        accelerator = SimpleNamespace(num_processes=processes, is_main_process=False)
+        assert detector_batch(cfg, accelerator) * processes == 2
+        assert embedding_identities(cfg, accelerator) * cfg.embed.data.k_instances * processes == 64
+        assert detector_batch(cfg, accelerator) == scenes
+    eight = SimpleNamespace(num_processes=8, is_main_process=False)
+    assert embedding_identities(cfg, eight) * cfg.embed.data.k_instances * 8 == 64
+    with pytest.raises(ClaspError, match="detector.global_batch=2 does not split over 8 processes"):
+        detector_batch(cfg, eight)

@@ -30,16 +30,18 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 
-from pipeline.config import AT_LEAST_ONE
+from pipeline.config import AT_LEAST_ONE, NON_NEGATIVE
 from pipeline.errors import ClaspError
 from transfer.backbone import BackboneConfig, build_backbone
 from transfer.common import (
     OptimConfig,
     build_optimizer,
+    describe_batch,
     fine_tune,
     finished_results,
     make_accelerator,
     pct,
+    per_process_batch,
     progress,
     write_results,
 )
@@ -57,7 +59,8 @@ class DetectorConfig:
     img_size: tuple[int, int] = (896, 1504)  # (height, width) the ViT is built for; other sizes are resampled
     min_size: int = 900  # torchvision resize: shorter side (SeqNet's 900 x 1500)
     max_size: int = 1500
-    batch_size: int = 4
+    batch_size: int = 4  # scenes per process (when global_batch is 0)
+    global_batch: Annotated[int, NON_NEGATIVE] = 0  # >0: scenes per step over all processes (per-process derived)
     epochs: Annotated[int, AT_LEAST_ONE] = 20
     max_steps_per_epoch: int = 0  # 0 = full epochs
     flip_prob: float = 0.5
@@ -78,8 +81,9 @@ class CropConfig:
     """Re-ID crops and their P x K batches (stage 3a's augmentation: flip, pad + crop, random erasing)."""
 
     img_size: tuple[int, int] = (256, 128)  # (height, width)
-    p_identities: int = 16
+    p_identities: int = 16  # identities per process (when global_batch is 0)
     k_instances: int = 4
+    global_batch: Annotated[int, NON_NEGATIVE] = 0  # >0: P x K crops over all processes; P per process derived
     flip_prob: float = 0.5
     padding_px: int = 10
     erasing_prob: float = 0.5
@@ -233,19 +237,46 @@ def build_searcher(cfg: PersonSearchConfig, num_train_ids: int) -> TwoStageSearc
     return TwoStageSearcher(detector, reid)
 
 
+def detector_batch(cfg: PersonSearchConfig, accelerator: Any) -> int:
+    """Scenes per process per step: ``detector.global_batch`` split over the processes, else ``batch_size``."""
+    dcfg, n = cfg.detector, accelerator.num_processes
+    batch = per_process_batch(
+        global_batch=dcfg.global_batch, batch_size=dcfg.batch_size, num_processes=n, key="detector.global_batch"
+    )
+    if accelerator.is_main_process and not cfg.quiet:
+        print(f"detector: {describe_batch(batch, n, dcfg.global_batch)}")
+    return batch
+
+
+def embedding_identities(cfg: PersonSearchConfig, accelerator: Any) -> int:
+    """P of the embedding stage's per-process P x K batch (``embed.data.global_batch`` split over the processes)."""
+    data, n = cfg.embed.data, accelerator.num_processes
+    batch = per_process_batch(
+        global_batch=data.global_batch,
+        batch_size=data.p_identities * data.k_instances,
+        num_processes=n,
+        key="embed.data.global_batch",
+        unit=data.k_instances,
+    )
+    if accelerator.is_main_process and not cfg.quiet:
+        print(f"embedding: {describe_batch(batch, n, data.global_batch)}")
+    return batch // data.k_instances
+
+
 def train_detector(
     searcher: TwoStageSearcher, data: PersonSearchData, cfg: PersonSearchConfig, accelerator: Any
 ) -> dict[str, Any]:
     """Fine-tune the detector on every annotated person of the training scenes (labelled or not)."""
     dcfg = cfg.detector
     scenes = [s for s in data.train if len(s.pids)]
+    batch_size = detector_batch(cfg, accelerator)
     loader = torch.utils.data.DataLoader(
         SceneDataset(scenes, flip_prob=dcfg.flip_prob),
-        batch_size=dcfg.batch_size,
+        batch_size=batch_size,
         shuffle=True,
         num_workers=cfg.workers,
         collate_fn=collate_scenes,
-        drop_last=len(scenes) > dcfg.batch_size,
+        drop_last=len(scenes) > batch_size,
     )
     steps = math.ceil(len(loader) / accelerator.num_processes)
     if dcfg.max_steps_per_epoch > 0:
@@ -289,7 +320,8 @@ def train_embedding(
     ]
     if len(labels) < 2:
         raise ClaspError(f"{data.root}: person search training needs at least 2 labelled identities")
-    sampler = PKBatchSampler([it[2] for it in items], ecfg.data.p_identities, ecfg.data.k_instances, seed=cfg.seed)
+    p = embedding_identities(cfg, accelerator)
+    sampler = PKBatchSampler([it[2] for it in items], p, ecfg.data.k_instances, seed=cfg.seed)
     crops = CropDataset(items, transforms(searcher.reid.backbone, ecfg.data, train=True))
     loader = torch.utils.data.DataLoader(crops, batch_sampler=sampler, num_workers=cfg.workers)
     steps = math.ceil(len(sampler) / accelerator.num_processes)
