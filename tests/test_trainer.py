@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from launching import accelerate_launch
 from test_pretrain_data import tiny_config, write_corpus
 from typer.testing import CliRunner
 
@@ -145,14 +144,9 @@ def test_two_launched_processes_read_disjoint_data(corpus: Path, tmp_path: Path)
     script = tmp_path / "spy.py"
     script.write_text(textwrap.dedent(SPY.format(tests=str(REPO / "tests"))))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        str(script), str(corpus), *TINY_MODEL, f"out={tmp_path / 'run'}", "data.workers=1", "max_steps=4",
-    ]  # fmt: skip
+    cmd = accelerate_launch(
+        str(script), str(corpus), *TINY_MODEL, f"out={tmp_path / 'run'}", "data.workers=1", "max_steps=4"
+    )
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / "run" / f"keys-{r}.json").read_text()) for r in range(2)]

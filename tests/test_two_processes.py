@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import accelerate_launch
 from test_pretrain_data import tiny_config, write_corpus
 from test_stream_coverage import measure
 from test_trainer import REPO, SPY, TINY_MODEL, losses
@@ -29,14 +29,7 @@ from pretrain.trainer import list_checkpoints, train
 
 
 def launch(script: Path, corpus: Path, *overrides: str, **env_extra: str) -> subprocess.Popen:
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        str(script), str(corpus), *TINY_MODEL, *overrides,
-    ]  # fmt: skip
+    cmd = accelerate_launch(str(script), str(corpus), *TINY_MODEL, *overrides)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **env_extra)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -161,12 +154,7 @@ def test_reid_with_two_processes_evaluates_as_with_one(tmp_path: Path) -> None:
         if processes == 1:
             cmd = [sys.executable, "-m", "pipeline.cli", *args]
         else:
-            with socket.socket() as free:
-                free.bind(("127.0.0.1", 0))
-                port = free.getsockname()[1]
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(port), "-m", "pipeline.cli", *args]  # fmt: skip
+            cmd = accelerate_launch("-m", "pipeline.cli", *args)
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     frozen = ("epochs=1", "max_steps_per_epoch=1", "optim.lr=1e-30", "eval.feature=before_bn")
