@@ -57,11 +57,13 @@ def make_n(*args: str, root: Path, venv: Path) -> list[str]:
     """The commands ``make -n ARGS`` prints (install never remade: its stamp is declared old with -o)."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    env = {k: v for k, v in os.environ.items() if k not in {"CORPUS", "ROOT", "CONFIG", "GPUS", "MAKEFLAGS"}}
+    # run as from a shell, also under `make test` (a sub-make would print "Entering directory" lines)
+    drop = {"CORPUS", "ROOT", "CONFIG", "GPUS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     stamp = f"{venv}/.install.stamp"
     root_arg = [] if any(a.startswith("ROOT=") for a in args) else [f"ROOT={root}"]
     proc = subprocess.run(
-        ["make", "-n", "-o", stamp, f"VENV={venv}", *args, *root_arg],
+        ["make", "--no-print-directory", "-n", "-o", stamp, f"VENV={venv}", *args, *root_arg],
         cwd=REPO,
         env=env,
         capture_output=True,
