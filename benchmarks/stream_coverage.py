@@ -144,12 +144,17 @@ def measure(
     t1 = time.perf_counter()
     restarts = sorted({*range(checkpoint_every, steps, checkpoint_every), *([resume_at] if resume_at else [])})
     restarts = [r for r in restarts if 0 < r < steps]
-    resumed, resumed_reader = simulate(layout, epochs, steps, restarts, from_first_restart=True)
-    first = restarts[0] if restarts else steps
-    resumed[:first] = plain[:first]  # until the first kill the two runs are the same run
-    resumed_reads = resumed_reader.data_reads + int((plain[:first] >= 0).sum())
-    t2 = time.perf_counter()
     yielded = int((plain >= 0).sum())
+    identical, amplification_resumed = None, None  # no checkpoint inside the run: nothing was resumed
+    if restarts:
+        resumed, resumed_reader = simulate(layout, epochs, steps, restarts, from_first_restart=True)
+        first = restarts[0]
+        resumed[:first] = plain[:first]  # until the first kill the two runs are the same run
+        identical = bool(np.array_equal(plain, resumed))
+        amplification_resumed = round((resumed_reader.data_reads + int((plain[:first] >= 0).sum())) / yielded, 4)
+    elif not quiet:
+        print(f"no checkpoint or --resume-at falls inside the {steps} steps: resume not simulated")
+    t2 = time.perf_counter()
     if not quiet:
         print(
             f"simulated {steps} steps: uninterrupted in {t1 - t0:.1f} s, "
@@ -160,9 +165,9 @@ def measure(
         "epochs": epochs,
         **coverage(plain, layout.num_images, epochs),
         "read_amplification": round(plain_reader.data_reads / yielded, 4),
-        "read_amplification_resumed": round(resumed_reads / yielded, 4),
+        "read_amplification_resumed": amplification_resumed,
         "header_only_passes": plain_reader.header_passes,
-        "resume_identical": bool(np.array_equal(plain, resumed)),
+        "resume_identical": identical,
         "resumed_at": restarts if len(restarts) <= 20 else [*restarts[:20], "..."],
         "steps": steps,
         "processes": processes,

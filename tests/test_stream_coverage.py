@@ -54,6 +54,14 @@ def test_every_image_once_per_epoch_and_exact_resume_on_odd_settings(name: str) 
     assert figures["resumed_at"][:2] == [7, 10]
 
 
+def test_a_run_with_no_checkpoint_inside_reports_no_resume_figures() -> None:
+    """A checkpoint interval (and --resume-at) beyond the run's steps resumes nothing: the resume figures are
+    null rather than a vacuous ``true`` (and a read amplification counting the whole run twice)."""
+    figures = measure(**ODD["unequal_shards"], checkpoint_every=10_000, epochs=1, quiet=True)
+    assert figures["resumed_at"] == [] and figures["resume_identical"] is None
+    assert figures["read_amplification_resumed"] is None and figures["never_seen"] == 0
+
+
 def test_settings_nobody_chose() -> None:
     rng = random.Random(20261204)
     for _ in range(6):
