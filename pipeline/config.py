@@ -27,6 +27,7 @@ from typing import Annotated, Any, TypeVar
 import yaml
 
 from pipeline.errors import ClaspError
+from pipeline.resources import config_path
 
 T = TypeVar("T")
 
@@ -234,7 +235,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Defaults of ``cls`` <- YAML ``path`` <- ``overrides`` (``["a.b=1", ...]``); validated."""
     tree = to_dict(cls())
     if path is not None:
-        path = Path(path)
+        path = config_path(path)  # a relative configs/... path also names the shipped copy from any folder
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -88,3 +88,17 @@ def test_string_settings_keep_yaml_keywords_as_typed() -> None:
     assert (cfg.precision, cfg.name, cfg.labelset) == ("no", "on", "1.0")
     with pytest.raises(ConfigError, match="precision"):
         load_config(Experiment, None, ["precision=yes"])
+
+
+def test_relative_config_paths_name_the_shipped_configs_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`clasp pretrain --config configs/pretrain/demo.yaml` works outside the checkout (every command, not only
+    the ablation runner); a missing name is still an error naming it."""
+    from pretrain.config import PretrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(PretrainConfig, "configs/pretrain/demo.yaml")
+    assert cfg.model.arch == "vit_micro"
+    with pytest.raises(ConfigError, match="configs/pretrain/nope.yaml does not exist"):
+        load_config(PretrainConfig, "configs/pretrain/nope.yaml")
