@@ -365,10 +365,19 @@ def export(
     )
 )
 def transfer(
-    task: str = typer.Argument(..., help="reid, attributes, pose, detection, person-search or parsing."),
+    task: str = typer.Argument(
+        ...,
+        help="reid, attributes, pose, detection, person-search, parsing, "
+        "or frozen (no-training read-outs: retrieval mAP, ridge mA).",
+    ),
     data: Path = typer.Option(None, "--data", "-d", help="Dataset folder in its official layout."),
     dataset: str = typer.Option(None, "--dataset", help="e.g. market1501, msmt17, pa100k, coco, citypersons, lip."),
-    backbone: str = typer.Option(None, "--backbone", "-b", help="CLASP export folder, timm:NAME or random:ARCH."),
+    backbone: str = typer.Option(
+        None,
+        "--backbone",
+        "-b",
+        help="CLASP export folder, timm:NAME, random:ARCH, or pixels:HxW (frozen only: the raw-pixel floor).",
+    ),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (results.json, results.md, weights)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     config: Path = CONFIG_OPT,
