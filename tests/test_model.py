@@ -517,7 +517,8 @@ def test_flop_counter_sees_the_dropless_expert_matmuls():
         moe(torch.randn(2, 8, 32), torch.randn(2, 5))
     experts = 2 * (2 * 8 * 2) * (32 * 48 + 48 * 32)  # 2 x assignments x (fc1 + fc2) multiply-adds
     router = 2 * (2 * 8) * 32 * 4 + 2 * 2 * 5 * 4
-    assert counter.get_total_flops() == experts + router
+    biases = 2 * (2 * 8 * 2) * 4 * (48 + 32)  # per-row expert biases as one-hot (assignments x E) matmuls
+    assert counter.get_total_flops() == experts + router + biases
 
 
 def test_balance_loss_comes_only_from_the_mixed_prompt_batch():
