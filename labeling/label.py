@@ -176,8 +176,9 @@ def run_labeling(cfg: LabelConfig) -> str:
         raise ClaspError(str(exc)) from None
     if not sizes:
         raise ClaspError(f"corpus '{cfg.corpus}' under {cfg.root} has no image shards (sizes.json is empty)")
-    if device == "cuda" and env.world_size > 1:
-        device = f"cuda:{env.local_rank % torch.cuda.device_count()}"
+    if device == "cuda":  # an indexed device: set_device refuses a bare "cuda"
+        one = env.world_size == 1
+        device = f"cuda:{torch.cuda.current_device() if one else env.local_rank % torch.cuda.device_count()}"
     if device.startswith("cuda"):
         # every process on its own GPU before any CUDA call: events, pinned copies and the loader's pinning
         # thread then use that device, and ranks 1.. open no context on GPU 0

@@ -290,3 +290,29 @@ def test_miou_confusion_grid_and_baseline() -> None:
     assert base[0, 4] == 1 and base[-1, 4] == 7 and base[8, 0] == 0
     learned = quality.geometry_baseline((4, 2), 4, gt_maps=np.stack([grid, grid, np.zeros_like(grid)]))
     np.testing.assert_array_equal(learned, grid)
+
+
+@pytest.mark.parametrize("world_size,local_rank,expected", [(1, 0, "cuda:3"), (2, 1, "cuda:1")])
+def test_a_bare_cuda_device_becomes_an_indexed_one_before_set_device(
+    corpus: Path, clip_dir: Path, monkeypatch: pytest.MonkeyPatch, world_size: int, local_rank: int, expected: str
+) -> None:
+    # torch.cuda.set_device refuses a bare "cuda" (found on an H200: `clasp label` on one GPU stopped there);
+    # one process keeps the current device, several take their local rank's GPU
+    import labeling.label as label_stage
+
+    seen: list[torch.device] = []
+    monkeypatch.setattr(label_stage, "resolve_device", lambda _: "cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", seen.append)
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("RANK", str(local_rank))
+
+    def stop(*args: object, device: str, **kwargs: object) -> None:
+        raise RuntimeError(f"stop at load_clip on {device}")
+
+    monkeypatch.setattr(label_stage, "load_clip", stop)
+    with pytest.raises(RuntimeError, match=f"stop at load_clip on {expected}$"):
+        run_labeling(label_cfg(corpus, "toy", clip_dir))
+    assert seen == [torch.device(expected)]
