@@ -6,7 +6,7 @@
 #   gpu_all.log (all output), gpu_all.json (the last line), label.json, pretrain.json, ablation.{json,log,tar.gz}
 #
 # With this workplace's device tool (one H200, 16 cores, Python 3.12, no network; .library/device/):
-#   1. here, once:   bash benchmarks/gpu_wheels.sh   # open_clip_torch, ftfy, wcwidth, webdataset, braceexpand, lmdb (the synthetic world's layouts):
+#   1. here, once:   bash benchmarks/gpu_wheels.sh   # open_clip_torch, ftfy, wcwidth, webdataset, braceexpand, lmdb, duckdb (the ablation's):
 #                                                    # 2.4 MiB of wheels into .whl/ (git-ignored)
 #   2. device run:   command "bash benchmarks/gpu_all.sh", carry [".whl"], timeout_s 600
 #      (this script installs .whl/*.whl into /tmp/site when open_clip or webdataset is missing there)
@@ -40,14 +40,14 @@ if [[ $DRY == 1 ]]; then
     export CUDA_VISIBLE_DEVICES=""
     echo "gpu_all: DRY RUN on the CPU (tiny models, few images): checks the script, measures nothing"
 fi
-if ! "$PY" -c "import open_clip, webdataset, lmdb" 2>/dev/null; then
+if ! "$PY" -c "import open_clip, webdataset, lmdb, duckdb" 2>/dev/null; then
     if compgen -G ".whl/*.whl" >/dev/null; then
         echo "installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
             { echo "error: pip could not install .whl/*.whl"; exit 2; }
         export PYTHONPATH=/tmp/site:$PYTHONPATH
     else
-        echo "error: open_clip / webdataset / lmdb missing and no wheels in .whl/: run 'bash benchmarks/gpu_wheels.sh' here" \
+        echo "error: open_clip / webdataset / lmdb / duckdb missing and no wheels in .whl/: run 'bash benchmarks/gpu_wheels.sh' here" \
             "and carry .whl, or pip install open_clip_torch webdataset"
         exit 2
     fi
