@@ -255,7 +255,7 @@ def test_layer_decay_outside_0_1_is_rejected() -> None:
 
 
 def test_udp_encode_decode_round_trip_is_exact_where_the_classic_decoder_is_not() -> None:
-    from transfer.pose.datasets import (
+    from transfer.pose.heatmaps import (
         decode_heatmaps,
         decode_heatmaps_dark,
         encode_heatmaps,
@@ -278,7 +278,7 @@ def test_udp_encode_decode_round_trip_is_exact_where_the_classic_decoder_is_not(
 
 
 def test_udp_flipped_heatmap_lines_up_with_the_flipped_crop() -> None:
-    from transfer.pose.datasets import to_heatmap_coords, udp_scale
+    from transfer.pose.heatmaps import to_heatmap_coords, udp_scale
 
     scale = udp_scale((256, 192), 4)
     x = np.array([[10.0, 5.0], [100.25, 7.0]])

@@ -41,14 +41,7 @@ from transfer.person_search import metrics as ps_metrics
 from transfer.person_search.datasets import UNLABELED, PersonSearchData, SceneAnnotation, load_person_search
 from transfer.person_search.model import TwoStageSearcher, crop_people
 from transfer.person_search.training_data import CropDataset, SceneDataset, collate_scenes
-from transfer.reid.identity import (
-    IdentityBatchConfig,
-    ReidLossConfig,
-    id_triplet_loss,
-    identities_per_process,
-    identity_training,
-    transforms,
-)
+from transfer.reid import identity
 from transfer.reid.model import ReidModel
 from transfer.results import finished_results, pct, save_final_model, write_results
 from transfer.task import TaskConfig, start
@@ -80,8 +73,8 @@ class EmbedConfig(LoopConfig):
     """The re-ID embedding stage: stage 3a's recipe on ground-truth crops (flip, pad + crop, random erasing)."""
 
     epochs: Annotated[int, AT_LEAST_ONE] = 60
-    data: IdentityBatchConfig = field(default_factory=IdentityBatchConfig)
-    loss: ReidLossConfig = field(default_factory=ReidLossConfig)
+    data: identity.IdentityBatchConfig = field(default_factory=identity.IdentityBatchConfig)
+    loss: identity.ReidLossConfig = field(default_factory=identity.ReidLossConfig)
 
 
 @dataclass
@@ -145,7 +138,7 @@ def detector_batch(cfg: PersonSearchConfig, accelerator: Any) -> int:
 
 def embedding_identities(cfg: PersonSearchConfig, accelerator: Any) -> int:
     """P of the embedding stage's per-process P x K batch (``embed.data.global_batch`` split over the processes)."""
-    return identities_per_process(
+    return identity.identities_per_process(
         cfg.embed.data, accelerator, key="embed.data.global_batch", quiet=cfg.quiet, label="embedding: "
     )
 
@@ -199,14 +192,15 @@ def train_embedding(
     if len(labels) < 2:
         raise ClaspError(f"{data.root}: person search training needs at least 2 labelled identities")
     identities = embedding_identities(cfg, accelerator)
-    crops = CropDataset(items, transforms(searcher.reid.backbone, ecfg.data, train=True))
-    training = identity_training(
+    crops = CropDataset(items, identity.transforms(searcher.reid.backbone, ecfg.data, train=True))
+    training = identity.identity_training(
         accelerator, ecfg, searcher.reid, crops, [it[2] for it in items], identities=identities,
         k_instances=ecfg.data.k_instances, workers=cfg.workers, seed=cfg.seed,
     )  # fmt: skip
+    loss_fn = identity.id_triplet_loss(ecfg.loss)
     result = fine_tune(
-        accelerator, ecfg, training, loss_fn=id_triplet_loss(ecfg.loss), out_dir=Path(cfg.out_dir) / "embedding",
-        run_config=cfg, name="embedding", quiet=cfg.quiet,
+        accelerator, ecfg, training, loss_fn=loss_fn, out_dir=Path(cfg.out_dir) / "embedding", run_config=cfg,
+        name="embedding", quiet=cfg.quiet,
     )  # fmt: skip
     searcher.reid = accelerator.unwrap_model(training.model)
     return result
@@ -262,7 +256,7 @@ def evaluate(searcher: TwoStageSearcher, data: PersonSearchData, cfg: PersonSear
     from torchvision.ops import box_iou
 
     device = next(searcher.parameters()).device
-    transform = transforms(searcher.reid.backbone, cfg.embed.data, train=False)
+    transform = identity.transforms(searcher.reid.backbone, cfg.embed.data, train=False)
     frames = gallery_frames(data, cfg)
     detected, on_gt = {}, {}
     found = total = n_boxes = 0

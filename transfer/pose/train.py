@@ -40,12 +40,10 @@ from transfer.pose.datasets import (
     PoseCrops,
     PoseData,
     apply_affine,
-    decode_heatmaps,
-    decode_heatmaps_dark,
     flip_permutation,
-    from_heatmap_coords,
     load_coco_keypoints,
 )
+from transfer.pose.heatmaps import decode_heatmaps, decode_heatmaps_dark, from_heatmap_coords
 from transfer.pose.metrics import COCO_KEYPOINT_SIGMAS, KEYPOINT_STAT_NAMES, coco_keypoint_ap
 from transfer.pose.model import PoseModel
 from transfer.results import pct, save_final_model, write_results
