@@ -30,9 +30,9 @@ class TaskConfig:
     dataset: str = ""  # which dataset the folder holds (--dataset)
     out_dir: str = ""  # results.json, results.md, weights and the resume checkpoint (--out)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # --backbone sets backbone.spec
-    seed: int = 0
+    seed: int = 0  # model init, shuffles and augmentation (each process adds its rank)
     device: str = "auto"  # auto = cuda when available
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype of training and evaluation
     quiet: bool = False  # no progress bars (--quiet)
 
 
