@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ClaspError
+
+if TYPE_CHECKING:  # the task modules import torch: only when a task is asked for
+    from transfer.task import Task
 
 TASKS: dict[str, str] = {
     "reid": "transfer.reid.train:ReidTask",
@@ -24,7 +27,7 @@ TASKS: dict[str, str] = {
 }
 
 
-def get_task(name: str) -> Any:
+def get_task(name: str) -> Task:
     """The task registered as ``name`` (an instance of its class)."""
     if name not in TASKS:
         raise ClaspError(f"unknown transfer task '{name}': choose one of {', '.join(TASKS)}")

@@ -44,13 +44,15 @@ class FineTuneConfig(LoopConfig, TaskConfig):
 class Task(Protocol):
     """What the registry hands out: a config class and a ``run`` that writes ``out_dir/results.json``."""
 
-    name: str
-    config: type
+    name: str  # `clasp transfer NAME`
+    config: type  # a TaskConfig subclass
+    data_hint: str  # what --data names, for the missing-flag error
+    datasets: tuple[str, ...]  # the --dataset choices checked up front; () = the reader checks
 
     def run(self, cfg: Any) -> dict[str, Any]: ...
 
 
-def start(task: Any, cfg: TaskConfig) -> Path:
+def start(task: Task, cfg: TaskConfig) -> Path:
     """The output folder, after the checks every task makes first (folders given, a known dataset)."""
     if not cfg.data_dir or not cfg.out_dir:
         raise ClaspError(f"transfer {task.name} needs --data ({task.data_hint}) and --out (output folder)")
