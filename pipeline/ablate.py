@@ -51,7 +51,7 @@ class Variant:
 
 @dataclass
 class TransferRun:
-    task: str = "reid"  # a transfer.common.TASKS name
+    task: str = "reid"  # a transfer.registry.TASKS name
     dataset: str = "market1501"
     data: str = "market1501"  # dataset folder; relative paths are inside the synthetic world
     metric: str = "mAP"  # the headline number for the table (a key of the task's results)
@@ -209,7 +209,7 @@ def _pretrain(cfg: AblationConfig, variant: Variant, seed: int, root: Path, labe
 
 
 def _transfer(cfg: AblationConfig, run: TransferRun, backbone: str, seed: int, world: Path | None, out: Path) -> dict:
-    from transfer.common import task_entry
+    from transfer.registry import task_entry
 
     data = Path(run.data)
     if not data.is_absolute() and world is not None:

@@ -385,7 +385,7 @@ def transfer(
 ) -> None:
     """Fine-tune a backbone on a downstream task and evaluate it with the field's protocol."""
     from pipeline.config import load_config
-    from transfer.common import task_entry
+    from transfer.registry import task_entry
 
     config_cls, run_task = task_entry(task)
     options = {"data_dir": data, "dataset": dataset, "backbone.spec": backbone, "out_dir": out, "quiet": quiet or None}
@@ -424,7 +424,7 @@ def config_cmd(
     from pipeline.errors import ClaspError
 
     if command == "transfer":
-        from transfer.common import TASKS, task_entry
+        from transfer.registry import TASKS, task_entry
 
         if task is None:
             raise ClaspError(f"clasp config transfer TASK: name the task, one of {', '.join(TASKS)}")

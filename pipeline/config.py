@@ -308,6 +308,9 @@ def field_help(cls: type) -> dict[str, str]:
                 k -= 1
             text = " ".join(above)
         helps[head[0]] = text
+    for base in cls.__mro__[1:]:  # a field declared in a base dataclass (e.g. a task's shared settings) keeps its help
+        if dataclasses.is_dataclass(base):
+            helps.update({name: text for name, text in field_help(base).items() if not helps.get(name)})
     return helps
 
 

@@ -37,7 +37,7 @@ from timm.models import build_model_with_cfg, register_model
 
 from pipeline.config import ConfigError, from_dict
 from pipeline.errors import ClaspError
-from pretrain.backbone import ARCHS, ClaspViT, timm_kwargs
+from pretrain.backbone import ARCHS, ClaspViT, conv_stem_embed, timm_kwargs
 from pretrain.model_config import TASK_PROMPTS, MoEConfig
 
 NAME_PREFIX = "clasp_"
@@ -152,7 +152,11 @@ def _create(arch: str, pretrained: bool = False, **kwargs: Any) -> ClaspViT:
         if size[0] % patch_size or size[1] % patch_size:
             raise ClaspError(f"{name}: img_size {list(size)} must be a multiple of the patch size {patch_size}")
     kwargs = {**timm_kwargs(arch, img_size=build_size, patch_size=patch_size), **kwargs}
-    pretrained_cfg = {**pretrained_cfg_of(config, name), **overlay}
+    if ARCHS[arch].conv_stem_stride:  # the R+ViT stem, as create_backbone builds it (else: a plain patch-4 ViT)
+        kwargs["embed_layer"] = conv_stem_embed()
+    # the layer that sees the input channels (timm checks and adapts it): behind a conv stem, the stem's conv
+    first_conv = "patch_embed.backbone.conv" if ARCHS[arch].conv_stem_stride else "patch_embed.proj"
+    pretrained_cfg = {**pretrained_cfg_of(config, name), "first_conv": first_conv, **overlay}
     model = build_model_with_cfg(
         ClaspViT, name, pretrained, pretrained_cfg=pretrained_cfg, pretrained_strict=True, **kwargs
     )

@@ -398,7 +398,7 @@ def test_weighted_bce_uses_positive_ratio_weights() -> None:
 
 
 def test_schedule_warms_up_then_follows_cosine() -> None:
-    from transfer.common import OptimConfig, build_optimizer
+    from transfer.optim import OptimConfig, build_optimizer
 
     model = torch.nn.Linear(2, 2)
     cfg = OptimConfig(name="sgd", lr=0.1, warmup_epochs=1, warmup_lr_factor=0.01, min_lr_factor=0.0)
@@ -574,7 +574,7 @@ def test_synthetic_world_end_to_end(
     synth = pytest.importorskip("pipeline.synth", reason="the synthetic world generator has not landed yet")
     if not hasattr(synth, "write_world"):
         pytest.skip("pipeline.synth.write_world has not landed yet")
-    from transfer.common import task_entry
+    from transfer.registry import task_entry
 
     world = request.getfixturevalue("synth_world")
     config_cls, run = task_entry(task)
