@@ -91,8 +91,8 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     out: str = "runs/pretrain"  # run folder: config.yaml, checkpoints/, logs
     seed: int = 0  # + rank on each process
-    # "no" | "bf16" | "fp16" (Accelerate's names); YAML reads a bare `no` as false, which means "no" too
-    mixed_precision: Literal["no", "bf16", "fp16"] | bool = "no"
+    # Accelerate's names; a bare `no` in YAML (read as false) is "no" (the config loader normalises it)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     cpu: bool = False  # force the CPU even where a GPU is visible
     grad_accum: Annotated[int, POSITIVE] = 1  # micro-batches per optimizer step
     max_steps: Annotated[int | None, POSITIVE] = None  # stop early (the schedules still span `optim.epochs`)
