@@ -32,6 +32,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,6 +186,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a new empty sibling folder ``<name>.tmp-<pid>``; when the block succeeds it is renamed onto ``path``.
+
+    A folder already at ``path`` must be empty unless ``replace``; it stays in place until the new one is
+    complete (then it is moved aside and deleted). A failure removes the temporary folder, so a partial output
+    never stands under the final name and nothing is left behind.
+    """
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not replace:
+        raise ClaspError(f"{path} already exists and is not empty; delete it or choose another folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (path.with_name(f"{path.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _pause_if_asked(path: Path, tmp: Path) -> None:
