@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import accelerate_launch
+from helpers.launching import accelerate_launch
 from test_pretrain_data import tiny_config, write_corpus
 from typer.testing import CliRunner
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import accelerate_launch
+from helpers.fault_injection import pause_write_env
+from helpers.launching import accelerate_launch
 from test_pretrain_data import tiny_config, write_corpus
 from test_stream_coverage import measure
 from test_trainer import REPO, SPY, TINY_MODEL, losses
 
 from pipeline.errors import ClaspError
-from pipeline.formats import PAUSE_WRITE_ENV
 from pretrain.trainer import list_checkpoints, train
 
 
@@ -36,7 +36,7 @@ def launch(script: Path, corpus: Path, *overrides: str, **env_extra: str) -> sub
 
 def kill_when_paused(proc: subprocess.Popen, out: Path, timeout_s: float = 300) -> None:
     """kill -9 the launcher, both ranks and their loader workers once rank 0 stalls at the write chosen by
-    PAUSE_WRITE_ENV (rank 1 is then waiting for it)."""
+    pause_write_env (rank 1 is then waiting for it)."""
     deadline = time.monotonic() + timeout_s
     while not list(out.rglob("*.paused")):
         assert proc.poll() is None, f"the run ended before the stalled write: {proc.communicate()[1][-3000:]}"
@@ -85,7 +85,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     script.write_text(textwrap.dedent(SPY.format(tests=str(REPO / "tests"))))
     common = ["data.workers=1", "data.photometric=true", "checkpoint_every=3"]
     full = launch(script, corpus, *common, f"out={tmp / 'full'}", "max_steps=6")
-    killed = launch(script, corpus, *common, f"out={tmp / 'split'}", "max_steps=6", **{PAUSE_WRITE_ENV: "step-*.pt:2"})
+    killed = launch(script, corpus, *common, f"out={tmp / 'split'}", "max_steps=6", **pause_write_env("step-*.pt", 2))
     kill_when_paused(killed, tmp / "split")
     finish(full)
     assert [p.name for p in list_checkpoints(tmp / "split")] == ["step-000000003.pt"]

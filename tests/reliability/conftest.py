@@ -3,7 +3,7 @@
 32 synthetic person crops (4 identities) in 4 shards of 8, a random tiny open_clip model (2 blocks,
 width 64) for labels, and a ``vit_micro`` at 32x16 for pre-training: every stage runs for real, in
 seconds. reliability_kit.py starts stages in child processes and kills them at chosen writes (the
-``CLASP_TEST_PAUSE_WRITE`` hook of pipeline.formats.atomic_path).
+tests' own hook, helpers/fault_injection.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.formats import PAUSE_WRITE_ENV
+from helpers.fault_injection import pause_write_env
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = "rel"
@@ -60,7 +60,7 @@ def start_python(code: str, **env: str) -> subprocess.Popen:
 def kill_at_write(code: str, watch: Path, pattern: str, nth: int = 1, timeout_s: float = 240) -> Path:
     """Run ``code`` in a child, let it stall at the ``nth`` atomic write of a file matching ``pattern``
     (temporary file complete, not yet renamed), kill -9 it there; returns the stalled temporary file."""
-    proc = start_python(code, **{PAUSE_WRITE_ENV: f"{pattern}:{nth}"})
+    proc = start_python(code, **pause_write_env(pattern, nth))
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and proc.poll() is None:
