@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pipeline.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, Check
-from pretrain.model_config import ModelConfig
+from pretrain.model_config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SHARE = Check(lambda v: 0 < v <= 1, "in (0, 1]")
 
 

@@ -50,14 +50,12 @@ from pipeline.errors import ClaspError
 from pipeline.formats import atomic_dir
 from pipeline.guards import ensure_free_space
 from pretrain.backbone import arch_spec, create_backbone, timm_kwargs
-from pretrain.model_config import ModelConfig, MoEConfig
+from pretrain.model_config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, MoEConfig
 from pretrain.timm_models import CONFIG_METADATA_KEY, check_loaded_keys, register_timm_model
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _CARD_BYTES = 64 * 1024  # config.json + README.md, generously
 
