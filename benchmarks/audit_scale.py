@@ -1,8 +1,8 @@
 """Standard label audit at LUPerson scale: 4.2M simulated label rows, 2 DuckDB threads, a memory limit.
 
-    .venv/bin/python benchmarks/audit_scale.py                   # 1.05M and 4.2M images, 2 threads, 2GB
-    .venv/bin/python benchmarks/audit_scale.py --images 200000   # quick look
-    .venv/bin/python benchmarks/audit_scale.py --keep /tmp/ab    # keep the corpora, reuse them next time
+    .venv/bin/python -m benchmarks.audit_scale                   # 1.05M and 4.2M images, 2 threads, 2GB
+    .venv/bin/python -m benchmarks.audit_scale --images 200000   # quick look
+    .venv/bin/python -m benchmarks.audit_scale --keep /tmp/ab    # keep the corpora, reuse them next time
 
 Builds, in a temporary directory, what `clasp ingest` + `clasp label` would leave for a corpus of
 that size (manifest.parquet, sizes.json, label shards + labelset.json; no image tars, since the
@@ -31,9 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.formats import (  # noqa: E402
+from pipeline.formats import (
     LABELSET_FILE,
     MANIFEST_FILE,
     SIZES_FILE,
@@ -43,7 +41,7 @@ from pipeline.formats import (  # noqa: E402
     labels_dir,
     shard_stem,
 )
-from pipeline.vocab import load_attributes, load_parts  # noqa: E402
+from pipeline.vocab import load_attributes, load_parts
 
 # Approximate PA-100K positive rates, in the attribute vocabulary's order.
 CORPUS = "luperson"
@@ -212,7 +210,8 @@ def _audit_once(root: Path, labelset: str, threads: int, memory_limit: str) -> d
 
 
 def _audit_child(root: Path, labelset: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(root), labelset, "--threads", str(args.threads)]
+    cmd = [sys.executable, "-m", "benchmarks.audit_scale", "--child", str(root), labelset]
+    cmd += ["--threads", str(args.threads)]
     cmd += ["--memory-limit", args.memory_limit]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """Pre-training step cost: MoE vs plain ViT, and the full loop (label-joined stream) vs bare compute.
 
-    .venv/bin/python benchmarks/pretrain_step.py                       # CPU-sized: ViT-Ti, batch 8
-    python benchmarks/pretrain_step.py --arch vit_base --batch 128 --precision bf16 --workers 16 \\
+    .venv/bin/python -m benchmarks.pretrain_step                       # CPU-sized: ViT-Ti, batch 8
+    python -m benchmarks.pretrain_step --arch vit_base --batch 128 --precision bf16 --workers 16 \\
         --steps 20 --warmup 5 --images 8192 --compile --skip-rss           # one GPU (benchmarks/gpu_all.sh)
 
 Measured in one run, same model settings, same process:
@@ -40,10 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.gpu_common import Budget, Results, datasheet_peak, person_jpeg
 
-from benchmarks.gpu_common import Budget, Results, datasheet_peak, person_jpeg  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 COMPILE_ALLOWANCE_S = 75  # budget kept free for torch.compile of one ViT-B meta-arch (fwd + bwd) before timing it
 
@@ -215,7 +214,6 @@ def loader_rss(root: Path, corpus: str, batches: int) -> dict[str, float]:
     """Stream ``batches`` batches in a fresh process: images/s, peak RSS of its main process and largest worker."""
     code = f"""
 import json, sys, time
-sys.path.insert(0, {str(REPO)!r})
 sys.argv = [""] + {sys.argv[1:]!r}
 from benchmarks.pretrain_step import make_config, parse_args, peak_rss_mb
 from pretrain.data import build_stream
