@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_pretrain_data import stream_for, tiny_config, write_corpus
+from helpers.pretraining import stream_for, tiny_config, write_corpus
 
 from benchmarks.stream_coverage import measure
 from pretrain.data import Shard, StreamLayout

@@ -1,7 +1,7 @@
 """Two launched CPU processes (gloo, ``accelerate launch --num_processes 2``): a pre-training run killed after a
 checkpoint and resumed equals the uninterrupted run, batch by batch and loss by loss; its batches are the
 ones the stream simulator predicts; and a resume on another process count is refused, or rescaled when
-accepted. Tiny corpus and model of test_trainer.py.
+accepted. Tiny corpus and model of helpers/pretraining.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import pytest
 import torch
 from helpers.fault_injection import pause_write_env
 from helpers.launching import accelerate_launch
-from test_pretrain_data import tiny_config, write_corpus
-from test_stream_coverage import measure
-from test_trainer import REPO, SPY, TINY_MODEL, losses
+from helpers.pretraining import REPO, SPY, TINY_MODEL, losses, tiny_config, write_corpus
 
+from benchmarks.stream_coverage import measure
 from pipeline.errors import ClaspError
 from pretrain.trainer import list_checkpoints, train
 
@@ -143,14 +142,14 @@ def test_reid_with_two_processes_evaluates_as_with_one(tmp_path: Path) -> None:
     initialisation, which DDP broadcasts; ``epochs=0`` is refused since it would evaluate an untrained head).
     Fine-tuning cannot match exactly and is only run: each process normalises its own half batch in the BNNeck
     and mines triplets within it, and augmentations are seeded per rank (seed + rank)."""
-    from test_transfer import _reid_overrides, write_market
+    from helpers.transfer_data import reid_overrides, write_market
 
     write_market(tmp_path / "market" / "Market-1501-v15.09.15")
     common = ["transfer", "reid", "--data", str(tmp_path / "market"), "--dataset", "market1501", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
     def start(out: str, processes: int, *extra: str) -> subprocess.Popen:
-        args = [*common, "--out", str(tmp_path / out), *_reid_overrides(), *extra]
+        args = [*common, "--out", str(tmp_path / out), *reid_overrides(), *extra]
         if processes == 1:
             cmd = [sys.executable, "-m", "pipeline.cli", *args]
         else:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 from helpers.fault_injection import pause_write_env
-from reliability_kit import (
+from helpers.reliability import (
     CLASP,
     CORPUS,
     REPO,
