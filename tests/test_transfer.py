@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.transfer_data import TINY_VIT, id_color, reid_overrides, write_image, write_market, write_pa100k
+from helpers.transfer_data import TINY_REID, TINY_VIT, id_color, reid_overrides, write_image, write_market, write_pa100k
 
 from pipeline.config import load_config
 from pipeline.errors import ClaspError
@@ -365,15 +365,7 @@ def _reid_cfg(data: Path, out: Path, *extra: str):
         f"data_dir={data}",
         f"out_dir={out}",
         "dataset=market1501",
-        *TINY_VIT,
-        "data.img_size=[32,16]",
-        "data.p_identities=4",
-        "data.k_instances=2",
-        "data.workers=0",
-        "epochs=2",
-        "optim.warmup_epochs=0.5",
-        "eval.batch_size=16",
-        "device=cpu",
+        *TINY_REID,
         "quiet=true",
         *extra,
     ]
