@@ -98,6 +98,12 @@ def _summaries(maps: np.ndarray, grid: tuple[int, int], n_parts: int):
     return area, row
 
 
+def _luperson_keys(ids: np.ndarray) -> pa.Array:
+    """LUPerson-style keys of image ``ids``; video = id // 500, so neighbouring frames share a video."""
+    video = np.char.add("cn_beijing_v", np.char.zfill((ids // 500).astype(str), 6))
+    return pa.array(np.char.add(video, np.char.add("_f", np.char.zfill((ids % 500).astype(str), 6))))
+
+
 def build_corpus(root: Path, corpus: str, n_images: int, per_shard: int, grid: tuple[int, int], seed: int = 0) -> str:
     """Write manifest.parquet, sizes.json, label shards and labelset.json; return the label set id."""
     rng = np.random.default_rng(seed)
@@ -110,18 +116,13 @@ def build_corpus(root: Path, corpus: str, n_images: int, per_shard: int, grid: t
     area, row = _summaries(maps, grid, len(parts))
     fg = (maps > 0).mean(1).astype(np.float32)
     n_shards = -(-n_images // per_shard)
-    # Unique ids in ingest's shuffled order; video = id // 500 so neighbouring frames share a video.
+    # unique ids in ingest's shuffled order
     order = rng.permutation(n_images)
     sizes, manifest_parts = {}, []
     for s in range(n_shards):
         n = min(per_shard, n_images - s * per_shard)
         ids = order[s * per_shard : s * per_shard + n]
-        keys = pa.array(
-            np.char.add(
-                np.char.add("cn_beijing_v", np.char.zfill((ids // 500).astype(str), 6)),
-                np.char.add("_f", np.char.zfill((ids % 500).astype(str), 6)),
-            )
-        )
+        keys = _luperson_keys(ids)
         truth = rng.random((n, len(attrs))) < rates
         prob = np.where(truth, rng.beta(5, 2, truth.shape), rng.beta(1.5, 6, truth.shape))
         attr = pa.FixedSizeListArray.from_arrays(pa.array(np.round(prob * 255).astype(np.uint8).ravel()), len(attrs))
