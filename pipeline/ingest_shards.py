@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.formats import MANIFEST_COLUMNS, atomic_path, shard_stem
+from pipeline.progress import progress
 from pipeline.sources import Probe, SourceReader, probe_image
 
 WORK_DIR = ".ingest"  # per-shard rows + rejects, plan.json, lock; hidden from `*.tar` globs
@@ -148,35 +149,24 @@ def _resolve_workers(requested: int, n_tasks: int) -> int:
 
 def run_shard_tasks(tasks: list[ShardTask], *, workers: int, quiet: bool, total: int, done: int) -> None:
     """Write ``tasks`` on ``workers`` processes (0 = all cores), with one progress bar over ``total`` images."""
-    from tqdm import tqdm
-
     if not tasks:
         return
     workers = _resolve_workers(workers, len(tasks))
-    bar = tqdm(
-        total=total,
-        initial=done,
-        unit="img",
-        unit_scale=total >= 10000,
-        disable=quiet,
-        desc=f"ingest {tasks[0].corpus}",
-    )
-    try:
+    with progress(total, f"ingest {tasks[0].corpus}", quiet=quiet, initial=done) as advance:
         if workers == 1:
             for task in tasks:
-                write_shard(task, bar.update)
+                write_shard(task, advance)
             return
         ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (tqdm) and open LMDB handles
         counter = ctx.Value("q", 0)
         with ctx.Pool(workers, initializer=_pool_init, initargs=(counter,)) as pool:
             results = pool.imap_unordered(_write_shard_in_worker, tasks)
-            remaining = len(tasks)
+            remaining, shown = len(tasks), 0
             while remaining:
                 try:
                     results.next(timeout=0.5)
                     remaining -= 1
                 except mp.TimeoutError:
                     pass
-                bar.update(done + counter.value - bar.n)
-    finally:
-        bar.close()
+                advance(counter.value - shown)
+                shown = counter.value

@@ -44,6 +44,7 @@ from PIL import Image
 from pipeline.config import POSITIVE, ConfigError, at_least, save_config
 from pipeline.errors import ClaspError
 from pipeline.formats import atomic_dir, atomic_path, write_json_atomic
+from pipeline.progress import progress
 from pipeline.synth.layouts import GtWriter, LmdbWriter, write_pa100k_mat
 from pipeline.synth.look import attributes, caption
 from pipeline.synth.plan import LUPERSON, MARKET, PA100K, Job, plan_corpus, plan_market, plan_pa100k
@@ -191,35 +192,28 @@ def _write_world(cfg: SynthConfig, out: Path, tmp: Path) -> dict:
     market = plan_market(cfg)
     pa100k = plan_pa100k(cfg)
     jobs = corpus + market + pa100k
-    bar = None
-    if not cfg.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), desc="synth", unit="img", smoothing=0.1)
     lmdb = LmdbWriter(tmp / "luperson_lmdb", len(corpus))
     gt = {LUPERSON: GtWriter(tmp / "gt.parquet"), MARKET: GtWriter(tmp / "market1501_gt.parquet"),
           PA100K: GtWriter(tmp / "pa100k_gt.parquet")}  # fmt: skip
     rows: dict[str, list[dict]] = {LUPERSON: [], MARKET: [], PA100K: []}  # without the masks, for the summary
     made_dirs: set[Path] = set()
     try:
-        for job, done in zip(jobs, _render_all(jobs, cfg.workers), strict=True):
-            path = tmp / job.path
-            if path.parent not in made_dirs:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                made_dirs.add(path.parent)
-            path.write_bytes(done.jpeg)
-            if job.dataset == LUPERSON:
-                lmdb.put(job.key, done.jpeg)
-            gt[job.dataset].add(done.row)
-            rows[job.dataset].append({k: v for k, v in done.row.items() if k not in ("part_mask", "keypoints")})
-            if bar is not None:
-                bar.update(1)
+        with progress(len(jobs), "synth", quiet=cfg.quiet) as advance:
+            for job, done in zip(jobs, _render_all(jobs, cfg.workers), strict=True):
+                path = tmp / job.path
+                if path.parent not in made_dirs:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    made_dirs.add(path.parent)
+                path.write_bytes(done.jpeg)
+                if job.dataset == LUPERSON:
+                    lmdb.put(job.key, done.jpeg)
+                gt[job.dataset].add(done.row)
+                rows[job.dataset].append({k: v for k, v in done.row.items() if k not in ("part_mask", "keypoints")})
+                advance()
     finally:
         lmdb.close()
         for writer in gt.values():
             writer.close()
-        if bar is not None:
-            bar.close()
     with atomic_path(tmp / "pairs.csv") as p, open(p, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "caption", "box"])
