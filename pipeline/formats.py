@@ -186,7 +186,7 @@ def atomic_dir(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
     complete (then it is moved aside and deleted). A failure removes the temporary folder, so a partial output
     never stands under the final name and nothing is left behind.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." has no name to put a sibling beside
     if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not replace:
         raise ClaspError(f"{path} already exists and is not empty; delete it or choose another folder")
     path.parent.mkdir(parents=True, exist_ok=True)
