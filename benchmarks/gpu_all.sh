@@ -123,7 +123,7 @@ part_label() {
     else
         args+=(--images "${LABEL_IMAGES:-32768}" --workers "$CORES")
     fi
-    timeout --kill-after=10 "$1" "$PY" benchmarks/gpu_label.py "${args[@]}"
+    timeout --kill-after=10 "$1" "$PY" -m benchmarks.gpu_label "${args[@]}"
 }
 
 part_pretrain() {
@@ -136,7 +136,7 @@ part_pretrain() {
             --precision bf16 --workers "$CORES" --steps 15 --warmup 5 --rounds 2 --loop-rounds 1 --images 8192 --shards 32
             --loader-batches 20 --peak-flops "$PEAK")
     fi
-    timeout --kill-after=10 "$1" "$PY" benchmarks/pretrain_step.py "${args[@]}"
+    timeout --kill-after=10 "$1" "$PY" -m benchmarks.pretrain_step "${args[@]}"
 }
 
 part_ablation() {
@@ -169,4 +169,4 @@ else  # nothing after it: pre-training may use the rest (a second compiled model
 fi
 run_part ablation $(($(left_s) - 10)) 60
 echo "== gpu_all: $((SECONDS - START)) s in all"
-"$PY" benchmarks/gpu_common.py summary "$OUT" "$WORK"
+"$PY" -m benchmarks.gpu_common summary "$OUT" "$WORK"

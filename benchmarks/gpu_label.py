@@ -1,7 +1,7 @@
 """GPU labeling throughput: CLIP ViT-B-16 at 448x224, bf16, through the real ingest -> label path.
 
-    python benchmarks/gpu_label.py --out $OUT/label.json            # part 1 of benchmarks/gpu_all.sh
-    python benchmarks/gpu_label.py --dry-run                         # tiny CLIP on the CPU: checks the script
+    python -m benchmarks.gpu_label --out $OUT/label.json            # part 1 of benchmarks/gpu_all.sh
+    python -m benchmarks.gpu_label --dry-run                         # tiny CLIP on the CPU: checks the script
 
 The CLIP has RANDOM weights (``allow_random_weights``; no network there): speed does not depend on
 them, the label values are noise. Measured in one run:
@@ -28,15 +28,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from benchmarks.gpu_common import Budget, Results, datasheet_peak, matmul_peak_flops, write_person_folder  # noqa: E402
+from benchmarks.gpu_common import Budget, Results, datasheet_peak, matmul_peak_flops, write_person_folder
 
 
 def parse_args() -> argparse.Namespace:

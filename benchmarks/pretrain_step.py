@@ -1,7 +1,7 @@
 """Pre-training step cost: MoE vs plain ViT, and the full loop (label-joined stream) vs bare compute.
 
-    .venv/bin/python benchmarks/pretrain_step.py                       # CPU-sized: ViT-Ti, batch 8
-    python benchmarks/pretrain_step.py --arch vit_base --batch 128 --precision bf16 --workers 16 \\
+    .venv/bin/python -m benchmarks.pretrain_step                       # CPU-sized: ViT-Ti, batch 8
+    python -m benchmarks.pretrain_step --arch vit_base --batch 128 --precision bf16 --workers 16 \\
         --steps 20 --warmup 5 --images 8192 --compile --skip-rss           # one GPU (benchmarks/gpu_all.sh)
 
 Measured in one run, same model settings, same process:
@@ -40,10 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.gpu_common import Budget, Results, datasheet_peak, person_jpeg
 
-from benchmarks.gpu_common import Budget, Results, datasheet_peak, person_jpeg  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 COMPILE_ALLOWANCE_S = 75  # budget kept free for torch.compile of one ViT-B meta-arch (fwd + bwd) before timing it
 
@@ -215,7 +214,6 @@ def loader_rss(root: Path, corpus: str, batches: int) -> dict[str, float]:
     """Stream ``batches`` batches in a fresh process: images/s, peak RSS of its main process and largest worker."""
     code = f"""
 import json, sys, time
-sys.path.insert(0, {str(REPO)!r})
 sys.argv = [""] + {sys.argv[1:]!r}
 from benchmarks.pretrain_step import make_config, parse_args, peak_rss_mb
 from pretrain.data import build_stream
@@ -331,52 +329,64 @@ def main() -> None:
         bare_section(benches, args, res, "eager", args.rounds)
         model_round_s = (time.perf_counter() - t) / (2 * args.rounds)  # one model's fwd+bwd and step runs
 
-        # loop rounds, each bracketed by bare fwd+bwd runs of the same model (before: the previous one)
-        moe, loops, ratios = benches["moe"], [], []
-        before, round_s = res.data["bare_fwd_bwd_moe_images_per_s"], 0.0
-        loop_rounds = args.rounds if args.loop_rounds is None else args.loop_rounds
-        for r in range(loop_rounds):
-            if r > 0 and not budget.allows(round_s, f"loop rounds {r}..{loop_rounds - 1}", res):
-                break
-            t = time.perf_counter()
-            loops.append(loop(make_config(args, root, "small"), root / f"run{r}", args.steps, args.warmup))
-            after = moe.images_per_s(moe.fwd_bwd, args.steps, args.warmup)
-            round_s = time.perf_counter() - t
-            ratios.append(loops[-1] / ((before + after) / 2))
-            print(f"loop round {r}: {loops[-1]:.1f} img/s; bare fwd+bwd before/after {before:.1f} / {after:.1f} img/s")
-            before = after
-            res.update(loop_images_per_s=statistics.median(loops), loop_ratio=statistics.median(ratios))
-        res.update(loop_ratio_vs_step=res.data["loop_images_per_s"] / res.data["bare_step_moe_images_per_s"])
-        print(f"loop (stream + trainer step, MoE): {res.data['loop_images_per_s']:.1f} img/s (median)")
-        print(
-            f"loop / bare fwd+bwd: {res.data['loop_ratio']:.3f} (target >= 0.85); / bare step "
-            f"{res.data['loop_ratio_vs_step']:.3f}",
-            flush=True,
-        )
+        loop_section(benches["moe"], args, res, root, budget)
 
         if on_gpu:
             for tag, bench in benches.items():
                 res.update(**{f"peak_mem_{tag}_gib": getattr(bench, "peak_mem_bytes", 0) / 2**30})
             report_mfu(res, device_name, args.peak_flops)
 
-        # compiled: one round per model (compiling takes a minute or more each on a GPU machine), MoE first
-        for tag, bench in benches.items() if args.compile else ():
-            if not budget.allows(COMPILE_ALLOWANCE_S + model_round_s, f"torch.compile of the {tag} model", res):
-                break
-            try:
-                t = time.perf_counter()
-                bench.compile(args.compile_backend)
-                bare_section({tag: bench}, args, res, "compiled", 1)
-                res.update(**{f"compile_{tag}_s": time.perf_counter() - t})
-            except Exception as exc:  # noqa: BLE001 - a compile failure must not lose the eager figures
-                res.note(f"torch.compile of {tag} failed: {type(exc).__name__}: {str(exc)[:300]}")
-                print(f"torch.compile of {tag} failed: {type(exc).__name__}: {exc}", flush=True)
+        if args.compile:
+            compiled_section(benches, args, res, budget, model_round_s)
 
         if on_gpu:  # again after the compiled runs (a time guard may kill those: these figures are kept)
             for tag, bench in benches.items():
                 res.update(**{f"peak_mem_{tag}_gib": getattr(bench, "peak_mem_bytes", 0) / 2**30})
             report_mfu(res, device_name, args.peak_flops)
     print(res.json_line())
+
+
+def loop_section(moe: BareStep, args: argparse.Namespace, res: Results, root: Path, budget: Budget) -> None:
+    """Loop rounds (stream + trainer step), each bracketed by bare fwd+bwd runs of the same model (before: the
+    previous round's after), so the ratio compares runs made under the same conditions."""
+    loops, ratios = [], []
+    before, round_s = res.data["bare_fwd_bwd_moe_images_per_s"], 0.0
+    loop_rounds = args.rounds if args.loop_rounds is None else args.loop_rounds
+    for r in range(loop_rounds):
+        if r > 0 and not budget.allows(round_s, f"loop rounds {r}..{loop_rounds - 1}", res):
+            break
+        t = time.perf_counter()
+        loops.append(loop(make_config(args, root, "small"), root / f"run{r}", args.steps, args.warmup))
+        after = moe.images_per_s(moe.fwd_bwd, args.steps, args.warmup)
+        round_s = time.perf_counter() - t
+        ratios.append(loops[-1] / ((before + after) / 2))
+        print(f"loop round {r}: {loops[-1]:.1f} img/s; bare fwd+bwd before/after {before:.1f} / {after:.1f} img/s")
+        before = after
+        res.update(loop_images_per_s=statistics.median(loops), loop_ratio=statistics.median(ratios))
+    res.update(loop_ratio_vs_step=res.data["loop_images_per_s"] / res.data["bare_step_moe_images_per_s"])
+    print(f"loop (stream + trainer step, MoE): {res.data['loop_images_per_s']:.1f} img/s (median)")
+    print(
+        f"loop / bare fwd+bwd: {res.data['loop_ratio']:.3f} (target >= 0.85); / bare step "
+        f"{res.data['loop_ratio_vs_step']:.3f}",
+        flush=True,
+    )
+
+
+def compiled_section(
+    benches: dict[str, BareStep], args: argparse.Namespace, res: Results, budget: Budget, model_round_s: float
+) -> None:
+    """One compiled round per model (compiling takes a minute or more each on a GPU machine), MoE first."""
+    for tag, bench in benches.items():
+        if not budget.allows(COMPILE_ALLOWANCE_S + model_round_s, f"torch.compile of the {tag} model", res):
+            break
+        try:
+            t = time.perf_counter()
+            bench.compile(args.compile_backend)
+            bare_section({tag: bench}, args, res, "compiled", 1)
+            res.update(**{f"compile_{tag}_s": time.perf_counter() - t})
+        except Exception as exc:  # noqa: BLE001 - a compile failure must not lose the eager figures
+            res.note(f"torch.compile of {tag} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            print(f"torch.compile of {tag} failed: {type(exc).__name__}: {exc}", flush=True)
 
 
 def report_mfu(res: Results, device_name: str, measured_peak: float | None) -> None:

@@ -36,9 +36,7 @@ The checkpoint is a ``torch.save``'d dict with at least::
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +47,15 @@ from torch import nn
 
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.errors import ClaspError
+from pipeline.formats import atomic_dir
 from pipeline.guards import ensure_free_space
 from pretrain.backbone import arch_spec, create_backbone, timm_kwargs
-from pretrain.model_config import ModelConfig, MoEConfig
+from pretrain.model_config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, MoEConfig
 from pretrain.timm_models import CONFIG_METADATA_KEY, check_loaded_keys, register_timm_model
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _CARD_BYTES = 64 * 1024  # config.json + README.md, generously
 
@@ -128,21 +125,11 @@ def export_backbone(checkpoint: Path | str, out_dir: Path, *, card: dict[str, An
 
     weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     ensure_free_space(out_dir.parent, weight_bytes + _CARD_BYTES, what=f"the backbone export {out_dir.name}")
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir, replace=True) as tmp:
         metadata = {"format": "pt", "arch": model_cfg.arch, CONFIG_METADATA_KEY: json.dumps(config)}
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / CARD_FILE).write_text(_model_card(config, card, state["config"]))
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -27,6 +27,9 @@ from pipeline.config import POSITIVE, PROBABILITY
 
 #: Task prompts of the prompt-controlled MoE, in the order of the learned prompt table.
 TASK_PROMPTS: tuple[str, ...] = ("instance", "part", "attribute")
+#: Input normalisation (RGB) of ImageNet-trained models: the default of pre-training, exports and transfer.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass

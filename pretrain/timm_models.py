@@ -38,14 +38,12 @@ from timm.models import build_model_with_cfg, register_model
 from pipeline.config import ConfigError, from_dict
 from pipeline.errors import ClaspError
 from pretrain.backbone import ARCHS, ClaspViT, conv_stem_embed, timm_kwargs
-from pretrain.model_config import TASK_PROMPTS, MoEConfig
+from pretrain.model_config import IMAGENET_MEAN, IMAGENET_STD, TASK_PROMPTS, MoEConfig
 
 NAME_PREFIX = "clasp_"
 EXPORT_CONFIG_FILE = "config.json"
 CONFIG_METADATA_KEY = "clasp_config"  # safetensors header entry holding the export's config.json
 DEFAULT_IMG_SIZE = (256, 128)
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def timm_name(arch: str) -> str:
@@ -85,8 +83,8 @@ def pretrained_cfg_of(config: dict[str, Any] | None, name: str) -> dict[str, Any
     return dict(
         architecture=name,
         input_size=(3, height, width),
-        mean=tuple(config.get("mean", _IMAGENET_MEAN)),
-        std=tuple(config.get("std", _IMAGENET_STD)),
+        mean=tuple(config.get("mean", IMAGENET_MEAN)),
+        std=tuple(config.get("std", IMAGENET_STD)),
         interpolation="bicubic",
         crop_pct=1.0,
         num_classes=0,

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers.labels import label_cfg, write_clip_dir
 from PIL import Image
-from test_label import label_cfg, write_clip_dir
 
 from labeling.label import run_labeling
 from labeling.oracle import cell_parts, degrade_mask, write_gt_labelset

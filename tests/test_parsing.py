@@ -67,7 +67,7 @@ def test_writer_layout_is_read_by_the_lip_reader(lip_root: Path) -> None:
     assert (lip_root / "val_id.txt").stat().st_mtime_ns == before
     with pytest.raises(ClaspError, match="overwrite"):
         write_lip(lip_root, seed=4, train_images=10, val_images=4)
-    assert not list(lip_root.parent.glob(".LIP-partial-*"))
+    assert not list(lip_root.parent.glob("*.tmp-*"))
 
 
 def test_reader_names_missing_files(tmp_path: Path) -> None:

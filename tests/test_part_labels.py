@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_label import ingest_folder, label_cfg, noise_images, write_clip_dir
+from helpers.labels import ingest_folder, label_cfg, noise_images, write_clip_dir
 
 from labeling.label import run_labeling
 from labeling.labelers import Labeler, above_chance

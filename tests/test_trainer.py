@@ -1,7 +1,7 @@
 """The pre-training loop: exact resume, non-finite stop, two launched processes, export to stock timm.
 
 Tiny model (``vit_micro`` at 32x16 with 8px patches, a small DINO head) on hand-built shards
-(see test_pretrain_data.write_corpus), a few steps each.
+(helpers/pretraining.py), a few steps each.
 """
 
 from __future__ import annotations
@@ -14,30 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import accelerate_launch
-from test_pretrain_data import tiny_config, write_corpus
+from helpers.launching import accelerate_launch
+from helpers.pretraining import REPO, SPY, TINY_MODEL, losses, tiny_config, write_corpus
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pretrain.trainer import NonFiniteLossError, list_checkpoints, train
-
-REPO = Path(__file__).resolve().parent.parent
-TINY_MODEL = [
-    "model.arch=vit_micro",
-    "model.loss.dino_out_dim=128",
-    "model.loss.dino_hidden_dim=64",
-    "model.loss.dino_bottleneck_dim=32",
-    "optim.epochs=2",
-    "optim.warmup_epochs=0.5",
-    "log_every=1",
-    "tensorboard=false",
-    "quiet=true",
-]
-
-
-def losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss/total"] for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -115,29 +97,6 @@ def test_export_loads_strict_into_stock_timm(corpus: Path, tmp_path: Path) -> No
     assert torch.equal(model.pos_embed, ckpt["model"]["teacher.backbone.pos_embed"])  # the teacher was exported
     config = json.loads((tmp_path / "release" / "config.json").read_text())
     assert config["img_size"] == [256, 128] and config["step"] == 1
-
-
-SPY = """
-    import json, sys
-    sys.path.insert(0, {tests!r})
-    from accelerate import PartialState
-    from test_pretrain_data import tiny_config
-    import pretrain.trainer as trainer
-
-    seen = []
-    original = trainer.to_model_batch
-
-    def spy(batch, *args, **kwargs):
-        seen.append(list(batch["key"]))
-        return original(batch, *args, **kwargs)
-
-    trainer.to_model_batch = spy
-    cfg = tiny_config(sys.argv[1], *sys.argv[2:])
-    summary = trainer.train(cfg)
-    rank = PartialState().process_index
-    with open(f"{{cfg.out}}/keys-{{rank}}.json", "w") as fh:
-        json.dump({{"keys": seen, "step": summary.step, "loss": summary.last_terms["total"]}}, fh)
-"""
 
 
 def test_two_launched_processes_read_disjoint_data(corpus: Path, tmp_path: Path) -> None:

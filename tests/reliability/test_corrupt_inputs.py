@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from reliability_kit import CORPUS, PER_SHARD, assert_user_error, clasp_in_process, label_config, pretrain_overrides
+from helpers.reliability import CORPUS, PER_SHARD, assert_user_error, clasp_in_process, label_config, pretrain_overrides
 
 from labeling import label as label_stage
 from pipeline.errors import ClaspError

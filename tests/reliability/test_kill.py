@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from reliability_kit import (
+from helpers.reliability import (
     CORPUS,
     ingest_code,
     kill_at_write,
