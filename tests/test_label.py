@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers.labels import ingest_folder, label_cfg, noise_images, write_clip_dir
 from PIL import Image
 
