@@ -6,12 +6,10 @@ or adapt it with ``clasp audit --sql`` (replace ``lab`` by ``labels`` and ``a<i>
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-if TYPE_CHECKING:
-    from labeling.audit import AuditContext, Finding
+from labeling.audit_views import AuditContext, Finding
 
 
 @dataclass(frozen=True)
@@ -179,8 +177,6 @@ def _rows(table: pa.Table | None) -> list[dict]:
 
 def derive_findings(ctx: AuditContext, t: dict[str, pa.Table]) -> list[Finding]:
     """Findings (severity, what, where, how many) from the standard audit results."""
-    from labeling.audit import Finding
-
     cfg = ctx.cfg
     out: list[Finding] = []
 

@@ -13,16 +13,13 @@ import io
 import tarfile
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from labeling.audit_views import AuditContext, AuditResult
 from pipeline.formats import atomic_path, images_dir
-
-if TYPE_CHECKING:
-    from labeling.audit import AuditContext, AuditResult
 
 # Part colours (class id order, background transparent): distinct under common colour-vision deficiencies.
 PALETTE = np.array(
