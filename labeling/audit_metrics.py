@@ -121,9 +121,54 @@ def _decode_mask(png: bytes) -> np.ndarray:
 def gt_metrics(con: duckdb.DuckDBPyConnection, ctx: AuditContext, result: AuditResult) -> None:
     """Attribute mA/precision/recall, part confusion/mIoU and foreground IoU of the labels against ground truth."""
     common = [n for n in ctx.attributes if n in ctx.gt_attributes]
+    parts = ctx.gt_has_parts and ctx.grid is not None
+    keys, prob, gt, pred_maps, gt_maps = _read_gt_rows(con, ctx, common, parts)
+    result.metrics["gt_images"] = len(keys)
+    if not keys:
+        result.findings.append(
+            Finding("error", "no label key matches the ground truth (wrong corpus or gt file?)", ctx.cfg.gt, 0)
+        )
+        return
+    m_a, pred, pos = _gt_attributes(result, common, gt, prob)
+    summary = [
+        ("images", len(keys), "labels rows with a ground-truth row"),
+        ("attribute_mA", m_a, "label-based mA, prob > 0.5, mean of (TPR+TNR)/2 over attributes"),
+    ]
+    worst_scores = (pred != pos).mean(1)
+    worst_what = "attr_err"
+    if parts:
+        summary += _gt_parts(ctx, result, pred_maps, gt_maps)
+        gm, pm = gt_maps, pred_maps
+        valid = gm.reshape(len(gm), -1) != IGNORE_INDEX
+        hit = (gm.reshape(len(gm), -1) == pm.reshape(len(pm), -1)) & valid
+        worst_scores = 1 - hit.sum(1) / np.maximum(valid.sum(1), 1)
+        worst_what = "cell_err"
+    result.tables["gt_summary"] = pa.table(
+        {
+            "metric": [s[0] for s in summary],
+            "value": [float(s[1]) for s in summary],
+            "protocol": [s[2] for s in summary],
+        }
+    )
+    order = np.argsort(-worst_scores, kind="stable")[: ctx.cfg.mosaic_worst]
+    result.tables["gt_worst"] = pa.table({"key": [keys[i] for i in order], worst_what: worst_scores[order]})
+    text = f"ground truth ({len(keys)} images): attribute mA {m_a:.3f}"
+    if parts:
+        text += f", part mIoU {result.metrics['part_mIoU']:.3f}, foreground IoU {result.metrics['foreground_IoU']:.3f}"
+    result.findings.append(Finding("info", text, "gt_summary", len(keys)))
+    n_gt = con.execute("SELECT count(*) FROM gt").fetchone()[0]
+    if len(keys) < 0.5 * n_gt:
+        what = f"only {len(keys)} of {n_gt} ground-truth rows have labels"
+        result.findings.append(Finding("warning", what, ctx.cfg.gt, n_gt - len(keys)))
+
+
+def _read_gt_rows(
+    con: duckdb.DuckDBPyConnection, ctx: AuditContext, common: list[str], parts: bool
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Rows with ground truth: keys, label probabilities and gt values of the ``common`` attributes, and (with
+    ``parts``) predicted and ground-truth part grids (N, gh, gw) in the label set's class ids."""
     li = np.array([ctx.attributes.index(n) for n in common], int)
     gi = np.array([ctx.gt_attributes.index(n) for n in common], int)
-    parts = ctx.gt_has_parts and ctx.grid is not None
     cols = "l.key, l.attr_prob, g.attributes" + (", l.part_map, g.part_mask" if parts else "")
     gt_parts = list(load_parts().names)
     lut = np.array(
@@ -142,14 +187,19 @@ def gt_metrics(con: duckdb.DuckDBPyConnection, ctx: AuditContext, result: AuditR
             gt_maps.append(
                 np.stack([lut[gt_mask_to_grid(_decode_mask(m), ctx.grid)] for m in batch.column(4).to_pylist()])
             )
-    result.metrics["gt_images"] = len(keys)
     if not keys:
-        result.findings.append(
-            Finding("error", "no label key matches the ground truth (wrong corpus or gt file?)", ctx.cfg.gt, 0)
-        )
-        return
+        return keys, np.zeros(0), np.zeros(0), None, None
     prob = np.concatenate(probs)[:, li].astype(np.float64) / 255
     gt = np.concatenate(gts)[:, gi]
+    if not parts:
+        return keys, prob, gt, None, None
+    return keys, prob, gt, np.concatenate(pred_maps).reshape(-1, *ctx.grid), np.concatenate(gt_maps)
+
+
+def _gt_attributes(
+    result: AuditResult, common: list[str], gt: np.ndarray, prob: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The gt_attributes table and attribute_mA; returns (mA, predicted positives, gt positives)."""
     m_a, per_attr = attribute_mA(gt, prob)
     pred = prob > 0.5
     pos = gt > 0
@@ -169,81 +219,48 @@ def gt_metrics(con: duckdb.DuckDBPyConnection, ctx: AuditContext, result: AuditR
         }
     )
     result.metrics["attribute_mA"] = m_a
-    summary = [
-        ("images", len(keys), "labels rows with a ground-truth row"),
-        ("attribute_mA", m_a, "label-based mA, prob > 0.5, mean of (TPR+TNR)/2 over attributes"),
-    ]
-    worst_scores = (pred != pos).mean(1)
-    worst_what = "attr_err"
-    if parts:
-        pm = np.concatenate(pred_maps).reshape(-1, *ctx.grid)
-        gm = np.concatenate(gt_maps)
-        k = len(ctx.parts)
-        conf = part_confusion(gm, pm, k)
-        m_iou, iou = miou(conf)
-        fg = foreground_iou(gm, pm)
-        base = geometry_baseline(ctx.grid, k, part_names=ctx.parts)
-        base_iou = miou(part_confusion(gm, np.broadcast_to(base, gm.shape), k))[0]
-        fitted = geometry_baseline(ctx.grid, k, gt_maps=np.where(gm == IGNORE_INDEX, 0, gm))
-        fitted_iou = miou(part_confusion(gm, np.broadcast_to(fitted, gm.shape), k))[0]
-        result.tables["gt_parts"] = pa.table(
-            {"id": list(range(k)), "part": ctx.parts, "iou": iou, "gt_cells": conf.sum(1), "pred_cells": conf.sum(0)}
-        )
-        gi_, pi_ = np.nonzero(np.ones((k, k), bool))
-        result.tables["gt_confusion"] = pa.table(
-            {
-                "gt_part": [ctx.parts[i] for i in gi_],
-                "pred_part": [ctx.parts[j] for j in pi_],
-                "cells": conf.reshape(-1),
-            }
-        )
-        result.metrics.update(
-            part_mIoU=m_iou, foreground_IoU=fg, part_mIoU_geometry_baseline=base_iou, part_mIoU_cell_prior=fitted_iou
-        )
-        summary += [
-            (
-                "part_mIoU",
-                m_iou,
-                f"IoU per class over all {ctx.grid[0]}x{ctx.grid[1]} cells, mean over classes present",
-            ),
-            ("foreground_IoU", fg, "IoU of person cells (class > 0), pooled over images"),
-            ("part_mIoU_geometry_baseline", base_iou, "fixed vertical bands of a standing person (no image content)"),
-            (
-                "part_mIoU_cell_prior",
-                fitted_iou,
-                "most frequent ground-truth class per cell (position-only upper bound)",
-            ),
-        ]
-        valid = gm.reshape(len(gm), -1) != IGNORE_INDEX
-        hit = (gm.reshape(len(gm), -1) == pm.reshape(len(pm), -1)) & valid
-        worst_scores = 1 - hit.sum(1) / np.maximum(valid.sum(1), 1)
-        worst_what = "cell_err"
-        if m_iou <= base_iou:
-            result.findings.append(
-                Finding(
-                    "warning",
-                    f"part labels are no better than the fixed-position baseline (mIoU {m_iou:.3f} vs {base_iou:.3f})",
-                    "gt_parts",
-                    1,
-                )
-            )
-    result.tables["gt_summary"] = pa.table(
+    return m_a, pred, pos
+
+
+def _gt_parts(ctx: AuditContext, result: AuditResult, pm: np.ndarray, gm: np.ndarray) -> list[tuple]:
+    """Part confusion, mIoU, foreground IoU and the two position-only baselines; returns their summary rows."""
+    k = len(ctx.parts)
+    conf = part_confusion(gm, pm, k)
+    m_iou, iou = miou(conf)
+    fg = foreground_iou(gm, pm)
+    base = geometry_baseline(ctx.grid, k, part_names=ctx.parts)
+    base_iou = miou(part_confusion(gm, np.broadcast_to(base, gm.shape), k))[0]
+    fitted = geometry_baseline(ctx.grid, k, gt_maps=np.where(gm == IGNORE_INDEX, 0, gm))
+    fitted_iou = miou(part_confusion(gm, np.broadcast_to(fitted, gm.shape), k))[0]
+    result.tables["gt_parts"] = pa.table(
+        {"id": list(range(k)), "part": ctx.parts, "iou": iou, "gt_cells": conf.sum(1), "pred_cells": conf.sum(0)}
+    )
+    gi_, pi_ = np.nonzero(np.ones((k, k), bool))
+    result.tables["gt_confusion"] = pa.table(
         {
-            "metric": [s[0] for s in summary],
-            "value": [float(s[1]) for s in summary],
-            "protocol": [s[2] for s in summary],
+            "gt_part": [ctx.parts[i] for i in gi_],
+            "pred_part": [ctx.parts[j] for j in pi_],
+            "cells": conf.reshape(-1),
         }
     )
-    order = np.argsort(-worst_scores, kind="stable")[: ctx.cfg.mosaic_worst]
-    result.tables["gt_worst"] = pa.table({"key": [keys[i] for i in order], worst_what: worst_scores[order]})
-    text = f"ground truth ({len(keys)} images): attribute mA {m_a:.3f}"
-    if parts:
-        text += f", part mIoU {result.metrics['part_mIoU']:.3f}, foreground IoU {result.metrics['foreground_IoU']:.3f}"
-    result.findings.append(Finding("info", text, "gt_summary", len(keys)))
-    n_gt = con.execute("SELECT count(*) FROM gt").fetchone()[0]
-    if len(keys) < 0.5 * n_gt:
-        what = f"only {len(keys)} of {n_gt} ground-truth rows have labels"
-        result.findings.append(Finding("warning", what, ctx.cfg.gt, n_gt - len(keys)))
+    result.metrics.update(
+        part_mIoU=m_iou, foreground_IoU=fg, part_mIoU_geometry_baseline=base_iou, part_mIoU_cell_prior=fitted_iou
+    )
+    if m_iou <= base_iou:
+        result.findings.append(
+            Finding(
+                "warning",
+                f"part labels are no better than the fixed-position baseline (mIoU {m_iou:.3f} vs {base_iou:.3f})",
+                "gt_parts",
+                1,
+            )
+        )
+    return [
+        ("part_mIoU", m_iou, f"IoU per class over all {ctx.grid[0]}x{ctx.grid[1]} cells, mean over classes present"),
+        ("foreground_IoU", fg, "IoU of person cells (class > 0), pooled over images"),
+        ("part_mIoU_geometry_baseline", base_iou, "fixed vertical bands of a standing person (no image content)"),
+        ("part_mIoU_cell_prior", fitted_iou, "most frequent ground-truth class per cell (position-only upper bound)"),
+    ]
 
 
 def _flat(arr: pa.Array | pa.ChunkedArray) -> pa.Buffer | np.ndarray:
