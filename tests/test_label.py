@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+import labeling.label as label_stage
 from labeling import quality
 from labeling.clip_model import load_clip
 from labeling.label import LabelConfig, assign_shards, labelset_id, labelset_identity, run_labeling, vocabulary_doc
@@ -103,6 +104,21 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def labelled(corpus: Path, clip_dir: Path) -> tuple[Path, str]:
     return corpus, run_labeling(label_cfg(corpus, "toy", clip_dir, workers=1)).labelset
+
+
+def test_one_run_builds_one_dense_clip(tmp_path: Path, clip_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the label-set identity, the loop and labelset.json all take the dense mode from the run's one DenseClip
+    built = []
+    original = label_stage.DenseClip.__init__
+
+    def count(self, *args, **kwargs):
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(label_stage.DenseClip, "__init__", count)
+    root = ingest_folder(noise_images(4, seed=3), tmp_path, "once", per_shard=4)
+    run = run_labeling(label_cfg(root, "once", clip_dir))
+    assert run.complete and run.images == 4 and len(built) == 1
 
 
 def test_label_shards_match_image_shards_row_for_row(labelled: tuple[Path, str]) -> None:
