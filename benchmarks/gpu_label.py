@@ -127,10 +127,10 @@ def build_corpus(root: Path, args: argparse.Namespace, results: Results) -> None
 
 
 def end_to_end(root: Path, args: argparse.Namespace, device: str, results: Results) -> float:
-    from labeling.label import LAST_RUN, LabelConfig, run_labeling
+    from labeling.label import LabelConfig, run_labeling
     from pipeline.formats import labels_dir
 
-    set_id = run_labeling(
+    run = run_labeling(
         LabelConfig(
             root=str(root),
             corpus="bench",
@@ -143,15 +143,15 @@ def end_to_end(root: Path, args: argparse.Namespace, device: str, results: Resul
             quiet=True,
         )
     )
-    rate = LAST_RUN["images"] / LAST_RUN["loop_s"]
-    label_bytes = sum(p.stat().st_size for p in labels_dir(root, "bench", set_id).glob("*.parquet"))
-    setup = LAST_RUN["total_s"] - LAST_RUN["loop_s"]
+    rate = run.images / run.loop_s
+    label_bytes = sum(p.stat().st_size for p in labels_dir(root, "bench", run.labelset).glob("*.parquet"))
+    setup = run.total_s - run.loop_s  # indexing the shards, building the labelers (prompts); not the model load
     print(
-        f"end-to-end clasp label: {rate:9.1f} images/s over {LAST_RUN['images']} images, {args.workers} decode "
-        f"workers (+ {setup:.1f} s model load and prompts); {label_bytes / LAST_RUN['images']:.1f} label bytes/image",
+        f"end-to-end clasp label: {rate:9.1f} images/s over {run.images} images, {args.workers} decode "
+        f"workers (+ {setup:.1f} s shard index and prompts); {label_bytes / run.images:.1f} label bytes/image",
         flush=True,
     )
-    results.update(e2e_images_per_s=rate, e2e_setup_s=setup, label_bytes_per_image=label_bytes / LAST_RUN["images"])
+    results.update(e2e_images_per_s=rate, e2e_setup_s=setup, label_bytes_per_image=label_bytes / run.images)
     return rate
 
 

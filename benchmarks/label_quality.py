@@ -85,7 +85,7 @@ def build(args: argparse.Namespace) -> tuple[Path, str, dict[str, float]]:
             quiet=True,
             **overrides,
         )
-    )
+    ).labelset
     timings["label_s"] = time.perf_counter() - t
     return root, set_id, timings
 

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from labeling.clip_model import DenseClip, load_clip
-from labeling.label import LAST_RUN, LabelConfig, resolve_resolution, run_labeling
+from labeling.label import LabelConfig, resolve_resolution, run_labeling
 from pipeline.formats import labels_dir
 from pipeline.ingest import IngestConfig, ingest
 
@@ -90,10 +90,10 @@ def main() -> None:
             device=args.device,
             quiet=True,
         )
-        set_id = run_labeling(cfg)
-        e2e_rate = LAST_RUN["images"] / LAST_RUN["loop_s"]
-        setup_s = LAST_RUN["total_s"] - LAST_RUN["loop_s"]
-        label_bytes = sum(p.stat().st_size for p in labels_dir(tmp, "bench", set_id).glob("*.parquet"))
+        run = run_labeling(cfg)
+        e2e_rate = run.images / run.loop_s
+        setup_s = run.total_s - run.loop_s
+        label_bytes = sum(p.stat().st_size for p in labels_dir(tmp, "bench", run.labelset).glob("*.parquet"))
 
         from pipeline.guards import resolve_device
 
@@ -105,7 +105,7 @@ def main() -> None:
         x = torch.randn(args.batch_size, 3, *res, device=device)
         if bf16:
             dense, x = dense.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        bare_rate = bare_forward_rate(dense, x, seconds=max(3.0, LAST_RUN["loop_s"] / 2), device=device, bf16=bf16)
+        bare_rate = bare_forward_rate(dense, x, seconds=max(3.0, run.loop_s / 2), device=device, bf16=bf16)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -157,7 +157,7 @@ def _label(cfg: AblationConfig, out: Path, root: Path, world: Path | None, log: 
         ckpt = train_clip(clip_cfg)
         log(f"clip-train: {ckpt}")
         extra += [f"clip={clip_cfg.arch}", f"clip_checkpoint={ckpt}"]
-    labelset = run_labeling(load_config(LabelConfig, None, [*cfg.label_overrides, *extra]))
+    labelset = run_labeling(load_config(LabelConfig, None, [*cfg.label_overrides, *extra])).labelset
     log(f"label: label set {labelset}")
     return labelset
 

@@ -6,6 +6,7 @@ Tiny model (``vit_micro`` at 32x16 with 8px patches, a small DINO head) on hand-
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers.launching import accelerate_launch
 from helpers.pretraining import REPO, SPY, TINY_MODEL, losses, tiny_config, write_corpus
 from typer.testing import CliRunner
@@ -47,6 +49,17 @@ def test_stop_and_resume_follows_the_uninterrupted_trajectory(corpus: Path, tmp_
     assert {"model", "optimizer", "step", "config", "scaler", "data"} <= set(ckpt)
     assert ckpt["step"] == 4 and ckpt["config"]["data"]["labelset"] == "testset0001"
     assert (tmp_path / "split" / "config.yaml").is_file()
+
+
+def test_train_resolves_into_a_copy_and_leaves_the_callers_config_as_it_is(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = tiny_config(corpus, *TINY_MODEL, f"out={out}", "max_steps=1", "model.loss.freeze_last_layer_epochs=0.5")
+    before = copy.deepcopy(cfg)
+    summary = train(cfg)
+    assert cfg == before  # label set, steps per epoch, frozen steps: resolved in the run's own copy
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["data"]["labelset"] is not None and resolved["data"]["steps_per_epoch"] == summary.steps_per_epoch
+    assert resolved["model"]["loss"]["freeze_last_layer_steps"] == 4  # 0.5 x 8 steps per epoch
 
 
 def test_non_finite_loss_stops_with_step_terms_and_last_checkpoint(corpus: Path, tmp_path: Path) -> None:

@@ -48,4 +48,4 @@ def labelled(world: Path, clip_dir: Path, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("rel_root")
     ingest(IngestConfig(source=str(world / "luperson"), corpus=CORPUS, root=str(root), images_per_shard=PER_SHARD,
                         workers=1, quiet=True))  # fmt: skip
-    return root, run_labeling(label_config(root, clip_dir))
+    return root, run_labeling(label_config(root, clip_dir)).labelset
