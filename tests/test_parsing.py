@@ -173,6 +173,7 @@ def test_head_levels_and_output_size() -> None:
     assert default_levels(12) == [2, 5, 8, 11] and default_levels(4) == [0, 1, 2, 3] and default_levels(2) == [0, 1]
     from transfer.backbone import BackboneConfig, build_backbone
 
+    torch.manual_seed(0)  # the weights too: the learning check below must not depend on what ran before
     backbone = build_backbone(BackboneConfig(spec="random:vit_micro", timm_kwargs={"depth": 2}), (48, 64))
     model = ParsingModel(backbone, 20, levels=[], dim=16)
     assert model.levels == [0, 1]
