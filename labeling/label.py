@@ -11,7 +11,8 @@ digest of the tar's manifest rows in its metadata differs, e.g. after `clasp ing
 it is labelled again, and a stale labelset.json is removed until every shard is current. The
 process that finds every shard done writes ``labelset.json``, which marks the label set complete.
 Batches never straddle two shards, so a resumed run computes each shard exactly as an
-uninterrupted run does. Output schema: pipeline/formats.py.
+uninterrupted run does. Output schema: pipeline/formats.py. The loop over a process's shards is
+``labeling.label_loop``; the settings are ``labeling.label_config``.
 """
 
 from __future__ import annotations
