@@ -42,9 +42,6 @@ def make_accelerator(cfg: PretrainConfig) -> Any:
             raise ClaspError(
                 "wandb=true but wandb is not installed: pip install 'clasp[wandb]' or set wandb=false"
             ) from None
-    if cfg.mixed_precision is True:
-        raise ClaspError("mixed_precision must be no, bf16 or fp16 (got true)")
-    cfg.mixed_precision = cfg.mixed_precision or "no"
     device = guards.resolve_device("cpu" if cfg.cpu else "auto")
     if cfg.mixed_precision == "fp16" and device == "cpu":
         raise ClaspError(
