@@ -330,7 +330,7 @@ def train(cfg: PretrainConfig) -> RunSummary:
     # ---- data
     stream = build_stream(
         cfg.data, global_hw=tuple(cfg.model.img_size), patch_size=cfg.model.patch_size, seed=cfg.seed,
-        rank=rank, world_size=world,
+        rank=rank, world_size=world, clip_embed=cfg.model.loss.distill,
     )  # fmt: skip
     labels = stream.labelset
     cfg.data.labelset = labels.labelset  # the resolved config names the label set actually used
@@ -367,7 +367,10 @@ def train(cfg: PretrainConfig) -> RunSummary:
     last_step = min(schedules.total_steps, cfg.max_steps) if cfg.max_steps else schedules.total_steps
 
     # ---- model, optimizer, resume
-    model = ClaspMetaArch(cfg.model, num_parts=len(labels.parts), num_attributes=len(labels.attributes))
+    model = ClaspMetaArch(
+        cfg.model, num_parts=len(labels.parts), num_attributes=len(labels.attributes),
+        clip_embed_dim=labels.clip_embed_dim,
+    )  # fmt: skip
     optimizer = torch.optim.AdamW(
         model.get_params_groups(cfg.optim.weight_decay),
         lr=0.0,
@@ -422,7 +425,12 @@ def train(cfg: PretrainConfig) -> RunSummary:
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "step": step,
             "config": to_dict(cfg),
-            "data": {"corpus": cfg.data.corpus, "labelset": labels.labelset, "images": stream.num_images},
+            "data": {
+                "corpus": cfg.data.corpus,
+                "labelset": labels.labelset,
+                "images": stream.num_images,
+                "clip": labels.clip,
+            },  # the CLIP of the labels: `clasp zeroshot` needs its text tower
             "world_size": world,
             "identity": identity.to_dict(),
         }
