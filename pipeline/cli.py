@@ -180,7 +180,7 @@ def _hxw(value: str | None, flag: str) -> tuple[int, int] | None:
 @app.command(
     epilog=_example(
         "clasp label --corpus synthetic --clip-checkpoint runs/clip --batch-size 32 --device cpu",
-        "clasp label --corpus luperson --clip ViT-B-16:openai with_embed=true",
+        "clasp label --corpus luperson --clip ViT-B-16:openai --store-embeddings",
         "clasp config label",
     )
 )
@@ -200,9 +200,15 @@ def label(
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default 64)."),
     workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers (default 2)."),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)."),
+    store_embeddings: bool = typer.Option(
+        False,
+        "--store-embeddings",
+        help="Also store each image's CLIP embedding (fp16 clip_embed column, 2 bytes x CLIP width per image; "
+        "a new label set) for pre-training with model.loss.distill=true.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     config: Path = CONFIG_OPT,
-    overrides: list[str] = _overrides("fg_threshold=0.4 with_embed=true"),
+    overrides: list[str] = _overrides("fg_threshold=0.4 conf_levels=16"),
 ) -> None:
     """Label an ingested corpus with CLIP parts and attributes, once, into Parquet shards (stage 1)."""
     from labeling.label import LabelConfig, run_labeling
@@ -213,7 +219,7 @@ def label(
         "corpus": corpus, "root": root, "clip": clip, "clip_checkpoint": clip_checkpoint,
         "allow_random_weights": allow_random_weights or None, "parts": parts, "attributes": attributes,
         "resolution": _hxw(resolution, "--resolution"), "batch_size": batch_size, "workers": workers,
-        "device": device, "quiet": quiet or None,
+        "device": device, "with_embed": store_embeddings or None, "quiet": quiet or None,
     }  # fmt: skip
     cfg = _given(cfg, given)
     with _no_empty_output(Path(cfg.root) / cfg.corpus / "labels"):
