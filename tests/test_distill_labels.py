@@ -112,3 +112,20 @@ def test_label_command_flag_stores_embeddings(tmp_path: Path, clip_dir: Path) ->
     assert result.exit_code == 0, result.output
     (folder,) = [p for p in (root / "cli" / "labels").iterdir() if p.is_dir()]
     assert "clip_embed" in pq.read_schema(folder / "cli-000000.parquet").names
+
+
+@pytest.mark.parametrize("distill", [True, False])
+def test_ablation_labels_with_embeddings_only_for_a_distillation_variant(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, distill: bool
+) -> None:
+    import labeling.label
+    from pipeline import ablate
+
+    seen = []
+    monkeypatch.setattr(labeling.label, "run_labeling", lambda cfg: seen.append(cfg) or "set")
+    variants = [ablate.Variant(name="clasp")]
+    if distill:
+        variants.append(ablate.Variant(name="clasp_distill", overrides=["model.loss.distill=true"]))
+    cfg = ablate.AblationConfig(out=str(tmp_path), clip="ViT-B-16:openai", variants=variants)
+    assert ablate._label(cfg, tmp_path, tmp_path / "data", None, lambda msg: None) == "set"
+    assert seen[0].with_embed is distill
