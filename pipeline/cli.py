@@ -404,6 +404,38 @@ def transfer(
         typer.echo(f"{task}: {headline} (table: {Path(cfg.out_dir) / 'results.md'})")
 
 
+@app.command(
+    epilog=_example(
+        "clasp zeroshot --backbone runs/release/distill --data data/world/pa100k --out runs/zeroshot",
+        "clasp zeroshot --backbone runs/release/distill --prompts my_attributes.yaml --images photos/ --out runs/zs",
+        "clasp config zeroshot",
+    )
+)
+def zeroshot(
+    backbone: str = typer.Option(
+        None, "--backbone", "-b", help="Export folder of a backbone pre-trained with distill."
+    ),
+    prompts: str = typer.Option(None, "--prompts", help="Attribute YAML: name, positive, negative (default PA-100K)."),
+    data: str = typer.Option(None, "--data", "-d", help="PA-100K-layout folder: evaluate (label-based mA)."),
+    images: str = typer.Option(None, "--images", help="Or a folder of images: write scores.csv."),
+    out: str = typer.Option(None, "--out", "-o", help="Output folder (results.json, results.md or scores.csv)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    config: Path = CONFIG_OPT,
+    overrides: list[str] = _overrides("compare_clip=false fit_corpus=synthetic"),
+) -> None:
+    """Attributes by text prompts from an exported backbone, through the text tower of the labels' CLIP."""
+    from pipeline.config import load_config
+    from transfer.zeroshot import ZeroShotConfig, run_zeroshot
+
+    cfg = load_config(ZeroShotConfig, config, overrides)
+    given = dict(backbone=backbone, prompts=prompts, data=data, images=images, out=out, quiet=quiet or None)
+    cfg = _given(cfg, given)
+    with _no_empty_output(cfg.out):
+        record = run_zeroshot(cfg)
+    if not cfg.quiet and "results" in record:
+        typer.echo(", ".join(f"{r['reader']}: mA {r['mA']:.2f}" for r in record["results"].values()))
+
+
 # --- discoverability --------------------------------------------------------------------------
 
 COMMAND_CONFIGS = {
@@ -413,6 +445,7 @@ COMMAND_CONFIGS = {
     "clip-train": "labeling.clip_train:ClipTrainConfig",
     "audit": "labeling.audit:AuditConfig",
     "pretrain": "pretrain.config:PretrainConfig",
+    "zeroshot": "transfer.zeroshot:ZeroShotConfig",
     "ablate": "pipeline.ablate:AblationConfig",
     "demo": "pipeline.ablate:AblationConfig",
 }
