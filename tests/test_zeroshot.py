@@ -100,3 +100,33 @@ def test_images_folder_gets_one_row_of_scores_per_image(release: Path, synth_wor
         rows = list(csv.reader(fh))
     assert rows[0][1:] == load_attributes().names and len(rows) - 1 == record["images"] > 0
     assert all(0.0 <= float(v) <= 1.0 for v in np.array(rows[1:])[:, 1:].ravel())
+
+
+def test_post_hoc_linear_maps_read_the_distilled_and_a_plain_reference_backbone(
+    release: Path, clip_dir: Path, synth_world: Path, tmp_path: Path
+) -> None:
+    from labeling.label import LabelConfig, run_labeling
+    from tests.test_label import ingest_folder, noise_images
+    from tests.test_model import tiny_cfg
+
+    root = ingest_folder(noise_images(40, size=(128, 64)), tmp_path, "fit", per_shard=16)
+    label_cfg = LabelConfig(root=str(root), corpus="fit", clip_checkpoint=str(clip_dir), allow_random_weights=True,
+                            resolution=CLIP_RES, workers=0, quiet=True, with_embed=True)  # fmt: skip
+    with pytest.warns(UserWarning):
+        labelset = run_labeling(label_cfg)
+    plain_cfg = tiny_cfg(enabled=False)  # a plain ViT reference: read without a prompt
+    torch.manual_seed(1)
+    plain = ClaspMetaArch(plain_cfg, num_parts=NUM_PARTS, num_attributes=NUM_ATTRS)
+    torch.save(checkpoint_dict(plain, plain_cfg, step=1), tmp_path / "plain.pt")
+    reference = export_backbone(tmp_path / "plain.pt", tmp_path / "plain", card={})
+    cfg = ZeroShotConfig(backbone=str(release), data=str(synth_world / "pa100k"), out=str(tmp_path / "zs"),
+                         device="cpu", quiet=True, compare_clip=False, fit_root=str(root), fit_corpus="fit",
+                         fit_images=30, reference_backbone=str(reference))  # fmt: skip
+    with pytest.warns(UserWarning):
+        record = run_zeroshot(cfg)
+    assert list(record["results"]) == ["backbone", "backbone_posthoc", "reference_posthoc"]
+    for fit in record["posthoc_fits"].values():
+        assert fit["labelset"] == labelset and fit["images"] == 30 and -1 <= fit["train_cosine"] <= 1
+    cfg.reference_backbone, cfg.fit_corpus = str(reference), None
+    with pytest.raises(ClaspError, match="set fit_corpus"):
+        run_zeroshot(cfg)

@@ -69,6 +69,9 @@ class ZeroShotConfig:
     fit_labelset: str | None = None  # None: the latest complete label set of fit_corpus
     fit_images: Annotated[int, POSITIVE] = 2000  # corpus images used for that fit
     fit_ridge: float = 1.0  # ridge strength (on standardised features)
+    # with fit_corpus: a second export (e.g. pre-trained without the distillation term, same seed), read the
+    # same post-hoc way: how a backbone that never saw the CLIP embeddings does with text
+    reference_backbone: str | None = None
     batch_size: Annotated[int, POSITIVE] = 64
     device: str = "auto"
     quiet: bool = False
@@ -145,7 +148,9 @@ class BackboneEmbedder:
         self.img_size = tuple(config["img_size"])
         self.mean = torch.tensor(config["mean"], device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(config["std"], device=device).view(1, 3, 1, 1) * 255
-        self.head, self.prompt, self.device = head, prompt, device
+        # a prompt only where there is a prompt-controlled MoE (a plain ViT export is a stock timm model)
+        self.prompt = prompt if getattr(self.model, "has_moe", False) else None
+        self.head, self.device = head, device
 
     @torch.no_grad()
     def class_tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -255,6 +260,8 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
         raise ClaspError("clasp zeroshot: give --backbone, an export folder")
     if (cfg.data is None) == (cfg.images is None):
         raise ClaspError("clasp zeroshot: give exactly one of --data (a PA-100K-layout folder) or --images (a folder)")
+    if cfg.reference_backbone and not cfg.fit_corpus:
+        raise ClaspError("reference_backbone is read through a post-hoc linear map: set fit_corpus (and fit_root)")
     device = resolve_device(cfg.device)
     try:
         vocab = load_attributes(cfg.prompts)
@@ -292,12 +299,18 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
         resolution = tuple(info["clip"].get("resolution") or loaded.model.visual.image_size)
         readers["CLIP of the labels"] = (ClipEmbedder(loaded, resolution, device), "clip")
     fits = {}
-    if cfg.fit_corpus:
-        plain = BackboneEmbedder(cfg.backbone, None, info.get("prompt"), device)
-        plain.head, fits["backbone"] = fit_linear_map(
-            plain, cfg.fit_root or "data", cfg.fit_corpus, cfg.fit_labelset, limit=cfg.fit_images, ridge=cfg.fit_ridge
+    posthoc = {"backbone_posthoc": ("backbone (post-hoc linear map)", cfg.backbone)}
+    if cfg.reference_backbone:
+        posthoc["reference_posthoc"] = (
+            f"reference {cfg.reference_backbone} (post-hoc linear map)",
+            cfg.reference_backbone,
         )
-        readers["backbone (post-hoc linear map)"] = (plain, "backbone_posthoc")
+    for key, (title, path) in posthoc.items() if cfg.fit_corpus else ():
+        reader = BackboneEmbedder(path, None, info.get("prompt"), device)
+        reader.head, fits[key] = fit_linear_map(
+            reader, cfg.fit_root or "data", cfg.fit_corpus, cfg.fit_labelset, limit=cfg.fit_images, ridge=cfg.fit_ridge
+        )
+        readers[title] = (reader, key)
     results = {}
     for title, (embedder, key) in readers.items():
         emb = embed_files(embedder, paths, cfg.batch_size, quiet=cfg.quiet, what=key)
@@ -319,7 +332,7 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
         "backbone": str(cfg.backbone),
         "prompt": info.get("prompt"),
         "clip": info["clip"],
-        "posthoc_fit": fits.get("backbone"),
+        "posthoc_fits": fits,
         "results": results,
         "wall_s": round(time.perf_counter() - t0, 1),
         "config": to_dict(cfg),
