@@ -129,3 +129,24 @@ def test_ablation_labels_with_embeddings_only_for_a_distillation_variant(
     cfg = ablate.AblationConfig(out=str(tmp_path), clip="ViT-B-16:openai", variants=variants)
     assert ablate._label(cfg, tmp_path, tmp_path / "data", None, lambda msg: None) == "set"
     assert seen[0].with_embed is distill
+
+
+def test_trainer_distills_and_the_export_names_the_labels_clip(labelled, tmp_path: Path) -> None:
+    from pretrain.trainer import export_run, train
+
+    root, set_id, _ = labelled
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        root, f"data.labelset={set_id}", "model.loss.distill=true", "model.loss.part=false", "model.arch=vit_micro",
+        "model.loss.dino_out_dim=64", "model.loss.dino_hidden_dim=32", "model.loss.dino_bottleneck_dim=16",
+        "optim.epochs=1", "optim.warmup_epochs=0", "max_steps=2", "log_every=1", "tensorboard=false", "quiet=true",
+        f"out={out}",
+    )  # fmt: skip
+    train(cfg)
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(0 < r["loss/distill"] <= 2 for r in rows)
+    release = export_run(out, tmp_path / "release")
+    clip = json.loads((release / "config.json").read_text())["distill"]["clip"]
+    labels_model = json.loads((labels_dir(root, "toy", set_id) / "labelset.json").read_text())["model"]
+    assert clip["weights_id"] == labels_model["weights_id"] and clip["arch"] == "test-tiny"
+    assert clip["resolution"] == [64, 32]
