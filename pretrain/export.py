@@ -308,6 +308,8 @@ def load_backbone(
 def load_distill_head(path: str | Path) -> tuple[nn.Linear, dict[str, Any]]:
     """The CLIP-embedding head of an export and its config.json ``distill`` section (prompt, CLIP identity)."""
     path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise ClaspError(f"{path} is not a CLASP backbone export (no {CONFIG_FILE}); give a `clasp export` folder")
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -56,16 +56,16 @@ class ZeroShotConfig:
     backbone: str = ""  # export folder of a backbone pre-trained with model.loss.distill=true
     prompts: str = str(DEFAULT_ATTRIBUTES)  # attribute vocabulary YAML: name, positive, negative, group
     data: str | None = None  # PA-100K-layout folder (annotation.mat): evaluate on its split
-    dataset: str = "pa100k"
-    split: str = "test"
+    dataset: str = "pa100k"  # reader of transfer/attributes (its attribute names are matched by name)
+    split: str = "test"  # the split evaluated (the trained attributes task reports on test)
     images: str | None = None  # or a folder of images: write their scores
     out: str = "runs/zeroshot"
     clip_checkpoint: str | None = None  # where the labels' CLIP is now, if not at the recorded path
     group_softmax: bool = True  # exclusive groups share one softmax (as the labeler)
     compare_clip: bool = True  # with data: also score the labels' CLIP itself on the same images
     # with data: also read the backbone through a linear map fitted post hoc to a label set's stored clip_embed
-    fit_root: str | None = None
-    fit_corpus: str | None = None
+    fit_root: str | None = None  # data root of fit_corpus (None: data)
+    fit_corpus: str | None = None  # corpus under fit_root whose label set stores clip_embed
     fit_labelset: str | None = None  # None: the latest complete label set of fit_corpus
     fit_images: Annotated[int, POSITIVE] = 2000  # corpus images used for that fit
     fit_ridge: float = 1.0  # ridge strength (on standardised features)
