@@ -23,7 +23,8 @@ Measured in one run, same model settings, same process:
   a ``--clip-dim`` embedding per image in the label shards), interleaved with the same step without it.
 
 Figures: ``distill_step_ratio`` = bare step images/s with distillation / without (target >= 0.95: the term
-costs at most 5% of a step); ``moe_ratio`` = bare step images/s with MoE / without (target >= 0.67);
+costs at most 5% of a step), ``distill_flops_ratio`` the same in counted FLOPs; ``moe_ratio`` = bare step
+images/s with MoE / without (target >= 0.67);
 ``loop_ratio`` = loop images/s / bare fwd+bwd images/s with MoE (target >= 0.85); on CUDA also ``mfu`` = counted FLOPs
 (torch FlopCounterMode, one training step incl. teacher) x images/s / peak bf16 FLOP/s, against the datasheet
 and against ``--peak-flops`` (the measured matrix-product rate, benchmarks/gpu_common.py) when given.
@@ -300,6 +301,11 @@ def distill_section(
     """The MoE step with and without the CLIP-embedding distillation term, interleaved (medians)."""
     cfg = make_config(args, root, "small", "model.loss.distill=true")
     distill = BareStep(cfg, batch, n_parts, clip_dim=args.clip_dim)
+    # counted FLOPs too: on a loaded CPU a ~1% difference in time is within the rounds' noise
+    res.update(distill_flops_ratio=distill.flops_per_image() / res.data["flops_per_image_moe"])
+    print(
+        f"distillation on / off, counted FLOPs per image (fwd+bwd incl. teacher): {res.data['distill_flops_ratio']:.4f}"
+    )
     rates = interleaved({"moe": moe, "distill": distill}, args.rounds, args.steps, args.warmup)
     ratio = statistics.median(d / m for d, m in zip(rates["step_distill"], rates["step_moe"], strict=True))
     res.update(
