@@ -37,7 +37,7 @@ from timm.models import build_model_with_cfg, register_model
 
 from pipeline.config import ConfigError, from_dict
 from pipeline.errors import ClaspError
-from pretrain.backbone import ARCHS, ClaspViT, timm_kwargs
+from pretrain.backbone import ARCHS, ClaspViT, _conv_stem_embed, timm_kwargs
 from pretrain.model_config import TASK_PROMPTS, MoEConfig
 
 NAME_PREFIX = "clasp_"
@@ -82,6 +82,10 @@ def pretrained_cfg_of(config: dict[str, Any] | None, name: str) -> dict[str, Any
     """timm pretrained_cfg (input size, mean/std, no classifier) of an export config (None: defaults)."""
     config = config or {}
     height, width = config.get("img_size", DEFAULT_IMG_SIZE)
+    spec = ARCHS.get(str(config.get("arch")))
+    # timm adapts (and checks) the input channels of first_conv: with a conv stem that is the stem's conv,
+    # not the patch projection (whose input is the stem's 64 channels; naming it failed every such load)
+    first_conv = "patch_embed.backbone.conv" if spec is not None and spec.conv_stem_stride else "patch_embed.proj"
     return dict(
         architecture=name,
         input_size=(3, height, width),
@@ -90,7 +94,7 @@ def pretrained_cfg_of(config: dict[str, Any] | None, name: str) -> dict[str, Any
         interpolation="bicubic",
         crop_pct=1.0,
         num_classes=0,
-        first_conv="patch_embed.proj",
+        first_conv=first_conv,
         classifier="head",
         license="apache-2.0",
     )
@@ -152,6 +156,8 @@ def _create(arch: str, pretrained: bool = False, **kwargs: Any) -> ClaspViT:
         if size[0] % patch_size or size[1] % patch_size:
             raise ClaspError(f"{name}: img_size {list(size)} must be a multiple of the patch size {patch_size}")
     kwargs = {**timm_kwargs(arch, img_size=build_size, patch_size=patch_size), **kwargs}
+    if ARCHS[arch].conv_stem_stride:  # as create_backbone builds it (the registered model had a plain patchify)
+        kwargs.setdefault("embed_layer", _conv_stem_embed())
     pretrained_cfg = {**pretrained_cfg_of(config, name), **overlay}
     model = build_model_with_cfg(
         ClaspViT, name, pretrained, pretrained_cfg=pretrained_cfg, pretrained_strict=True, **kwargs

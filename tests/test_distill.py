@@ -99,9 +99,7 @@ def test_export_writes_the_teacher_head_and_the_clip_identity(tmp_path):
         tokens = load_backbone(out).forward_features(x, "attribute")[:, 0]
         expected = model.teacher["distill_head"](model.teacher_backbone.forward_features(x, "attribute")[:, 0])
         assert torch.allclose(head(tokens), expected, atol=1e-6)
-        assert not torch.allclose(
-            expected, model.student["distill_head"](tokens), atol=1e-4
-        )  # the teacher head
+        assert not torch.allclose(expected, model.student["distill_head"](tokens), atol=1e-4)  # the teacher head
 
 
 def test_an_export_without_distillation_is_refused_by_load_distill_head(tmp_path):
@@ -111,3 +109,17 @@ def test_an_export_without_distillation_is_refused_by_load_distill_head(tmp_path
     out = export_backbone(tmp_path / "ck.pt", tmp_path / "release", card={})
     with pytest.raises(ClaspError, match="without CLIP-embedding distillation"):
         load_distill_head(out)
+
+
+def test_a_conv_stem_moe_export_loads_through_the_registered_timm_model(tmp_path):
+    # the registered clasp_vit_micro_conv was built with a plain patchify and named the wrong first conv,
+    # so every MoE export of a conv-stem run (the ablation's regime) failed to load for transfer and zero-shot
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    cfg.arch = "vit_micro_conv"
+    model = ClaspMetaArch(cfg, num_parts=NUM_PARTS, num_attributes=NUM_ATTRS)
+    torch.save(checkpoint_dict(model, cfg, step=1), tmp_path / "ck.pt")
+    loaded = load_backbone(export_backbone(tmp_path / "ck.pt", tmp_path / "release", card={}))
+    x = torch.randn(2, 3, *IMG)
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_features(x, "part"), model.teacher_backbone.forward_features(x, "part"))
