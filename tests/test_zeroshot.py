@@ -81,6 +81,8 @@ def test_pa100k_layout_gives_backbone_and_clip_mA_with_the_attribute_protocol(
     expected = attribute_metrics(labels, labeler.attributes(emb).numpy())
     assert record["results"]["clip"]["mA"] == pytest.approx(100 * expected["mA"], abs=0.01)
     assert 0 <= record["results"]["backbone"]["mA"] <= 100
+    assert record["results"]["clip"]["agreement_with_clip"] == 100 and record["results"]["clip"]["cosine_to_clip"] == 1
+    assert -1 <= record["results"]["backbone"]["cosine_to_clip"] <= 1
 
 
 def test_another_clip_than_the_labels_one_is_refused(release: Path, synth_world: Path, tmp_path: Path) -> None:

@@ -17,8 +17,11 @@ evaluated on its test split with the trained attribute task's protocol (label-ba
 ``transfer.attributes.metrics``), beside two references on the same images: the CLIP itself, zero-shot
 (``compare_clip``), and, with ``fit_corpus``, the same backbone read by a *post-hoc* linear map from its
 class token to the stored CLIP embeddings (ridge regression on the label set's ``clip_embed``), which is
-how a backbone pre-trained without the distillation term can be given text at all. With ``--images`` the
-scores of every image are written to ``scores.csv``.
+how a backbone pre-trained without the distillation term can be given text at all (``reference_backbone``).
+With the CLIP row, each backbone reader also gets its mean cosine to the CLIP's embedding of the same image
+and the share of attribute decisions it makes as the CLIP does: how much of the CLIP it reproduces, which
+stays measurable when the CLIP's own mA is near chance. With ``--images`` the scores of every image are
+written to ``scores.csv``.
 
 What it cannot do: an attribute the CLIP itself cannot see (its zero-shot mA is the ceiling the head was
 trained towards), fine spatial relations the class token does not keep, or words outside the CLIP's
@@ -311,9 +314,9 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
             reader, cfg.fit_root or "data", cfg.fit_corpus, cfg.fit_labelset, limit=cfg.fit_images, ridge=cfg.fit_ridge
         )
         readers[title] = (reader, key)
-    results = {}
+    results, embeds = {}, {}
     for title, (embedder, key) in readers.items():
-        emb = embed_files(embedder, paths, cfg.batch_size, quiet=cfg.quiet, what=key)
+        embeds[key] = emb = embed_files(embedder, paths, cfg.batch_size, quiet=cfg.quiet, what=key)
         prob = tower.probabilities(emb)[:, cols_prompt].numpy()
         scores = attr_metrics.attribute_metrics(gt, prob)
         results[key] = {
@@ -322,6 +325,13 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
             **{k: round(100 * float(scores[k]), 2) for k in ("accuracy", "precision", "recall", "f1")},
             "per_attribute_mA": {n: round(100 * float(v), 2) for n, v in zip(shared, scores["label_mA"], strict=True)},
         }
+    if "clip" in embeds:  # how much of the CLIP's own zero-shot behaviour each backbone reader reproduces
+        clip_decisions = tower.probabilities(embeds["clip"])[:, cols_prompt] > 0.5
+        for key, emb in embeds.items():
+            decisions = tower.probabilities(emb)[:, cols_prompt] > 0.5
+            cosine = F.cosine_similarity(emb.float(), embeds["clip"].float(), dim=-1).mean()
+            results[key]["cosine_to_clip"] = round(float(cosine), 4)
+            results[key]["agreement_with_clip"] = round(100 * float((decisions == clip_decisions).float().mean()), 2)
     record = {
         "task": "zeroshot-attributes",
         "dataset": data.name,
@@ -367,12 +377,13 @@ def _table(record: dict[str, Any]) -> str:
         "",
         f"Protocol: {record['protocol']}.",
         "",
-        "| reader | mA | Acc | Prec | Rec | F1 |",
-        "|---|---|---|---|---|---|",
+        "| reader | mA | Acc | Prec | Rec | F1 | cosine to CLIP's embedding | decisions as CLIP's (%) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in record["results"].values():
         lines.append(
             f"| {row['reader']} | {row['mA']:.2f} | {row['accuracy']:.2f} | {row['precision']:.2f} | "
-            f"{row['recall']:.2f} | {row['f1']:.2f} |"
+            f"{row['recall']:.2f} | {row['f1']:.2f} | {row.get('cosine_to_clip', '-')} | "
+            f"{row.get('agreement_with_clip', '-')} |"
         )
     return "\n".join(lines) + "\n"
