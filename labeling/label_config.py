@@ -29,7 +29,7 @@ class LabelConfig:
     fg_threshold: Annotated[float, PROBABILITY] = 0.5
     foreground: Literal["both", "parts", "prompts"] = "both"  # person-vs-background prompts and/or part classes
     conf_levels: Annotated[int, at_least(2)] = 16  # part_conf levels (few: small after zstd)
-    with_embed: bool = False  # also store the CLIP image embedding (fp16) as clip_embed
+    with_embed: bool = False  # --store-embeddings: also store the CLIP image embedding (fp16) as clip_embed
     batch_size: Annotated[int, POSITIVE] = 64
     workers: Annotated[int, NON_NEGATIVE] = 2
     device: str = "auto"

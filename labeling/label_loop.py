@@ -156,6 +156,8 @@ class _ShardWriter:
         bad = np.flatnonzero(~ok.numpy())
         if bad.size:
             blank_rows(labels, bad)
+            if embed is not None:
+                embed[torch.as_tensor(bad)] = 0  # no embedding: distillation skips all-zero rows
             self.done.undecodable += [
                 {"shard": buf.index.path.name, "key": buf.index.keys[int(item_ids[b]) - first]} for b in bad
             ]

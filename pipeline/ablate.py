@@ -157,6 +157,8 @@ def _label(cfg: AblationConfig, out: Path, root: Path, world: Path | None, log: 
         ckpt = train_clip(clip_cfg)
         log(f"clip-train: {ckpt}")
         extra += [f"clip={clip_cfg.arch}", f"clip_checkpoint={ckpt}"]
+    if any("model.loss.distill=true" in [*v.overrides, *cfg.pretrain_overrides] for v in cfg.variants):
+        extra.append("with_embed=true")  # a distillation variant needs the CLIP embeddings in the label set
     labelset = run_labeling(load_config(LabelConfig, None, [*cfg.label_overrides, *extra])).labelset
     log(f"label: label set {labelset}")
     return labelset

@@ -150,7 +150,7 @@ def _hxw(value: str | None, flag: str) -> tuple[int, int] | None:
 @app.command(
     epilog=_example(
         "clasp label --corpus synthetic --clip-checkpoint runs/clip --batch-size 32 --device cpu",
-        "clasp label --corpus luperson --clip ViT-B-16:openai with_embed=true",
+        "clasp label --corpus luperson --clip ViT-B-16:openai --store-embeddings",
         "clasp config label",
     )
 )
@@ -170,9 +170,15 @@ def label(
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default 64)."),
     workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers (default 2)."),
     device: str = DEVICE_OPT,
+    store_embeddings: bool | None = typer.Option(
+        None,
+        "--store-embeddings/--no-store-embeddings",
+        help="Also store each image's CLIP embedding (fp16 clip_embed column, 2 bytes x CLIP width per image; "
+        "a new label set) for pre-training with model.loss.distill=true.",
+    ),
     quiet: bool | None = QUIET_OPT,
     config: Path = CONFIG_OPT,
-    overrides: list[str] = _overrides("fg_threshold=0.4 with_embed=true"),
+    overrides: list[str] = _overrides("fg_threshold=0.4 conf_levels=16"),
 ) -> None:
     """Label an ingested corpus with CLIP parts and attributes, once, into Parquet shards (stage 1)."""
     from labeling.label import LabelConfig, run_labeling
@@ -181,7 +187,7 @@ def label(
         "corpus": corpus, "root": root, "clip": clip, "clip_checkpoint": clip_checkpoint,
         "allow_random_weights": allow_random_weights, "parts": parts, "attributes": attributes,
         "resolution": _hxw(resolution, "--resolution"), "batch_size": batch_size, "workers": workers,
-        "device": device, "quiet": quiet,
+        "device": device, "with_embed": store_embeddings, "quiet": quiet,
     }  # fmt: skip
     cfg = _settings(LabelConfig, config, overrides, given)
     with no_empty_output(Path(cfg.root) / cfg.corpus / "labels"):
@@ -359,6 +365,36 @@ def transfer(
         typer.echo(f"{task}: {headline} (table: {Path(cfg.out_dir) / 'results.md'})")
 
 
+@app.command(
+    epilog=_example(
+        "clasp zeroshot --backbone runs/release/distill --data data/world/pa100k --out runs/zeroshot",
+        "clasp zeroshot --backbone runs/release/distill --prompts my_attributes.yaml --images photos/ --out runs/zs",
+        "clasp config zeroshot",
+    )
+)
+def zeroshot(
+    backbone: str = typer.Option(
+        None, "--backbone", "-b", help="Export folder of a backbone pre-trained with distill."
+    ),
+    prompts: str = typer.Option(None, "--prompts", help="Attribute YAML: name, positive, negative (default PA-100K)."),
+    data: str = typer.Option(None, "--data", "-d", help="PA-100K-layout folder: evaluate (label-based mA)."),
+    images: str = typer.Option(None, "--images", help="Or a folder of images: write scores.csv."),
+    out: str = typer.Option(None, "--out", "-o", help="Output folder (results.json, results.md or scores.csv)."),
+    quiet: bool | None = QUIET_OPT,
+    config: Path = CONFIG_OPT,
+    overrides: list[str] = _overrides("compare_clip=false fit_corpus=synthetic"),
+) -> None:
+    """Attributes by text prompts from an exported backbone, through the text tower of the labels' CLIP."""
+    from transfer.zeroshot import ZeroShotConfig, run_zeroshot
+
+    given = {"backbone": backbone, "prompts": prompts, "data": data, "images": images, "out": out, "quiet": quiet}
+    cfg = _settings(ZeroShotConfig, config, overrides, given)
+    with no_empty_output(cfg.out):
+        record = run_zeroshot(cfg)
+    if not cfg.quiet and "results" in record:
+        typer.echo(", ".join(f"{r['reader']}: mA {r['mA']:.2f}" for r in record["results"].values()))
+
+
 # --- discoverability --------------------------------------------------------------------------
 
 COMMAND_CONFIGS = {
@@ -368,6 +404,7 @@ COMMAND_CONFIGS = {
     "clip-train": "labeling.clip_train:ClipTrainConfig",
     "audit": "labeling.audit:AuditConfig",
     "pretrain": "pretrain.config:PretrainConfig",
+    "zeroshot": "transfer.zeroshot:ZeroShotConfig",
     "ablate": "pipeline.ablate:AblationConfig",
     "demo": "pipeline.ablate:AblationConfig",
 }

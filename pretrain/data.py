@@ -30,13 +30,16 @@ The pipeline is an explicit list of stages (``build_pipeline``)::
 * **Label join.** ``ROOT/<corpus>/images/<corpus>-NNNNNN.tar`` pairs with
   ``ROOT/<corpus>/labels/<labelset>/<corpus>-NNNNNN.parquet`` (same rows, same order). A reader
   reads the label rows of a shard piece once, when it opens the piece; every sample it passes must
-  carry its row's ``key`` or the stream stops with ``LabelMismatchError`` naming both files.
+  carry its row's ``key`` or the stream stops with ``LabelMismatchError`` naming both files. With
+  ``clip_embed=True`` (CLIP-embedding distillation) the ``clip_embed`` column is read too, and a label
+  set without it is refused before training starts.
 * Batches hold channels-last uint8 crops; ``to_model_batch`` moves them to the device, normalises
   and permutes them there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import random
@@ -54,7 +57,15 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.errors import ClaspError
 from pretrain.augment import MultiCrop
-from pretrain.labelsets import LabelMismatchError, LabelSetInfo, Shard, list_shards, read_labelset_info
+from pretrain.labelsets import (
+    EMBED_COLUMN,
+    LabelMismatchError,
+    LabelSetInfo,
+    Shard,
+    clip_embed_width,
+    list_shards,
+    read_labelset_info,
+)
 from pretrain.stream_layout import ReadTask, Slice, StreamLayout, StreamPosition
 
 # names other modules import from here (the label set and the epoch layout have their own modules)
@@ -163,13 +174,13 @@ class LabeledTarReader(SliceReader):
     read); silently training on a shrinking or misaligned corpus is what is refused.
     """
 
-    def __init__(self, shards: Sequence[Shard], grid_hw: tuple[int, int]) -> None:
-        self.shards, self.grid_hw = shards, grid_hw
+    def __init__(self, shards: Sequence[Shard], grid_hw: tuple[int, int], *, clip_embed: bool = False) -> None:
+        self.shards, self.grid_hw, self.clip_embed = shards, grid_hw, clip_embed
 
     def read_slice(self, task: ReadTask, piece: Slice, start: int, skip: set[int]) -> Iterator[dict[str, Any]]:
         shard, stop = piece.shard, piece.stop
         tar, label_path = self.shards[shard].tar, self.shards[shard].labels
-        labels = _read_label_rows(label_path, self.grid_hw, start, stop)
+        labels = _read_label_rows(label_path, self.grid_hw, start, stop, clip_embed=self.clip_embed)
         n_rows, count = labels["rows"], start
         try:
             for index, key, members in _tar_members(tar, start, stop, skip):
@@ -188,7 +199,7 @@ class LabeledTarReader(SliceReader):
                 if image is None:
                     log.warning("%s: sample '%s' has no image member; skipped", tar, key)
                     continue
-                yield {
+                sample = {
                     "epoch": task.epoch,
                     "reader": task.reader,
                     "pos": piece.span_start + index - piece.start,
@@ -200,6 +211,9 @@ class LabeledTarReader(SliceReader):
                     "part_map": labels["part_map"][row],
                     "part_conf": labels["part_conf"][row],
                 }
+                if self.clip_embed:
+                    sample[EMBED_COLUMN] = labels[EMBED_COLUMN][row]
+                yield sample
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ClaspError(
                 f"image shard {tar} is damaged: {count} of {n_rows} samples read ({exc}); "
@@ -212,10 +226,12 @@ class LabeledTarReader(SliceReader):
             )
 
 
-def _read_label_rows(path: str, grid_hw: tuple[int, int], start: int, stop: int) -> dict[str, Any]:
+def _read_label_rows(
+    path: str, grid_hw: tuple[int, int], start: int, stop: int, *, clip_embed: bool = False
+) -> dict[str, Any]:
     """Rows ``start..stop-1`` of a label shard (read once per slice; only the slice becomes Python objects)."""
     try:
-        table = pq.read_table(path, columns=list(LABEL_COLUMNS))
+        table = pq.read_table(path, columns=list(LABEL_COLUMNS) + ([EMBED_COLUMN] if clip_embed else []))
     except (OSError, KeyError, ValueError) as exc:
         raise ClaspError(
             f"cannot read label shard {path}: {exc}; re-run `clasp label` for this corpus, it relabels that shard"
@@ -229,13 +245,16 @@ def _read_label_rows(path: str, grid_hw: tuple[int, int], start: int, stop: int)
     if n and (len(part_map[0]) != cells or len(part_conf[0]) != cells):
         raise ClaspError(f"label shard {path}: part_map has {len(part_map[0])} cells, labelset grid says {cells}")
     attr = table.column("attr_prob").combine_chunks()
-    return {
+    out = {
         "rows": rows,
         "key": table.column("key").to_pylist(),
         "attr_prob": attr.flatten().to_numpy(zero_copy_only=False).reshape(n, -1),
         "part_map": part_map,
         "part_conf": part_conf,
     }
+    if clip_embed:
+        out[EMBED_COLUMN] = table.column(EMBED_COLUMN).to_pylist()
+    return out
 
 
 class BlockShuffle:
@@ -297,6 +316,10 @@ class DecodeMultiCrop:
             rng = sample_rng(self.seed, sample["epoch"], sample["shard"], sample["index"])
             out = self.multicrop(image, part_map, part_conf, rng)
             out["attr_prob"] = torch.from_numpy(sample["attr_prob"].astype(np.float32) / np.float32(255))
+            if EMBED_COLUMN in sample:
+                if not sample[EMBED_COLUMN]:
+                    raise ClaspError(f"label row '{sample['key']}' has no clip_embed value; re-run `clasp label`")
+                out[EMBED_COLUMN] = torch.from_numpy(np.frombuffer(sample[EMBED_COLUMN], "<f2").astype(np.float32))
             out["key"] = sample["key"]
             out["epoch"] = torch.tensor(sample["epoch"])
             yield out
@@ -380,10 +403,14 @@ def build_stream(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    clip_embed: bool = False,
 ) -> PretrainStream:
-    """Build the label-joined multi-crop stream for this process from a ``pretrain.config.DataConfig``."""
+    """Build the label-joined multi-crop stream for this process from a ``pretrain.config.DataConfig``;
+    ``clip_embed``: batches also carry the stored CLIP image embedding (distillation)."""
     info = read_labelset_info(data.root, data.corpus, data.labelset, dict(data.part_flip))
     shards = list_shards(data.root, data.corpus, info.labelset)
+    if clip_embed:
+        info = dataclasses.replace(info, clip_embed_dim=clip_embed_width(shards, info.labelset))
     local_hw = tuple(data.local_size) if data.local_size else (global_hw[0] // 2, global_hw[1] // 2)
     multicrop = MultiCrop(
         global_hw=global_hw,
@@ -403,8 +430,9 @@ def build_stream(
         block=max(1, data.shuffle_buffer),
     )  # fmt: skip
     position = StreamPosition()
+    reader = LabeledTarReader(layout.shards, info.grid_hw, clip_embed=clip_embed)
     pipeline = build_pipeline(
-        layout, rank=rank, position=position, reader=LabeledTarReader(layout.shards, info.grid_hw),
+        layout, rank=rank, position=position, reader=reader,
         multicrop=multicrop, grid_hw=info.grid_hw,
     )  # fmt: skip
     loader = DataLoader(

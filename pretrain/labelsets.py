@@ -40,6 +40,8 @@ class LabelSetInfo:
     attributes: tuple[str, ...]
     parts: tuple[str, ...]
     flip_map: tuple[int, ...] | None  # class id -> class id after a horizontal flip; None = identity
+    clip: dict | None = None  # labelset.json "model" (arch, weights, weights_id, logit_scale, ...) + "resolution"
+    clip_embed_dim: int = 0  # width of clip_embed when the stream reads it, else 0
 
 
 def _names(section: Any) -> tuple[str, ...]:
@@ -89,7 +91,8 @@ def read_labelset_info(root: str | Path, corpus: str, labelset: str | None, part
         pairs = {**_flip_pairs(meta["parts"]), **part_flip}
     except (KeyError, TypeError, ValueError) as exc:
         raise ClaspError(f"{where}: missing or malformed field {exc}; re-run `clasp label`") from None
-    return LabelSetInfo(labelset, (grid[0], grid[1]), attributes, parts, build_flip_map(parts, pairs))
+    clip = {**meta["model"], "resolution": meta.get("resolution")} if isinstance(meta.get("model"), dict) else None
+    return LabelSetInfo(labelset, (grid[0], grid[1]), attributes, parts, build_flip_map(parts, pairs), clip)
 
 
 def list_shards(root: str | Path, corpus: str, labelset: str) -> list[Shard]:
@@ -134,3 +137,22 @@ def _check_label_footer(labels: str, tar: str, count: int) -> None:
             f"label shard {labels} has {rows} rows but image shard {tar} has {count} images (sizes.json): the labels "
             "were made for a different ingest; re-run `clasp label` for this corpus"
         )
+
+
+EMBED_COLUMN = "clip_embed"  # optional: fp16 CLIP image embedding (`clasp label --store-embeddings`)
+
+
+def clip_embed_width(shards: Sequence[Shard], labelset: str) -> int:
+    """Width of the stored CLIP embedding; every label shard must have the column (footers and one row read)."""
+    for shard in shards:
+        if EMBED_COLUMN not in pq.read_schema(shard.labels).names:
+            raise ClaspError(
+                f"model.loss.distill=true but label set '{labelset}' stores no CLIP embeddings ({shard.labels} has no "
+                f"{EMBED_COLUMN} column): label the corpus again with `clasp label --store-embeddings` (a new label "
+                "set; give it as data.labelset) or set model.loss.distill=false"
+            )
+    first = next((s for s in shards if s.size > 0), shards[0])
+    value = pq.read_table(first.labels, columns=[EMBED_COLUMN]).column(0)[0].as_py()
+    if not value or len(value) % 2:
+        raise ClaspError(f"{first.labels}: {EMBED_COLUMN} of row 0 is not float16 bytes; re-run `clasp label`")
+    return len(value) // 2

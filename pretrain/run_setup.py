@@ -93,7 +93,7 @@ def plan_run(
         cfg.data.labelset = saved_identity(resumed).labelset  # pinned: not the newest label set of today
     stream = build_stream(
         cfg.data, global_hw=tuple(cfg.model.img_size), patch_size=cfg.model.patch_size, seed=cfg.seed,
-        rank=rank, world_size=world,
+        rank=rank, world_size=world, clip_embed=cfg.model.loss.distill,
     )  # fmt: skip
     cfg.data.labelset = stream.labelset.labelset  # the resolved config names the label set actually used
     global_batch = cfg.data.batch_size * world * cfg.grad_accum
@@ -135,7 +135,10 @@ def build_model(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, ClaspMetaArch]:
     """Model and AdamW (restored from ``resumed``), prepared by Accelerate; also returns the unwrapped model."""
     labels = plan.stream.labelset
-    model = ClaspMetaArch(cfg.model, num_parts=len(labels.parts), num_attributes=len(labels.attributes))
+    model = ClaspMetaArch(
+        cfg.model, num_parts=len(labels.parts), num_attributes=len(labels.attributes),
+        clip_embed_dim=labels.clip_embed_dim,
+    )  # fmt: skip
     optimizer = torch.optim.AdamW(
         model.get_params_groups(cfg.optim.weight_decay),
         lr=0.0,

@@ -80,6 +80,10 @@ def pretrained_cfg_of(config: dict[str, Any] | None, name: str) -> dict[str, Any
     """timm pretrained_cfg (input size, mean/std, no classifier) of an export config (None: defaults)."""
     config = config or {}
     height, width = config.get("img_size", DEFAULT_IMG_SIZE)
+    spec = ARCHS.get(str(config.get("arch")))
+    # timm adapts (and checks) the input channels of first_conv: with a conv stem that is the stem's conv,
+    # not the patch projection (whose input is the stem's 64 channels; naming it failed every such load)
+    first_conv = "patch_embed.backbone.conv" if spec is not None and spec.conv_stem_stride else "patch_embed.proj"
     return dict(
         architecture=name,
         input_size=(3, height, width),
@@ -88,7 +92,7 @@ def pretrained_cfg_of(config: dict[str, Any] | None, name: str) -> dict[str, Any
         interpolation="bicubic",
         crop_pct=1.0,
         num_classes=0,
-        first_conv="patch_embed.proj",
+        first_conv=first_conv,
         classifier="head",
         license="apache-2.0",
     )

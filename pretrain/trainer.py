@@ -213,7 +213,12 @@ def _checkpoint(run: _Loop, step: int, last_ckpt: Path | None) -> Path:
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "step": step,
             "config": to_dict(cfg),
-            "data": {"corpus": cfg.data.corpus, "labelset": stream.labelset.labelset, "images": stream.num_images},
+            "data": {
+                "corpus": cfg.data.corpus,
+                "labelset": stream.labelset.labelset,
+                "images": stream.num_images,
+                "clip": stream.labelset.clip,
+            },  # the CLIP of the labels: `clasp zeroshot` needs its text tower
             "world_size": accelerator.num_processes,
             "identity": run.plan.identity.to_dict(),
         }
