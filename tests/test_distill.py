@@ -7,22 +7,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.model import IMG, NUM_ATTRS, NUM_PARTS, checkpoint_dict, distill_cfg, random_batch, tiny_cfg
 
 from pipeline.errors import ClaspError
 from pretrain.export import export_backbone, load_backbone, load_distill_head
 from pretrain.losses import embed_distill_loss
 from pretrain.meta_arch import ClaspMetaArch
-from tests.test_model import IMG, NUM_ATTRS, NUM_PARTS, checkpoint_dict, random_batch, tiny_cfg
 
 EMBED = 12
-
-
-def distill_cfg(**loss: object):
-    cfg = tiny_cfg()
-    cfg.loss.distill = True
-    for key, value in loss.items():
-        setattr(cfg.loss, key, value)
-    return cfg
 
 
 def distill_batch(batch_size: int = 3, seed: int = 0) -> dict:

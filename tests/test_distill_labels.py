@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers.labels import TINY_CLIP, ingest_folder, label_cfg, noise_images, write_clip_dir
+from helpers.pretraining import tiny_config
 
 from labeling.clip_model import DenseClip, load_clip
 from labeling.image_shards import ShardImages, index_shard
@@ -19,10 +21,8 @@ from labeling.label import run_labeling
 from pipeline.errors import ClaspError
 from pipeline.formats import image_shard_path, label_shard_path, labels_dir
 from pretrain.data import build_stream
-from tests.test_label import TINY_CFG, ingest_folder, label_cfg, noise_images, write_clip_dir
-from tests.test_pretrain_data import tiny_config
 
-EMBED_DIM = TINY_CFG["embed_dim"]
+EMBED_DIM = TINY_CLIP["embed_dim"]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def labelled(tmp_path_factory: pytest.TempPathFactory, clip_dir: Path) -> tuple[Path, str, str]:
     """(root, label set with embeddings, label set without) of one 20-image corpus in 2 shards."""
     root = ingest_folder(noise_images(20), tmp_path_factory.mktemp("root"), "toy", per_shard=10)
-    with_embed = run_labeling(label_cfg(root, "toy", clip_dir, with_embed=True))
-    without = run_labeling(label_cfg(root, "toy", clip_dir))
+    with_embed = run_labeling(label_cfg(root, "toy", clip_dir, with_embed=True)).labelset
+    without = run_labeling(label_cfg(root, "toy", clip_dir)).labelset
     return root, with_embed, without
 
 
@@ -122,7 +122,13 @@ def test_ablation_labels_with_embeddings_only_for_a_distillation_variant(
     from pipeline import ablate
 
     seen = []
-    monkeypatch.setattr(labeling.label, "run_labeling", lambda cfg: seen.append(cfg) or "set")
+    from labeling.label import LabelRun
+
+    def fake_run(cfg: object) -> LabelRun:
+        seen.append(cfg)
+        return LabelRun("set", images=0, shards=0, undecodable=0, loop_s=0.0, total_s=0.0, complete=True)
+
+    monkeypatch.setattr(labeling.label, "run_labeling", fake_run)
     variants = [ablate.Variant(name="clasp")]
     if distill:
         variants.append(ablate.Variant(name="clasp_distill", overrides=["model.loss.distill=true"]))

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.labels import TINY_CLIP, write_clip_dir
+from helpers.model import NUM_ATTRS, NUM_PARTS, checkpoint_dict, distill_cfg
 
 from labeling.clip_model import DenseClip, file_sha256, load_clip
 from labeling.image_shards import decode_image
@@ -16,9 +18,6 @@ from pipeline.errors import ClaspError
 from pipeline.vocab import load_attributes, load_parts
 from pretrain.export import export_backbone
 from pretrain.meta_arch import ClaspMetaArch
-from tests.test_distill import distill_cfg
-from tests.test_label import TINY_CFG, write_clip_dir
-from tests.test_model import NUM_ATTRS, NUM_PARTS, checkpoint_dict
 from transfer.attributes.datasets import load_attr_dataset
 from transfer.attributes.metrics import attribute_metrics
 from transfer.zeroshot import TextTower, ZeroShotConfig, run_zeroshot
@@ -37,7 +36,7 @@ def release(tmp_path_factory: pytest.TempPathFactory, clip_dir: Path) -> Path:
     tmp = tmp_path_factory.mktemp("release")
     torch.manual_seed(0)
     cfg = distill_cfg()
-    model = ClaspMetaArch(cfg, num_parts=NUM_PARTS, num_attributes=NUM_ATTRS, clip_embed_dim=TINY_CFG["embed_dim"])
+    model = ClaspMetaArch(cfg, num_parts=NUM_PARTS, num_attributes=NUM_ATTRS, clip_embed_dim=TINY_CLIP["embed_dim"])
     weights = clip_dir / "open_clip_pytorch_model.bin"
     clip = {"arch": "test-tiny", "weights": str(weights), "weights_id": file_sha256(weights), "random": True,
             "logit_scale": 14.3, "resolution": list(CLIP_RES)}  # fmt: skip
@@ -107,15 +106,16 @@ def test_images_folder_gets_one_row_of_scores_per_image(release: Path, synth_wor
 def test_post_hoc_linear_maps_read_the_distilled_and_a_plain_reference_backbone(
     release: Path, clip_dir: Path, synth_world: Path, tmp_path: Path
 ) -> None:
+    from helpers.labels import ingest_folder, noise_images
+    from helpers.model import tiny_cfg
+
     from labeling.label import LabelConfig, run_labeling
-    from tests.test_label import ingest_folder, noise_images
-    from tests.test_model import tiny_cfg
 
     root = ingest_folder(noise_images(40, size=(128, 64)), tmp_path, "fit", per_shard=16)
     label_cfg = LabelConfig(root=str(root), corpus="fit", clip_checkpoint=str(clip_dir), allow_random_weights=True,
                             resolution=CLIP_RES, workers=0, quiet=True, with_embed=True)  # fmt: skip
     with pytest.warns(UserWarning):
-        labelset = run_labeling(label_cfg)
+        labelset = run_labeling(label_cfg).labelset
     plain_cfg = tiny_cfg(enabled=False)  # a plain ViT reference: read without a prompt
     torch.manual_seed(1)
     plain = ClaspMetaArch(plain_cfg, num_parts=NUM_PARTS, num_attributes=NUM_ATTRS)
