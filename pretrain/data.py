@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from PIL import Image
@@ -64,6 +63,7 @@ from pretrain.labelsets import (
     Shard,
     clip_embed_width,
     list_shards,
+    read_label_rows,
     read_labelset_info,
 )
 from pretrain.stream_layout import ReadTask, Slice, StreamLayout, StreamPosition
@@ -77,7 +77,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LABEL_COLUMNS = ("key", "attr_prob", "part_map", "part_conf")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -180,7 +179,7 @@ class LabeledTarReader(SliceReader):
     def read_slice(self, task: ReadTask, piece: Slice, start: int, skip: set[int]) -> Iterator[dict[str, Any]]:
         shard, stop = piece.shard, piece.stop
         tar, label_path = self.shards[shard].tar, self.shards[shard].labels
-        labels = _read_label_rows(label_path, self.grid_hw, start, stop, clip_embed=self.clip_embed)
+        labels = read_label_rows(label_path, self.grid_hw, start, stop, clip_embed=self.clip_embed)
         n_rows, count = labels["rows"], start
         try:
             for index, key, members in _tar_members(tar, start, stop, skip):
@@ -224,37 +223,6 @@ class LabeledTarReader(SliceReader):
                 f"image shard {tar} has {count} samples but label shard {label_path} has {n_rows} rows: "
                 "they come from different ingests; re-run `clasp label` for this corpus"
             )
-
-
-def _read_label_rows(
-    path: str, grid_hw: tuple[int, int], start: int, stop: int, *, clip_embed: bool = False
-) -> dict[str, Any]:
-    """Rows ``start..stop-1`` of a label shard (read once per slice; only the slice becomes Python objects)."""
-    try:
-        table = pq.read_table(path, columns=list(LABEL_COLUMNS) + ([EMBED_COLUMN] if clip_embed else []))
-    except (OSError, KeyError, ValueError) as exc:
-        raise ClaspError(
-            f"cannot read label shard {path}: {exc}; re-run `clasp label` for this corpus, it relabels that shard"
-        ) from None
-    rows = table.num_rows
-    table = table.slice(start, max(0, stop - start))
-    n = table.num_rows
-    cells = grid_hw[0] * grid_hw[1]
-    part_map = table.column("part_map").to_pylist()
-    part_conf = table.column("part_conf").to_pylist()
-    if n and (len(part_map[0]) != cells or len(part_conf[0]) != cells):
-        raise ClaspError(f"label shard {path}: part_map has {len(part_map[0])} cells, labelset grid says {cells}")
-    attr = table.column("attr_prob").combine_chunks()
-    out = {
-        "rows": rows,
-        "key": table.column("key").to_pylist(),
-        "attr_prob": attr.flatten().to_numpy(zero_copy_only=False).reshape(n, -1),
-        "part_map": part_map,
-        "part_conf": part_conf,
-    }
-    if clip_embed:
-        out[EMBED_COLUMN] = table.column(EMBED_COLUMN).to_pylist()
-    return out
 
 
 class BlockShuffle:

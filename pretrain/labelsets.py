@@ -2,7 +2,8 @@
 image shards paired with their label shards, checked before training starts.
 
 ``ROOT/<corpus>/images/<corpus>-NNNNNN.tar`` pairs with ``ROOT/<corpus>/labels/<labelset>/<corpus>-NNNNNN.parquet``
-(same rows, same order; DESIGN.md 2.2). ``pretrain.data`` streams them.
+(same rows, same order; DESIGN.md 2.2). ``pretrain.data`` streams them; ``read_label_rows`` reads the rows of
+one shard piece (with the stored CLIP embedding when distillation asks for it).
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def _check_label_footer(labels: str, tar: str, count: int) -> None:
         )
 
 
+LABEL_COLUMNS = ("key", "attr_prob", "part_map", "part_conf")  # what the stream reads of a label shard
 EMBED_COLUMN = "clip_embed"  # optional: fp16 CLIP image embedding (`clasp label --store-embeddings`)
 
 
@@ -156,3 +158,34 @@ def clip_embed_width(shards: Sequence[Shard], labelset: str) -> int:
     if not value or len(value) % 2:
         raise ClaspError(f"{first.labels}: {EMBED_COLUMN} of row 0 is not float16 bytes; re-run `clasp label`")
     return len(value) // 2
+
+
+def read_label_rows(
+    path: str, grid_hw: tuple[int, int], start: int, stop: int, *, clip_embed: bool = False
+) -> dict[str, Any]:
+    """Rows ``start..stop-1`` of a label shard (read once per slice; only the slice becomes Python objects)."""
+    try:
+        table = pq.read_table(path, columns=list(LABEL_COLUMNS) + ([EMBED_COLUMN] if clip_embed else []))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ClaspError(
+            f"cannot read label shard {path}: {exc}; re-run `clasp label` for this corpus, it relabels that shard"
+        ) from None
+    rows = table.num_rows
+    table = table.slice(start, max(0, stop - start))
+    n = table.num_rows
+    cells = grid_hw[0] * grid_hw[1]
+    part_map = table.column("part_map").to_pylist()
+    part_conf = table.column("part_conf").to_pylist()
+    if n and (len(part_map[0]) != cells or len(part_conf[0]) != cells):
+        raise ClaspError(f"label shard {path}: part_map has {len(part_map[0])} cells, labelset grid says {cells}")
+    attr = table.column("attr_prob").combine_chunks()
+    out = {
+        "rows": rows,
+        "key": table.column("key").to_pylist(),
+        "attr_prob": attr.flatten().to_numpy(zero_copy_only=False).reshape(n, -1),
+        "part_map": part_map,
+        "part_conf": part_conf,
+    }
+    if clip_embed:
+        out[EMBED_COLUMN] = table.column(EMBED_COLUMN).to_pylist()
+    return out
