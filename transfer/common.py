@@ -40,6 +40,7 @@ TASKS: dict[str, str] = {
     "detection": "transfer.detection.train",
     "person-search": "transfer.person_search.train",
     "parsing": "transfer.parsing.train",
+    "text-search": "transfer.text_search.train",
     "frozen": "transfer.frozen",  # no training: retrieval mAP / closed-form attribute read-out of frozen features
 }
 RESULTS_JSON = "results.json"
