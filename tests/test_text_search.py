@@ -88,3 +88,27 @@ def test_shipped_configs_load(name: str) -> None:
     assert cfg.loss.temperature == 0.02 and cfg.data.img_size in ((128, 64), (384, 128))
     if name != "synthetic":
         assert cfg.dataset.replace("-", "_") == name and cfg.text.clip == "ViT-B-16:openai"
+
+
+def test_text_tower_loads_a_local_clip_folder_with_its_weights(tmp_path: Path) -> None:
+    """A folder as `clasp clip-train` writes it (open_clip local-dir layout) gives exactly its text embeddings."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    import labeling.clip_model  # noqa: F401 - registers the project's clasp-vit-tiny-8 architecture with open_clip
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("clasp-vit-tiny-8")
+    with torch.no_grad():
+        clip.logit_scale.fill_(3.0)  # a trained temperature (an untouched one marks random weights)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    preprocess = {"size": [128, 64], "mean": [0.5] * 3, "std": [0.5] * 3, "resize_mode": "squash"}
+    config = {"arch": "clasp-vit-tiny-8", "model_cfg": open_clip.get_model_config("clasp-vit-tiny-8"),
+              "preprocess_cfg": preprocess}  # fmt: skip
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    tower, tokenizer, identity = build_text_tower(TextTowerConfig(clip="clasp-vit-tiny-8", checkpoint=str(tmp_path),
+                                                                  freeze=True))  # fmt: skip
+    tokens = tokenizer(["a woman with a red backpack"])
+    assert torch.allclose(tower(tokens), clip.eval().encode_text(tokens), atol=1e-5)
+    assert identity["weights_id"] != "random" and identity["frozen"] is True
+    assert not any(p.requires_grad for p in tower.parameters()) and not tower.train().training
