@@ -74,7 +74,12 @@ def build_text_tower(cfg: TextTowerConfig) -> tuple[TextTower, Any, dict[str, An
         tokenizer = open_clip.get_tokenizer(arch)
         identity = {"arch": arch, "weights": "random (built in-process)", "weights_id": "random"}
     else:
-        loaded = load_clip(cfg.clip, cfg.checkpoint)
+        try:
+            loaded = load_clip(cfg.clip, cfg.checkpoint)
+        except ClaspError as exc:  # the loader speaks of `clasp label`'s flags; name this task's settings
+            message = str(exc).replace("--clip-checkpoint PATH", "text.checkpoint=PATH")
+            message = message.replace("--clip-checkpoint ", "text.checkpoint=")
+            raise ClaspError(f"text tower: {message}") from None
         clip, tokenizer = loaded.model, loaded.tokenizer
         identity = {"arch": loaded.identity.arch, "weights": loaded.identity.weights,
                     "weights_id": loaded.identity.weights_id}  # fmt: skip
