@@ -112,3 +112,13 @@ def test_text_tower_loads_a_local_clip_folder_with_its_weights(tmp_path: Path) -
     assert torch.allclose(tower(tokens), clip.eval().encode_text(tokens), atol=1e-5)
     assert identity["weights_id"] != "random" and identity["frozen"] is True
     assert not any(p.requires_grad for p in tower.parameters()) and not tower.train().training
+
+
+def test_an_evaluation_split_the_file_lacks_is_named(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from transfer.text_search.train import CONFIG, run
+
+    data = write_cuhk_pedes(tmp_path / "CUHK-PEDES", seed=2, train_ids=2, val_ids=0, test_ids=2, images_per_id=(1, 1))
+    cfg = load_config(CONFIG, overrides=[f"data_dir={data}", f"out_dir={tmp_path / 'out'}", "eval.split=val"])
+    with pytest.raises(ClaspError, match="has no 'val' split; set eval.split to one of \\['test'\\]"):
+        run(cfg)

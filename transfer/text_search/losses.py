@@ -28,8 +28,6 @@ def sdm_loss(
     return loss
 
 
-def id_loss(
-    classifier: torch.nn.Module, image_emb: torch.Tensor, text_emb: torch.Tensor, pids: torch.Tensor
-) -> torch.Tensor:
+def id_loss(image_logits: torch.Tensor, text_logits: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of one identity classifier on both modalities (IRRA's ID loss, Zheng et al. 2020)."""
-    return F.cross_entropy(classifier(image_emb), pids) + F.cross_entropy(classifier(text_emb), pids)
+    return F.cross_entropy(image_logits, pids) + F.cross_entropy(text_logits, pids)

@@ -106,5 +106,10 @@ class TextSearchModel(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text(tokens)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode_image(images), self.encode_text(tokens)
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Embeddings ``image``/``text`` and, with the ID head, ``image_logits``/``text_logits``: everything the
+        losses use comes out of one forward, so DDP sees every trained parameter used there."""
+        out = {"image": self.encode_image(images).float(), "text": self.encode_text(tokens).float()}
+        if self.classifier is not None:
+            out["image_logits"], out["text_logits"] = self.classifier(out["image"]), self.classifier(out["text"])
+        return out

@@ -133,12 +133,11 @@ def run(cfg: TextSearchConfig) -> dict[str, Any]:
 
     def loss_fn(net: torch.nn.Module, images: torch.Tensor, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         pids, caption_tokens = batch
-        image_emb, text_emb = net(images, caption_tokens)
-        image_emb, text_emb = image_emb.float(), text_emb.float()
-        losses = {"sdm": sdm_loss(image_emb, text_emb, pids, logit_scale=1.0 / cfg.loss.temperature)}
+        out = net(images, caption_tokens)
+        losses = {"sdm": sdm_loss(out["image"], out["text"], pids, logit_scale=1.0 / cfg.loss.temperature)}
         total = cfg.loss.sdm_weight * losses["sdm"]
         if cfg.loss.id_weight > 0:
-            losses["id"] = id_loss(accelerator.unwrap_model(net).classifier, image_emb, text_emb, pids)
+            losses["id"] = id_loss(out["image_logits"].float(), out["text_logits"].float(), pids)
             total = total + cfg.loss.id_weight * losses["id"]
         return {"loss": total, **losses}
 
