@@ -122,3 +122,32 @@ def test_an_evaluation_split_the_file_lacks_is_named(tmp_path: Path) -> None:
     cfg = load_config(CONFIG, overrides=[f"data_dir={data}", f"out_dir={tmp_path / 'out'}", "eval.split=val"])
     with pytest.raises(ClaspError, match="has no 'val' split; set eval.split to one of \\['test'\\]"):
         run(cfg)
+
+
+def test_two_processes_evaluate_as_one(tmp_path: Path) -> None:
+    """accelerate launch on 2 CPU processes: the gathered gallery/queries give one process's numbers (lr ~0)."""
+    import os
+    import subprocess
+    import sys
+
+    from launching import accelerate_launch
+
+    repo = Path(__file__).resolve().parents[1]
+    data = write_cuhk_pedes(tmp_path / "CUHK-PEDES", seed=5, train_ids=4, val_ids=0, test_ids=5)
+    common = ["transfer", "text-search", "--data", str(data), "--dataset", "cuhk-pedes", "--quiet", "--backbone",
+              "random:vit_micro", "--config", str(repo / "configs/transfer/text_search_synthetic.yaml"), "epochs=1",
+              "max_steps_per_epoch=1", "optim.lr=1e-30", "data.global_batch=8", "device=cpu"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    runs = {}
+    for processes in (1, 2):
+        args = [*common, "--out", str(tmp_path / f"p{processes}")]
+        cmd = (
+            [sys.executable, "-m", "pipeline.cli", *args]
+            if processes == 1
+            else accelerate_launch("-m", "pipeline.cli", *args)
+        )
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[processes] = json.loads((tmp_path / f"p{processes}" / "results.json").read_text())["metrics"]
+    for key, value in runs[1].items():
+        assert runs[2][key] == pytest.approx(value, abs=1e-4), key
