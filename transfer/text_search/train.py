@@ -170,8 +170,8 @@ def evaluate(
     """Every caption of the evaluation split against all of its images (``metrics.evaluate_t2i``)."""
     split = data.splits[cfg.eval.split]
     model.eval()
-    images = ImageDataset([p for p, _ in split.images], [0] * len(split.images), transforms(model.backbone, cfg.data,
-                          train=False))  # fmt: skip
+    transform = transforms(model.backbone, cfg.data, train=False)
+    images = ImageDataset([p for p, _ in split.images], [0] * len(split.images), transform)
     gallery = predict_in_order(
         accelerator, model.encode_image, images, batch_size=cfg.eval.batch_size, workers=cfg.data.workers
     )
