@@ -63,7 +63,8 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 bench: install
-	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in $(filter-out __init__,$(basename $(notdir $(wildcard benchmarks/*.py)))); do \
+		echo "== benchmarks.$$b"; $(PY) -m benchmarks.$$b || exit 1; done
 
 synth: install
 	$(CLASP) synth --out $(ROOT)/synthetic-world --identities $(or $(IDENTITIES),200) --preview

@@ -1,8 +1,8 @@
 """Standard label audit at LUPerson scale: 4.2M simulated label rows, 2 DuckDB threads, a memory limit.
 
-    .venv/bin/python benchmarks/audit_scale.py                   # 1.05M and 4.2M images, 2 threads, 2GB
-    .venv/bin/python benchmarks/audit_scale.py --images 200000   # quick look
-    .venv/bin/python benchmarks/audit_scale.py --keep /tmp/ab    # keep the corpora, reuse them next time
+    .venv/bin/python -m benchmarks.audit_scale                   # 1.05M and 4.2M images, 2 threads, 2GB
+    .venv/bin/python -m benchmarks.audit_scale --images 200000   # quick look
+    .venv/bin/python -m benchmarks.audit_scale --keep /tmp/ab    # keep the corpora, reuse them next time
 
 Builds, in a temporary directory, what `clasp ingest` + `clasp label` would leave for a corpus of
 that size (manifest.parquet, sizes.json, label shards + labelset.json; no image tars, since the
@@ -31,9 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipeline.formats import (  # noqa: E402
+from pipeline.formats import (
     LABELSET_FILE,
     MANIFEST_FILE,
     SIZES_FILE,
@@ -43,7 +41,7 @@ from pipeline.formats import (  # noqa: E402
     labels_dir,
     shard_stem,
 )
-from pipeline.vocab import load_attributes, load_parts  # noqa: E402
+from pipeline.vocab import load_attributes, load_parts
 
 # Approximate PA-100K positive rates, in the attribute vocabulary's order.
 CORPUS = "luperson"
@@ -100,6 +98,12 @@ def _summaries(maps: np.ndarray, grid: tuple[int, int], n_parts: int):
     return area, row
 
 
+def _luperson_keys(ids: np.ndarray) -> pa.Array:
+    """LUPerson-style keys of image ``ids``; video = id // 500, so neighbouring frames share a video."""
+    video = np.char.add("cn_beijing_v", np.char.zfill((ids // 500).astype(str), 6))
+    return pa.array(np.char.add(video, np.char.add("_f", np.char.zfill((ids % 500).astype(str), 6))))
+
+
 def build_corpus(root: Path, corpus: str, n_images: int, per_shard: int, grid: tuple[int, int], seed: int = 0) -> str:
     """Write manifest.parquet, sizes.json, label shards and labelset.json; return the label set id."""
     rng = np.random.default_rng(seed)
@@ -112,18 +116,13 @@ def build_corpus(root: Path, corpus: str, n_images: int, per_shard: int, grid: t
     area, row = _summaries(maps, grid, len(parts))
     fg = (maps > 0).mean(1).astype(np.float32)
     n_shards = -(-n_images // per_shard)
-    # Unique ids in ingest's shuffled order; video = id // 500 so neighbouring frames share a video.
+    # unique ids in ingest's shuffled order
     order = rng.permutation(n_images)
     sizes, manifest_parts = {}, []
     for s in range(n_shards):
         n = min(per_shard, n_images - s * per_shard)
         ids = order[s * per_shard : s * per_shard + n]
-        keys = pa.array(
-            np.char.add(
-                np.char.add("cn_beijing_v", np.char.zfill((ids // 500).astype(str), 6)),
-                np.char.add("_f", np.char.zfill((ids % 500).astype(str), 6)),
-            )
-        )
+        keys = _luperson_keys(ids)
         truth = rng.random((n, len(attrs))) < rates
         prob = np.where(truth, rng.beta(5, 2, truth.shape), rng.beta(1.5, 6, truth.shape))
         attr = pa.FixedSizeListArray.from_arrays(pa.array(np.round(prob * 255).astype(np.uint8).ravel()), len(attrs))
@@ -212,7 +211,8 @@ def _audit_once(root: Path, labelset: str, threads: int, memory_limit: str) -> d
 
 
 def _audit_child(root: Path, labelset: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(root), labelset, "--threads", str(args.threads)]
+    cmd = [sys.executable, "-m", "benchmarks.audit_scale", "--child", str(root), labelset]
+    cmd += ["--threads", str(args.threads)]
     cmd += ["--memory-limit", args.memory_limit]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -6,7 +6,7 @@
 #   gpu_all.log (all output), gpu_all.json (the last line), label.json, pretrain.json, ablation.{json,log,tar.gz}
 #
 # With this workplace's device tool (one H200, 16 cores, Python 3.12, no network; .library/device/):
-#   1. here, once:   bash benchmarks/gpu_wheels.sh   # open_clip_torch, ftfy, wcwidth, webdataset, braceexpand:
+#   1. here, once:   bash benchmarks/gpu_wheels.sh   # open_clip_torch, ftfy, wcwidth, webdataset, braceexpand, lmdb, duckdb (the ablation's):
 #                                                    # 2.4 MiB of wheels into .whl/ (git-ignored)
 #   2. device run:   command "bash benchmarks/gpu_all.sh", carry [".whl"], timeout_s 600
 #      (this script installs .whl/*.whl into /tmp/site when open_clip or webdataset is missing there)
@@ -40,14 +40,14 @@ if [[ $DRY == 1 ]]; then
     export CUDA_VISIBLE_DEVICES=""
     echo "gpu_all: DRY RUN on the CPU (tiny models, few images): checks the script, measures nothing"
 fi
-if ! "$PY" -c "import open_clip, webdataset" 2>/dev/null; then
+if ! "$PY" -c "import open_clip, webdataset, lmdb, duckdb" 2>/dev/null; then
     if compgen -G ".whl/*.whl" >/dev/null; then
         echo "installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl ||
             { echo "error: pip could not install .whl/*.whl"; exit 2; }
         export PYTHONPATH=/tmp/site:$PYTHONPATH
     else
-        echo "error: open_clip / webdataset missing and no wheels in .whl/: run 'bash benchmarks/gpu_wheels.sh' here" \
+        echo "error: open_clip / webdataset / lmdb / duckdb missing and no wheels in .whl/: run 'bash benchmarks/gpu_wheels.sh' here" \
             "and carry .whl, or pip install open_clip_torch webdataset"
         exit 2
     fi
@@ -123,7 +123,7 @@ part_label() {
     else
         args+=(--images "${LABEL_IMAGES:-32768}" --workers "$CORES")
     fi
-    timeout --kill-after=10 "$1" "$PY" benchmarks/gpu_label.py "${args[@]}"
+    timeout --kill-after=10 "$1" "$PY" -m benchmarks.gpu_label "${args[@]}"
 }
 
 part_pretrain() {
@@ -136,7 +136,7 @@ part_pretrain() {
             --precision bf16 --workers "$CORES" --steps 15 --warmup 5 --rounds 2 --loop-rounds 1 --images 8192 --shards 32
             --loader-batches 20 --peak-flops "$PEAK")
     fi
-    timeout --kill-after=10 "$1" "$PY" benchmarks/pretrain_step.py "${args[@]}"
+    timeout --kill-after=10 "$1" "$PY" -m benchmarks.pretrain_step "${args[@]}"
 }
 
 part_ablation() {
@@ -169,4 +169,4 @@ else  # nothing after it: pre-training may use the rest (a second compiled model
 fi
 run_part ablation $(($(left_s) - 10)) 60
 echo "== gpu_all: $((SECONDS - START)) s in all"
-"$PY" benchmarks/gpu_common.py summary "$OUT" "$WORK"
+"$PY" -m benchmarks.gpu_common summary "$OUT" "$WORK"

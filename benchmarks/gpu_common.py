@@ -1,7 +1,7 @@
 """Pieces shared by the GPU benchmarks of ``benchmarks/gpu_all.sh``: the bf16 ceiling, time budgets, results files.
 
-    python benchmarks/gpu_common.py              # the measured bf16 matrix-product rate as one JSON line
-    python benchmarks/gpu_common.py summary OUT WORK  # OUT/{label,pretrain,ablation}.json: table + JSON line
+    python -m benchmarks.gpu_common              # the measured bf16 matrix-product rate as one JSON line
+    python -m benchmarks.gpu_common summary OUT WORK  # OUT/{label,pretrain,ablation}.json: table + JSON line
 
 MFU is reported against two ceilings: the datasheet's dense bf16 rate (H100/H200 SXM: 989 TFLOP/s) and the
 rate an 8192^3 bf16 matrix product reaches on the same card in the same run (about 790 TFLOP/s on this

@@ -1,7 +1,7 @@
 """GPU labeling throughput: CLIP ViT-B-16 at 448x224, bf16, through the real ingest -> label path.
 
-    python benchmarks/gpu_label.py --out $OUT/label.json            # part 1 of benchmarks/gpu_all.sh
-    python benchmarks/gpu_label.py --dry-run                         # tiny CLIP on the CPU: checks the script
+    python -m benchmarks.gpu_label --out $OUT/label.json            # part 1 of benchmarks/gpu_all.sh
+    python -m benchmarks.gpu_label --dry-run                         # tiny CLIP on the CPU: checks the script
 
 The CLIP has RANDOM weights (``allow_random_weights``; no network there): speed does not depend on
 them, the label values are noise. Measured in one run:
@@ -28,15 +28,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from benchmarks.gpu_common import Budget, Results, datasheet_peak, matmul_peak_flops, write_person_folder  # noqa: E402
+from benchmarks.gpu_common import Budget, Results, datasheet_peak, matmul_peak_flops, write_person_folder
 
 
 def parse_args() -> argparse.Namespace:
@@ -131,10 +127,10 @@ def build_corpus(root: Path, args: argparse.Namespace, results: Results) -> None
 
 
 def end_to_end(root: Path, args: argparse.Namespace, device: str, results: Results) -> float:
-    from labeling.label import LAST_RUN, LabelConfig, run_labeling
+    from labeling.label import LabelConfig, run_labeling
     from pipeline.formats import labels_dir
 
-    set_id = run_labeling(
+    run = run_labeling(
         LabelConfig(
             root=str(root),
             corpus="bench",
@@ -147,15 +143,15 @@ def end_to_end(root: Path, args: argparse.Namespace, device: str, results: Resul
             quiet=True,
         )
     )
-    rate = LAST_RUN["images"] / LAST_RUN["loop_s"]
-    label_bytes = sum(p.stat().st_size for p in labels_dir(root, "bench", set_id).glob("*.parquet"))
-    setup = LAST_RUN["total_s"] - LAST_RUN["loop_s"]
+    rate = run.images / run.loop_s
+    label_bytes = sum(p.stat().st_size for p in labels_dir(root, "bench", run.labelset).glob("*.parquet"))
+    setup = run.total_s - run.loop_s  # indexing the shards, building the labelers (prompts); not the model load
     print(
-        f"end-to-end clasp label: {rate:9.1f} images/s over {LAST_RUN['images']} images, {args.workers} decode "
-        f"workers (+ {setup:.1f} s model load and prompts); {label_bytes / LAST_RUN['images']:.1f} label bytes/image",
+        f"end-to-end clasp label: {rate:9.1f} images/s over {run.images} images, {args.workers} decode "
+        f"workers (+ {setup:.1f} s shard index and prompts); {label_bytes / run.images:.1f} label bytes/image",
         flush=True,
     )
-    results.update(e2e_images_per_s=rate, e2e_setup_s=setup, label_bytes_per_image=label_bytes / LAST_RUN["images"])
+    results.update(e2e_images_per_s=rate, e2e_setup_s=setup, label_bytes_per_image=label_bytes / run.images)
     return rate
 
 

@@ -1,6 +1,6 @@
 """Ingest throughput (images/s per core) and peak RSS at two corpus sizes, on LUPerson-like JPEG crops.
 
-    .venv/bin/python benchmarks/ingest_throughput.py [--small 4000 --large 20000]
+    .venv/bin/python -m benchmarks.ingest_throughput [--small 4000 --large 20000]
 
 The corpus is a folder ``country/city/video/frame.jpg`` of JPEG crops with LUPerson-like sizes (height
 96-384 px, width/height 0.30-0.55, quality 95 as OpenCV writes them). To keep corpus creation cheap, a pool
@@ -138,8 +138,9 @@ def main() -> None:
         for name, n in (("small", args.small), ("large", args.large)):
             src = Path(tmp) / f"corpus_{name}"
             size = build_corpus(src, n, pool)
+            child = [sys.executable, "-m", "benchmarks.ingest_throughput", "--child", str(src)]
             run = subprocess.run(
-                [sys.executable, __file__, "--child", str(src), str(Path(tmp) / f"root_{name}")],
+                [*child, str(Path(tmp) / f"root_{name}")],
                 check=True,
                 capture_output=True,
                 text=True,

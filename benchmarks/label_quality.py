@@ -1,6 +1,6 @@
 """Pseudo-label quality on the synthetic world: CLIP labels vs ground truth, and a geometry-only baseline.
 
-    .venv/bin/python benchmarks/label_quality.py --out runs/label_quality --identities 200
+    .venv/bin/python -m benchmarks.label_quality --out runs/label_quality --identities 200
 
 Steps (each skipped when its output already exists): ``clasp synth`` -> ``clasp ingest`` of the
 LUPerson-like folder -> ``clasp clip-train`` of the tiny CLIP on the world's pairs.csv ->
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -28,13 +27,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from labeling import quality  # noqa: E402
-from labeling.clip_train import ClipTrainConfig, train_clip  # noqa: E402
-from labeling.label import LabelConfig, run_labeling  # noqa: E402
-from pipeline.formats import labels_dir, read_labelset  # noqa: E402
+from labeling import quality
+from labeling.clip_train import ClipTrainConfig, train_clip
+from labeling.label import LabelConfig, run_labeling
+from pipeline.formats import labels_dir, read_labelset
 
 
 def build(args: argparse.Namespace) -> tuple[Path, str, dict[str, float]]:
@@ -89,7 +85,7 @@ def build(args: argparse.Namespace) -> tuple[Path, str, dict[str, float]]:
             quiet=True,
             **overrides,
         )
-    )
+    ).labelset
     timings["label_s"] = time.perf_counter() - t
     return root, set_id, timings
 

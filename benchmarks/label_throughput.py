@@ -1,7 +1,7 @@
 """Labeling efficiency: end-to-end ``clasp label`` images/s / bare CLIP forward images/s, same model and batch.
 
-    .venv/bin/python benchmarks/label_throughput.py                       # tiny CLIP, CPU
-    .venv/bin/python benchmarks/label_throughput.py --arch ViT-B-16 --images 96 --batch-size 16
+    .venv/bin/python -m benchmarks.label_throughput                       # tiny CLIP, CPU
+    .venv/bin/python -m benchmarks.label_throughput --arch ViT-B-16 --images 96 --batch-size 16
 
 The corpus is ingested from generated 256x128 JPEG pedestrian-sized images (smooth colour fields
 plus noise, so they compress like photos). The model has random weights (``allow_random_weights``):
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from labeling.clip_model import DenseClip, load_clip  # noqa: E402
-from labeling.label import LAST_RUN, LabelConfig, resolve_resolution, run_labeling  # noqa: E402
-from pipeline.formats import labels_dir  # noqa: E402
-from pipeline.ingest import IngestConfig, ingest  # noqa: E402
+from labeling.clip_model import DenseClip, load_clip
+from labeling.label import LabelConfig, resolve_resolution, run_labeling
+from pipeline.formats import labels_dir
+from pipeline.ingest import IngestConfig, ingest
 
 
 def make_corpus(root: Path, n: int, per_shard: int, seed: int = 0) -> None:
@@ -94,10 +90,10 @@ def main() -> None:
             device=args.device,
             quiet=True,
         )
-        set_id = run_labeling(cfg)
-        e2e_rate = LAST_RUN["images"] / LAST_RUN["loop_s"]
-        setup_s = LAST_RUN["total_s"] - LAST_RUN["loop_s"]
-        label_bytes = sum(p.stat().st_size for p in labels_dir(tmp, "bench", set_id).glob("*.parquet"))
+        run = run_labeling(cfg)
+        e2e_rate = run.images / run.loop_s
+        setup_s = run.total_s - run.loop_s
+        label_bytes = sum(p.stat().st_size for p in labels_dir(tmp, "bench", run.labelset).glob("*.parquet"))
 
         from pipeline.guards import resolve_device
 
@@ -109,7 +105,7 @@ def main() -> None:
         x = torch.randn(args.batch_size, 3, *res, device=device)
         if bf16:
             dense, x = dense.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        bare_rate = bare_forward_rate(dense, x, seconds=max(3.0, LAST_RUN["loop_s"] / 2), device=device, bf16=bf16)
+        bare_rate = bare_forward_rate(dense, x, seconds=max(3.0, run.loop_s / 2), device=device, bf16=bf16)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,7 +1,7 @@
 """Pre-training step cost: MoE vs plain ViT, and the full loop (label-joined stream) vs bare compute.
 
-    .venv/bin/python benchmarks/pretrain_step.py                       # CPU-sized: ViT-Ti, batch 8
-    python benchmarks/pretrain_step.py --arch vit_base --batch 128 --precision bf16 --workers 16 \\
+    .venv/bin/python -m benchmarks.pretrain_step                       # CPU-sized: ViT-Ti, batch 8
+    python -m benchmarks.pretrain_step --arch vit_base --batch 128 --precision bf16 --workers 16 \\
         --steps 20 --warmup 5 --images 8192 --compile --skip-rss           # one GPU (benchmarks/gpu_all.sh)
 
 Measured in one run, same model settings, same process:
@@ -19,9 +19,13 @@ Measured in one run, same model settings, same process:
 * ``--compile``: bare fwd+bwd and step again with ``torch.compile`` on the meta-arch, MoE and dense (the
   trainer itself has no compile switch, so the loop is eager only).
 * on CUDA, ``peak_mem_*_gib``: the largest ``torch.cuda.max_memory_allocated`` over a model's bare runs.
+* ``distill``: the bare MoE step again with the CLIP-embedding distillation term on (``model.loss.distill``,
+  a ``--clip-dim`` embedding per image in the label shards), interleaved with the same step without it.
 
-Figures: ``moe_ratio`` = bare step images/s with MoE / without (target >= 0.67); ``loop_ratio`` = loop
-images/s / bare fwd+bwd images/s with MoE (target >= 0.85); on CUDA also ``mfu`` = counted FLOPs
+Figures: ``distill_step_ratio`` = bare step images/s with distillation / without (target >= 0.95: the term
+costs at most 5% of a step), ``distill_flops_ratio`` the same in counted FLOPs; ``moe_ratio`` = bare step
+images/s with MoE / without (target >= 0.67);
+``loop_ratio`` = loop images/s / bare fwd+bwd images/s with MoE (target >= 0.85); on CUDA also ``mfu`` = counted FLOPs
 (torch FlopCounterMode, one training step incl. teacher) x images/s / peak bf16 FLOP/s, against the datasheet
 and against ``--peak-flops`` (the measured matrix-product rate, benchmarks/gpu_common.py) when given.
 ``--budget-s`` skips loop rounds and compiled runs that would not fit; ``--out`` gets the figures after every
@@ -40,16 +44,16 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.gpu_common import Budget, Results, datasheet_peak, person_jpeg
 
-from benchmarks.gpu_common import Budget, Results, datasheet_peak, person_jpeg  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 COMPILE_ALLOWANCE_S = 75  # budget kept free for torch.compile of one ViT-B meta-arch (fwd + bwd) before timing it
 
 
-def write_corpus(root: Path, corpus: str, n_images: int, n_shards: int, seed: int = 0) -> None:
-    """Image shards (LUPerson-like JPEG sizes) + a complete label set with the default vocabularies."""
+def write_corpus(root: Path, corpus: str, n_images: int, n_shards: int, seed: int = 0, clip_dim: int = 512) -> None:
+    """Image shards (LUPerson-like JPEG sizes) + a complete label set with the default vocabularies and a
+    ``clip_dim``-wide fp16 clip_embed per image (random unit vectors)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -64,7 +68,7 @@ def write_corpus(root: Path, corpus: str, n_images: int, n_shards: int, seed: in
     img_dir, lab_dir = formats.images_dir(root, corpus), formats.labels_dir(root, corpus, "bench")
     img_dir.mkdir(parents=True, exist_ok=True)
     lab_dir.mkdir(parents=True, exist_ok=True)
-    schema = formats.label_schema(len(attrs), parts)
+    schema = formats.label_schema(len(attrs), parts, with_embed=True)
     np_rng = np.random.default_rng(seed)
     sizes, per_shard = {}, math.ceil(n_images / n_shards)
     for s in range(n_shards):
@@ -83,6 +87,9 @@ def write_corpus(root: Path, corpus: str, n_images: int, n_shards: int, seed: in
             "part_conf": [bytes(r) for r in np_rng.integers(0, 256, (n, cells), dtype=np.uint8)],
             "fg_ratio": [0.5] * n,
         }
+        embed = np_rng.standard_normal((n, clip_dim)).astype(np.float32)
+        embed /= np.linalg.norm(embed, axis=1, keepdims=True)
+        columns["clip_embed"] = [r.astype("<f2").tobytes() for r in embed]
         for name in parts[1:]:
             columns[f"area_{name}"] = [0] * n
             columns[f"row_{name}"] = [None] * n
@@ -116,7 +123,7 @@ def sync(device) -> None:
 class BareStep:
     """The meta-arch, its optimizer and one device-resident batch: the step without any data loading."""
 
-    def __init__(self, cfg, batch_cpu: dict, n_parts: int) -> None:
+    def __init__(self, cfg, batch_cpu: dict, n_parts: int, clip_dim: int = 0) -> None:
         import torch
         from accelerate import Accelerator
 
@@ -124,7 +131,8 @@ class BareStep:
         from pretrain.meta_arch import ClaspMetaArch
 
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-        model = ClaspMetaArch(cfg.model, num_parts=n_parts, num_attributes=batch_cpu["attr_prob"].shape[1])
+        num_attributes = batch_cpu["attr_prob"].shape[1]
+        model = ClaspMetaArch(cfg.model, num_parts=n_parts, num_attributes=num_attributes, clip_embed_dim=clip_dim)
         fused = self.accelerator.device.type == "cuda"
         optimizer = torch.optim.AdamW(model.get_params_groups(0.04), lr=1e-5, fused=fused)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -215,7 +223,6 @@ def loader_rss(root: Path, corpus: str, batches: int) -> dict[str, float]:
     """Stream ``batches`` batches in a fresh process: images/s, peak RSS of its main process and largest worker."""
     code = f"""
 import json, sys, time
-sys.path.insert(0, {str(REPO)!r})
 sys.argv = [""] + {sys.argv[1:]!r}
 from benchmarks.pretrain_step import make_config, parse_args, peak_rss_mb
 from pretrain.data import build_stream
@@ -245,6 +252,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="images per step")
     p.add_argument("--local-crops", type=int, default=8)
     p.add_argument("--dino-out-dim", type=int, default=65536)
+    p.add_argument("--clip-dim", type=int, default=512, help="stored CLIP embedding width (ViT-B/16: 512)")
     p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
@@ -285,6 +293,33 @@ def bare_section(benches: dict[str, BareStep], args: argparse.Namespace, res: Re
         )
 
 
+def distill_section(
+    moe: BareStep, args: argparse.Namespace, res: Results, root: Path, batch: dict, n_parts: int
+) -> None:
+    """The MoE step with and without the CLIP-embedding distillation term, interleaved (medians)."""
+    cfg = make_config(args, root, "small", "model.loss.distill=true")
+    distill = BareStep(cfg, batch, n_parts, clip_dim=args.clip_dim)
+    # counted FLOPs too: on a loaded CPU a ~1% difference in time is within the rounds' noise
+    res.update(distill_flops_ratio=distill.flops_per_image() / res.data["flops_per_image_moe"])
+    print(
+        f"distillation on / off, counted FLOPs per image (fwd+bwd incl. teacher): {res.data['distill_flops_ratio']:.4f}"
+    )
+    rates = interleaved({"moe": moe, "distill": distill}, args.rounds, args.steps, args.warmup)
+    ratio = statistics.median(d / m for d, m in zip(rates["step_distill"], rates["step_moe"], strict=True))
+    res.update(
+        bare_step_distill_images_per_s=statistics.median(rates["step_distill"]),
+        distill_step_ratio=ratio,
+        distill_fwd_bwd_ratio=statistics.median(
+            d / m for d, m in zip(rates["fwd_bwd_distill"], rates["fwd_bwd_moe"], strict=True)
+        ),
+    )
+    print(
+        f"distillation on / off, MoE full step: {ratio:.3f} (cost {1 - ratio:+.1%}; target >= 0.95); "
+        f"fwd+bwd {res.data['distill_fwd_bwd_ratio']:.3f} (median of {args.rounds} interleaved rounds)",
+        flush=True,
+    )
+
+
 def main() -> None:
     import torch
 
@@ -300,20 +335,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
-        write_corpus(root, "small", args.images, args.shards)
+        write_corpus(root, "small", args.images, args.shards, clip_dim=args.clip_dim)
         print(f"corpus: {args.images} images in {args.shards} shards ({time.perf_counter() - t:.1f}s)", flush=True)
 
         from pretrain.data import build_stream
 
         cfg = make_config(args, root, "small")
-        stream = build_stream(cfg.data, global_hw=tuple(cfg.model.img_size), patch_size=cfg.model.patch_size, seed=0)
-        batch = next(stream.batches())
+        stream = build_stream(
+            cfg.data, global_hw=tuple(cfg.model.img_size), patch_size=cfg.model.patch_size, seed=0, clip_embed=True
+        )
+        batch = next(stream.batches())  # with clip_embed; the models without distillation ignore it
         n_parts = len(stream.labelset.parts)
         del stream
 
         sizes = [("small", args.images)]
         if not args.skip_rss:
-            write_corpus(root, "large", args.images * 4, args.shards * 4, seed=1)
+            write_corpus(root, "large", args.images * 4, args.shards * 4, seed=1, clip_dim=args.clip_dim)
             sizes.append(("large", args.images * 4))
         for corpus, n in sizes:
             loader = loader_rss(root, corpus, args.loader_batches)
@@ -330,53 +367,66 @@ def main() -> None:
         t = time.perf_counter()
         bare_section(benches, args, res, "eager", args.rounds)
         model_round_s = (time.perf_counter() - t) / (2 * args.rounds)  # one model's fwd+bwd and step runs
+        distill_section(benches["moe"], args, res, root, batch, n_parts)
 
-        # loop rounds, each bracketed by bare fwd+bwd runs of the same model (before: the previous one)
-        moe, loops, ratios = benches["moe"], [], []
-        before, round_s = res.data["bare_fwd_bwd_moe_images_per_s"], 0.0
-        loop_rounds = args.rounds if args.loop_rounds is None else args.loop_rounds
-        for r in range(loop_rounds):
-            if r > 0 and not budget.allows(round_s, f"loop rounds {r}..{loop_rounds - 1}", res):
-                break
-            t = time.perf_counter()
-            loops.append(loop(make_config(args, root, "small"), root / f"run{r}", args.steps, args.warmup))
-            after = moe.images_per_s(moe.fwd_bwd, args.steps, args.warmup)
-            round_s = time.perf_counter() - t
-            ratios.append(loops[-1] / ((before + after) / 2))
-            print(f"loop round {r}: {loops[-1]:.1f} img/s; bare fwd+bwd before/after {before:.1f} / {after:.1f} img/s")
-            before = after
-            res.update(loop_images_per_s=statistics.median(loops), loop_ratio=statistics.median(ratios))
-        res.update(loop_ratio_vs_step=res.data["loop_images_per_s"] / res.data["bare_step_moe_images_per_s"])
-        print(f"loop (stream + trainer step, MoE): {res.data['loop_images_per_s']:.1f} img/s (median)")
-        print(
-            f"loop / bare fwd+bwd: {res.data['loop_ratio']:.3f} (target >= 0.85); / bare step "
-            f"{res.data['loop_ratio_vs_step']:.3f}",
-            flush=True,
-        )
+        loop_section(benches["moe"], args, res, root, budget)
 
         if on_gpu:
             for tag, bench in benches.items():
                 res.update(**{f"peak_mem_{tag}_gib": getattr(bench, "peak_mem_bytes", 0) / 2**30})
             report_mfu(res, device_name, args.peak_flops)
 
-        # compiled: one round per model (compiling takes a minute or more each on a GPU machine), MoE first
-        for tag, bench in benches.items() if args.compile else ():
-            if not budget.allows(COMPILE_ALLOWANCE_S + model_round_s, f"torch.compile of the {tag} model", res):
-                break
-            try:
-                t = time.perf_counter()
-                bench.compile(args.compile_backend)
-                bare_section({tag: bench}, args, res, "compiled", 1)
-                res.update(**{f"compile_{tag}_s": time.perf_counter() - t})
-            except Exception as exc:  # noqa: BLE001 - a compile failure must not lose the eager figures
-                res.note(f"torch.compile of {tag} failed: {type(exc).__name__}: {str(exc)[:300]}")
-                print(f"torch.compile of {tag} failed: {type(exc).__name__}: {exc}", flush=True)
+        if args.compile:
+            compiled_section(benches, args, res, budget, model_round_s)
 
         if on_gpu:  # again after the compiled runs (a time guard may kill those: these figures are kept)
             for tag, bench in benches.items():
                 res.update(**{f"peak_mem_{tag}_gib": getattr(bench, "peak_mem_bytes", 0) / 2**30})
             report_mfu(res, device_name, args.peak_flops)
     print(res.json_line())
+
+
+def loop_section(moe: BareStep, args: argparse.Namespace, res: Results, root: Path, budget: Budget) -> None:
+    """Loop rounds (stream + trainer step), each bracketed by bare fwd+bwd runs of the same model (before: the
+    previous round's after), so the ratio compares runs made under the same conditions."""
+    loops, ratios = [], []
+    before, round_s = res.data["bare_fwd_bwd_moe_images_per_s"], 0.0
+    loop_rounds = args.rounds if args.loop_rounds is None else args.loop_rounds
+    for r in range(loop_rounds):
+        if r > 0 and not budget.allows(round_s, f"loop rounds {r}..{loop_rounds - 1}", res):
+            break
+        t = time.perf_counter()
+        loops.append(loop(make_config(args, root, "small"), root / f"run{r}", args.steps, args.warmup))
+        after = moe.images_per_s(moe.fwd_bwd, args.steps, args.warmup)
+        round_s = time.perf_counter() - t
+        ratios.append(loops[-1] / ((before + after) / 2))
+        print(f"loop round {r}: {loops[-1]:.1f} img/s; bare fwd+bwd before/after {before:.1f} / {after:.1f} img/s")
+        before = after
+        res.update(loop_images_per_s=statistics.median(loops), loop_ratio=statistics.median(ratios))
+    res.update(loop_ratio_vs_step=res.data["loop_images_per_s"] / res.data["bare_step_moe_images_per_s"])
+    print(f"loop (stream + trainer step, MoE): {res.data['loop_images_per_s']:.1f} img/s (median)")
+    print(
+        f"loop / bare fwd+bwd: {res.data['loop_ratio']:.3f} (target >= 0.85); / bare step "
+        f"{res.data['loop_ratio_vs_step']:.3f}",
+        flush=True,
+    )
+
+
+def compiled_section(
+    benches: dict[str, BareStep], args: argparse.Namespace, res: Results, budget: Budget, model_round_s: float
+) -> None:
+    """One compiled round per model (compiling takes a minute or more each on a GPU machine), MoE first."""
+    for tag, bench in benches.items():
+        if not budget.allows(COMPILE_ALLOWANCE_S + model_round_s, f"torch.compile of the {tag} model", res):
+            break
+        try:
+            t = time.perf_counter()
+            bench.compile(args.compile_backend)
+            bare_section({tag: bench}, args, res, "compiled", 1)
+            res.update(**{f"compile_{tag}_s": time.perf_counter() - t})
+        except Exception as exc:  # noqa: BLE001 - a compile failure must not lose the eager figures
+            res.note(f"torch.compile of {tag} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            print(f"torch.compile of {tag} failed: {type(exc).__name__}: {exc}", flush=True)
 
 
 def report_mfu(res: Results, device_name: str, measured_peak: float | None) -> None:

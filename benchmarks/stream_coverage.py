@@ -1,6 +1,6 @@
 """Epoch coverage of the pre-training stream at any scale, simulated with the real stream classes.
 
-    .venv/bin/python benchmarks/stream_coverage.py --processes 8 --workers 10 --shards 418 \\
+    .venv/bin/python -m benchmarks.stream_coverage --processes 8 --workers 10 --shards 418 \\
         --images-per-shard 10000 --batch-size 48 --shuffle-block 2000 --checkpoint-every 2000 --epochs 1 \\
         --resume-at 4321                                     # the shipped ViT-B config on 8 GPUs (LUPerson)
 
@@ -26,17 +26,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pretrain.data import BlockShuffle, ReadTask, Shard, Slice, SliceReader, StreamLayout  # noqa: E402
+from pretrain.data import BlockShuffle, ReadTask, Shard, Slice, SliceReader, StreamLayout
 
 
 class KeyReader(SliceReader):

@@ -1,7 +1,7 @@
 """Synthetic-world rendering rate on one core: crops per second at 256x128 (render, then render + JPEG).
 
-    python benchmarks/synth_rate.py                 # 2,000 crops
-    python benchmarks/synth_rate.py --count 10000   # the issue's figure directly
+    python -m benchmarks.synth_rate                 # 2,000 crops
+    python -m benchmarks.synth_rate --count 10000   # the issue's figure directly
 
 The target (issue 2): 10,000 crops at 256x128 in under about a minute on one core, i.e. >= ~170 crops/s.
 The rate per core is computed from this process's CPU time (the renderer is single-threaded), so it

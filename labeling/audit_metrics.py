@@ -10,14 +10,12 @@ Rows are streamed from DuckDB in Arrow batches; only the per-image label grids a
 from __future__ import annotations
 
 import io
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from labeling.audit_views import AuditContext, AuditResult, Finding, decode_grids, fetch_table, sql_str
 from labeling.quality import (
     IGNORE_INDEX,
     attribute_mA,
@@ -27,28 +25,9 @@ from labeling.quality import (
     miou,
     part_confusion,
 )
-from pipeline.errors import ClaspError
-from pipeline.formats import read_labelset
-from pipeline.vocab import load_attributes, load_parts
-
-if TYPE_CHECKING:
-    from labeling.audit import AuditContext, AuditResult
+from pipeline.vocab import load_parts
 
 BATCH_ROWS = 4096
-
-
-def decode_grids(arr: pa.Array | pa.ChunkedArray, cells: int) -> np.ndarray:
-    """(N, cells) uint8 view of a binary column whose values are all ``cells`` bytes long."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if len(arr) == 0:
-        return np.zeros((0, cells), np.uint8)
-    off_type = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], off_type)[arr.offset : arr.offset + len(arr) + 1]
-    if arr.null_count or np.any(np.diff(offsets) != cells):
-        raise ClaspError(f"part_map values are not all {cells} bytes (grid in labelset.json); the label set is damaged")
-    data = np.frombuffer(arr.buffers()[2], np.uint8)
-    return data[offsets[0] : offsets[-1]].reshape(len(arr), cells)
 
 
 def _stream(con: duckdb.DuckDBPyConnection, sql: str):
@@ -63,29 +42,8 @@ def _worst(keys: list[str], scores: np.ndarray, k: int) -> list[tuple[str, float
 
 
 # --- label-set comparison -----------------------------------------------------------------------
-def register_compare(con: duckdb.DuckDBPyConnection, ctx: AuditContext) -> None:
-    from labeling.audit import _label_files, _labels_view_sql, _names
-
-    cfg = ctx.cfg
-    try:
-        meta = read_labelset(cfg.root, cfg.corpus, cfg.compare)
-    except FileNotFoundError as exc:
-        raise ClaspError(f"--compare {cfg.compare}: {exc}") from None
-    files = _label_files(cfg.root, cfg.corpus, cfg.compare)
-    if not files:
-        raise ClaspError(f"--compare {cfg.compare}: no label shards in its folder")
-    con.execute(f"CREATE VIEW labels_b AS {_labels_view_sql(files)}")
-    ctx.compare_meta = {
-        "attributes": _names(meta.get("attributes"), "attributes") or [],
-        "parts": _names(meta.get("parts"), "parts") or [],
-        "grid": tuple(meta["grid"]) if meta.get("grid") else None,
-    }
-
-
 def compare_labelsets(con: duckdb.DuckDBPyConnection, ctx: AuditContext, result: AuditResult) -> None:
     """Agreement of the audited label set (A) with ``--compare`` (B): per attribute, per part class, per image."""
-    from labeling.audit import Finding, fetch_table
-
     other = ctx.compare_meta
     common = [n for n in ctx.attributes if n in other["attributes"]]
     ia = [ctx.attributes.index(n) + 1 for n in common]
@@ -154,72 +112,6 @@ GROUP BY ALL ORDER BY idx"""
 
 
 # --- ground truth -------------------------------------------------------------------------------
-def _read_annotation_mat(path: Path) -> tuple[pa.Table, list[str]]:
-    """PA-100K annotation.mat -> (image, split, attributes uint8[A]) and the attribute names."""
-    import scipy.io
-
-    try:
-        mat = scipy.io.loadmat(str(path))
-    except Exception as exc:  # scipy raises several types for a damaged file
-        raise ClaspError(f"{path}: not a readable MATLAB annotation file ({exc})") from None
-    try:
-        names = [str(np.squeeze(a)) for a in np.squeeze(mat["attributes"])]
-        images, splits, labels = [], [], []
-        for split in ("train", "val", "test"):
-            cell = np.squeeze(mat[f"{split}_images_name"])
-            images += [str(np.squeeze(c)) for c in np.atleast_1d(cell)]
-            splits += [split] * np.atleast_1d(cell).size
-            labels.append(np.asarray(mat[f"{split}_label"], np.uint8).reshape(-1, len(names)))
-    except KeyError as exc:
-        raise ClaspError(
-            f"{path}: missing PA-100K field {exc} (attributes, <split>_images_name, <split>_label)"
-        ) from None
-    lab = np.concatenate(labels)
-    attrs = pa.FixedSizeListArray.from_arrays(pa.array(lab.reshape(-1)), len(names))
-    return pa.table({"image": images, "split": splits, "attributes": attrs}), names
-
-
-def register_gt(con: duckdb.DuckDBPyConnection, ctx: AuditContext) -> None:
-    """The ``gt`` view, keyed like ``labels``; sets ctx.gt_kind, gt_attributes, gt_has_parts."""
-    from labeling.audit import _sql_str
-
-    path = Path(ctx.cfg.gt)
-    if not path.is_file():
-        raise ClaspError(f"ground truth {path} does not exist (give gt.parquet of `clasp synth` or annotation.mat)")
-    if path.suffix == ".mat":
-        table, names = _read_annotation_mat(path)
-        if not ctx.has_manifest:
-            raise ClaspError(f"{path}: mapping annotation.mat onto '{ctx.cfg.corpus}' needs its manifest.parquet")
-        con.register("gt_mat", table)
-        con.execute(
-            "CREATE VIEW gt AS SELECT m.key, g.* FROM gt_mat g JOIN manifest m "
-            "ON regexp_extract(m.source, '([^/\\\\]+)$', 1) = g.image"
-        )
-        ctx.gt_kind, ctx.gt_attributes, ctx.gt_has_parts = "mat", names, False
-        return
-    try:
-        schema = pq.read_schema(path)
-    except Exception as exc:
-        raise ClaspError(f"{path}: not a Parquet file ({exc})") from None
-    if "key" not in schema.names or "attributes" not in schema.names:
-        raise ClaspError(f"{path}: ground truth needs columns 'key' and 'attributes' (gt.parquet of `clasp synth`)")
-    src = f"read_parquet({_sql_str(path)})"
-    on_key = con.execute(f"SELECT count(*) FROM {src} g SEMI JOIN labels_pos l USING (key)").fetchone()[0]
-    view = f"SELECT * FROM {src}"
-    if on_key == 0 and "source" in schema.names and ctx.has_manifest:
-        on_src = con.execute(f"SELECT count(*) FROM {src} g SEMI JOIN manifest m USING (source)").fetchone()[0]
-        if on_src:
-            view = f"SELECT m.key, g.* EXCLUDE (key) FROM {src} g JOIN manifest m USING (source)"
-    con.execute(f"CREATE VIEW gt AS {view}")
-    n_attr = schema.field("attributes").type.list_size
-    default = load_attributes().names
-    meta = (schema.metadata or {}).get(b"attributes")
-    names = meta.decode().split(",") if meta else default if n_attr == len(default) else []
-    if len(names) != n_attr:
-        raise ClaspError(f"{path}: {n_attr} ground-truth attributes but no names for them (expected PA-100K's 26)")
-    ctx.gt_kind, ctx.gt_attributes, ctx.gt_has_parts = "parquet", names, "part_mask" in schema.names
-
-
 def _decode_mask(png: bytes) -> np.ndarray:
     from PIL import Image
 
@@ -228,12 +120,55 @@ def _decode_mask(png: bytes) -> np.ndarray:
 
 def gt_metrics(con: duckdb.DuckDBPyConnection, ctx: AuditContext, result: AuditResult) -> None:
     """Attribute mA/precision/recall, part confusion/mIoU and foreground IoU of the labels against ground truth."""
-    from labeling.audit import Finding
-
     common = [n for n in ctx.attributes if n in ctx.gt_attributes]
+    parts = ctx.gt_has_parts and ctx.grid is not None
+    keys, prob, gt, pred_maps, gt_maps = _read_gt_rows(con, ctx, common, parts)
+    result.metrics["gt_images"] = len(keys)
+    if not keys:
+        result.findings.append(
+            Finding("error", "no label key matches the ground truth (wrong corpus or gt file?)", ctx.cfg.gt, 0)
+        )
+        return
+    m_a, pred, pos = _gt_attributes(result, common, gt, prob)
+    summary = [
+        ("images", len(keys), "labels rows with a ground-truth row"),
+        ("attribute_mA", m_a, "label-based mA, prob > 0.5, mean of (TPR+TNR)/2 over attributes"),
+    ]
+    worst_scores = (pred != pos).mean(1)
+    worst_what = "attr_err"
+    if parts:
+        summary += _gt_parts(ctx, result, pred_maps, gt_maps)
+        gm, pm = gt_maps, pred_maps
+        valid = gm.reshape(len(gm), -1) != IGNORE_INDEX
+        hit = (gm.reshape(len(gm), -1) == pm.reshape(len(pm), -1)) & valid
+        worst_scores = 1 - hit.sum(1) / np.maximum(valid.sum(1), 1)
+        worst_what = "cell_err"
+    result.tables["gt_summary"] = pa.table(
+        {
+            "metric": [s[0] for s in summary],
+            "value": [float(s[1]) for s in summary],
+            "protocol": [s[2] for s in summary],
+        }
+    )
+    order = np.argsort(-worst_scores, kind="stable")[: ctx.cfg.mosaic_worst]
+    result.tables["gt_worst"] = pa.table({"key": [keys[i] for i in order], worst_what: worst_scores[order]})
+    text = f"ground truth ({len(keys)} images): attribute mA {m_a:.3f}"
+    if parts:
+        text += f", part mIoU {result.metrics['part_mIoU']:.3f}, foreground IoU {result.metrics['foreground_IoU']:.3f}"
+    result.findings.append(Finding("info", text, "gt_summary", len(keys)))
+    n_gt = con.execute("SELECT count(*) FROM gt").fetchone()[0]
+    if len(keys) < 0.5 * n_gt:
+        what = f"only {len(keys)} of {n_gt} ground-truth rows have labels"
+        result.findings.append(Finding("warning", what, ctx.cfg.gt, n_gt - len(keys)))
+
+
+def _read_gt_rows(
+    con: duckdb.DuckDBPyConnection, ctx: AuditContext, common: list[str], parts: bool
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Rows with ground truth: keys, label probabilities and gt values of the ``common`` attributes, and (with
+    ``parts``) predicted and ground-truth part grids (N, gh, gw) in the label set's class ids."""
     li = np.array([ctx.attributes.index(n) for n in common], int)
     gi = np.array([ctx.gt_attributes.index(n) for n in common], int)
-    parts = ctx.gt_has_parts and ctx.grid is not None
     cols = "l.key, l.attr_prob, g.attributes" + (", l.part_map, g.part_mask" if parts else "")
     gt_parts = list(load_parts().names)
     lut = np.array(
@@ -252,14 +187,19 @@ def gt_metrics(con: duckdb.DuckDBPyConnection, ctx: AuditContext, result: AuditR
             gt_maps.append(
                 np.stack([lut[gt_mask_to_grid(_decode_mask(m), ctx.grid)] for m in batch.column(4).to_pylist()])
             )
-    result.metrics["gt_images"] = len(keys)
     if not keys:
-        result.findings.append(
-            Finding("error", "no label key matches the ground truth (wrong corpus or gt file?)", ctx.cfg.gt, 0)
-        )
-        return
+        return keys, np.zeros(0), np.zeros(0), None, None
     prob = np.concatenate(probs)[:, li].astype(np.float64) / 255
     gt = np.concatenate(gts)[:, gi]
+    if not parts:
+        return keys, prob, gt, None, None
+    return keys, prob, gt, np.concatenate(pred_maps).reshape(-1, *ctx.grid), np.concatenate(gt_maps)
+
+
+def _gt_attributes(
+    result: AuditResult, common: list[str], gt: np.ndarray, prob: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The gt_attributes table and attribute_mA; returns (mA, predicted positives, gt positives)."""
     m_a, per_attr = attribute_mA(gt, prob)
     pred = prob > 0.5
     pos = gt > 0
@@ -279,81 +219,48 @@ def gt_metrics(con: duckdb.DuckDBPyConnection, ctx: AuditContext, result: AuditR
         }
     )
     result.metrics["attribute_mA"] = m_a
-    summary = [
-        ("images", len(keys), "labels rows with a ground-truth row"),
-        ("attribute_mA", m_a, "label-based mA, prob > 0.5, mean of (TPR+TNR)/2 over attributes"),
-    ]
-    worst_scores = (pred != pos).mean(1)
-    worst_what = "attr_err"
-    if parts:
-        pm = np.concatenate(pred_maps).reshape(-1, *ctx.grid)
-        gm = np.concatenate(gt_maps)
-        k = len(ctx.parts)
-        conf = part_confusion(gm, pm, k)
-        m_iou, iou = miou(conf)
-        fg = foreground_iou(gm, pm)
-        base = geometry_baseline(ctx.grid, k, part_names=ctx.parts)
-        base_iou = miou(part_confusion(gm, np.broadcast_to(base, gm.shape), k))[0]
-        fitted = geometry_baseline(ctx.grid, k, gt_maps=np.where(gm == IGNORE_INDEX, 0, gm))
-        fitted_iou = miou(part_confusion(gm, np.broadcast_to(fitted, gm.shape), k))[0]
-        result.tables["gt_parts"] = pa.table(
-            {"id": list(range(k)), "part": ctx.parts, "iou": iou, "gt_cells": conf.sum(1), "pred_cells": conf.sum(0)}
-        )
-        gi_, pi_ = np.nonzero(np.ones((k, k), bool))
-        result.tables["gt_confusion"] = pa.table(
-            {
-                "gt_part": [ctx.parts[i] for i in gi_],
-                "pred_part": [ctx.parts[j] for j in pi_],
-                "cells": conf.reshape(-1),
-            }
-        )
-        result.metrics.update(
-            part_mIoU=m_iou, foreground_IoU=fg, part_mIoU_geometry_baseline=base_iou, part_mIoU_cell_prior=fitted_iou
-        )
-        summary += [
-            (
-                "part_mIoU",
-                m_iou,
-                f"IoU per class over all {ctx.grid[0]}x{ctx.grid[1]} cells, mean over classes present",
-            ),
-            ("foreground_IoU", fg, "IoU of person cells (class > 0), pooled over images"),
-            ("part_mIoU_geometry_baseline", base_iou, "fixed vertical bands of a standing person (no image content)"),
-            (
-                "part_mIoU_cell_prior",
-                fitted_iou,
-                "most frequent ground-truth class per cell (position-only upper bound)",
-            ),
-        ]
-        valid = gm.reshape(len(gm), -1) != IGNORE_INDEX
-        hit = (gm.reshape(len(gm), -1) == pm.reshape(len(pm), -1)) & valid
-        worst_scores = 1 - hit.sum(1) / np.maximum(valid.sum(1), 1)
-        worst_what = "cell_err"
-        if m_iou <= base_iou:
-            result.findings.append(
-                Finding(
-                    "warning",
-                    f"part labels are no better than the fixed-position baseline (mIoU {m_iou:.3f} vs {base_iou:.3f})",
-                    "gt_parts",
-                    1,
-                )
-            )
-    result.tables["gt_summary"] = pa.table(
+    return m_a, pred, pos
+
+
+def _gt_parts(ctx: AuditContext, result: AuditResult, pm: np.ndarray, gm: np.ndarray) -> list[tuple]:
+    """Part confusion, mIoU, foreground IoU and the two position-only baselines; returns their summary rows."""
+    k = len(ctx.parts)
+    conf = part_confusion(gm, pm, k)
+    m_iou, iou = miou(conf)
+    fg = foreground_iou(gm, pm)
+    base = geometry_baseline(ctx.grid, k, part_names=ctx.parts)
+    base_iou = miou(part_confusion(gm, np.broadcast_to(base, gm.shape), k))[0]
+    fitted = geometry_baseline(ctx.grid, k, gt_maps=np.where(gm == IGNORE_INDEX, 0, gm))
+    fitted_iou = miou(part_confusion(gm, np.broadcast_to(fitted, gm.shape), k))[0]
+    result.tables["gt_parts"] = pa.table(
+        {"id": list(range(k)), "part": ctx.parts, "iou": iou, "gt_cells": conf.sum(1), "pred_cells": conf.sum(0)}
+    )
+    gi_, pi_ = np.nonzero(np.ones((k, k), bool))
+    result.tables["gt_confusion"] = pa.table(
         {
-            "metric": [s[0] for s in summary],
-            "value": [float(s[1]) for s in summary],
-            "protocol": [s[2] for s in summary],
+            "gt_part": [ctx.parts[i] for i in gi_],
+            "pred_part": [ctx.parts[j] for j in pi_],
+            "cells": conf.reshape(-1),
         }
     )
-    order = np.argsort(-worst_scores, kind="stable")[: ctx.cfg.mosaic_worst]
-    result.tables["gt_worst"] = pa.table({"key": [keys[i] for i in order], worst_what: worst_scores[order]})
-    text = f"ground truth ({len(keys)} images): attribute mA {m_a:.3f}"
-    if parts:
-        text += f", part mIoU {result.metrics['part_mIoU']:.3f}, foreground IoU {result.metrics['foreground_IoU']:.3f}"
-    result.findings.append(Finding("info", text, "gt_summary", len(keys)))
-    n_gt = con.execute("SELECT count(*) FROM gt").fetchone()[0]
-    if len(keys) < 0.5 * n_gt:
-        what = f"only {len(keys)} of {n_gt} ground-truth rows have labels"
-        result.findings.append(Finding("warning", what, ctx.cfg.gt, n_gt - len(keys)))
+    result.metrics.update(
+        part_mIoU=m_iou, foreground_IoU=fg, part_mIoU_geometry_baseline=base_iou, part_mIoU_cell_prior=fitted_iou
+    )
+    if m_iou <= base_iou:
+        result.findings.append(
+            Finding(
+                "warning",
+                f"part labels are no better than the fixed-position baseline (mIoU {m_iou:.3f} vs {base_iou:.3f})",
+                "gt_parts",
+                1,
+            )
+        )
+    return [
+        ("part_mIoU", m_iou, f"IoU per class over all {ctx.grid[0]}x{ctx.grid[1]} cells, mean over classes present"),
+        ("foreground_IoU", fg, "IoU of person cells (class > 0), pooled over images"),
+        ("part_mIoU_geometry_baseline", base_iou, "fixed vertical bands of a standing person (no image content)"),
+        ("part_mIoU_cell_prior", fitted_iou, "most frequent ground-truth class per cell (position-only upper bound)"),
+    ]
 
 
 def _flat(arr: pa.Array | pa.ChunkedArray) -> pa.Buffer | np.ndarray:
@@ -383,8 +290,6 @@ def one_per_video(keys: list[str], k: int) -> list[str]:
 
 def select_mosaics(con: duckdb.DuckDBPyConnection, ctx: AuditContext, result: AuditResult) -> dict:
     """Keys (with captions) of the images to show: per attribute most/least confident, random part maps, worst."""
-    from labeling.audit import _sql_str
-
     cfg = ctx.cfg
     k = cfg.mosaic_per_attribute
     sel: dict = {"attributes": [], "parts": [], "worst": [], "worst_title": ""}
@@ -421,7 +326,7 @@ def select_mosaics(con: duckdb.DuckDBPyConnection, ctx: AuditContext, result: Au
     wanted |= {key for key, _ in sel["worst"]}
     sel["labels"] = {}
     if wanted and ctx.has_manifest:
-        keys = "[" + ", ".join(_sql_str(key) for key in sorted(wanted)) + "]"
+        keys = "[" + ", ".join(sql_str(key) for key in sorted(wanted)) + "]"
         rows = con.execute(
             f'SELECT l.key, l.attr_prob, l.part_map, m.shard, m."index" FROM labels l JOIN manifest m USING (key) '
             f"WHERE l.key IN ({keys[1:-1]})"

@@ -5,13 +5,12 @@ or adapt it with ``clasp audit --sql`` (replace ``lab`` by ``labels`` and ``a<i>
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-if TYPE_CHECKING:
-    from labeling.audit import AuditContext, Finding
+from labeling.audit_views import AuditContext, Finding
 
 
 @dataclass(frozen=True)
@@ -38,16 +37,29 @@ def implausible_sql(ctx: AuditContext) -> str:
 
 def standard_queries(ctx: AuditContext) -> dict[str, Query]:
     """Name -> query of every standard audit, in report order."""
+    return {
+        **_attribute_queries(ctx),
+        **_part_queries(ctx),
+        **FOREGROUND_QUERIES,
+        **_shard_queries(ctx),
+        **_key_queries(ctx),
+    }
+
+
+def _shard_name(ctx: AuditContext) -> str:
+    """SQL for the shard name ('<corpus>-NNNNNN') of a ``shard_no`` column."""
+    corpus = ctx.cfg.corpus.replace("'", "''")
+    return f"printf('{corpus}-%06d', shard_no)"
+
+
+def _attribute_queries(ctx: AuditContext) -> dict[str, Query]:
     cfg = ctx.cfg
     n_attr = len(ctx.attributes)
     margin = round(cfg.uncertain_margin * 255)
-    corpus = ctx.cfg.corpus.replace("'", "''")
-    name = f"printf('{corpus}-%06d', shard_no)"
     counts = " UNION ALL ".join(
         f"SELECT {i} AS idx, a{i} AS value, count(*) AS n FROM lab GROUP BY ALL" for i in range(1, n_attr + 1)
     )
     cert = "(" + " + ".join(f"abs(2 * a{i}::INT - 255)" for i in range(1, n_attr + 1)) + f")::DOUBLE / {n_attr * 255}"
-    bad = implausible_sql(ctx)
     q: dict[str, Query] = {}
     q["attribute_rates"] = Query(
         setup=f"CREATE OR REPLACE TEMP TABLE attr_counts AS {counts}",
@@ -73,6 +85,12 @@ SELECT count(*) AS images, avg(certainty) AS mean_certainty, {cfg.low_confidence
        count(*) FILTER (WHERE certainty < {cfg.low_confidence}) AS low_confidence_images,
        low_confidence_images / count(*) AS low_confidence_share
 FROM img_cert""")
+    return q
+
+
+def _part_queries(ctx: AuditContext) -> dict[str, Query]:
+    cfg, name, bad = ctx.cfg, _shard_name(ctx), implausible_sql(ctx)
+    q: dict[str, Query] = {}
     q["part_coverage"] = Query(
         " UNION ALL ".join(
             f"SELECT {c} AS id, {_q(p)} AS part, avg((area_{p} > 0)::INT) AS present_share, "
@@ -103,17 +121,25 @@ ORDER BY implausible_share DESC, shard""")
             f"SELECT {name} AS shard, row_idx, {rows} FROM (SELECT shard_no, row_idx, {rows} FROM lab WHERE {bad} "
             "ORDER BY shard_no, row_idx LIMIT 200)"
         )
-    q["fg_ratio_hist"] = Query("""
+    return q
+
+
+FOREGROUND_QUERIES = {
+    "fg_ratio_hist": Query("""
 SELECT least(floor(fg_ratio * 20), 19)::INT AS bin, bin / 20 AS fg_lo, count(*) AS images
-FROM lab WHERE fg_ratio BETWEEN 0 AND 1 GROUP BY ALL ORDER BY bin""")
-    q["fg_ratio_stats"] = Query("""
+FROM lab WHERE fg_ratio BETWEEN 0 AND 1 GROUP BY ALL ORDER BY bin"""),
+    "fg_ratio_stats": Query("""
 SELECT count(*) AS images, avg(fg_ratio) AS mean, quantile_cont(fg_ratio, [0.05, 0.5, 0.95]) AS q,
        q[1] AS p05, q[2] AS p50, q[3] AS p95,
        avg((fg_ratio < 0.02)::INT) AS empty_share, avg((fg_ratio > 0.98)::INT) AS full_share,
        count(*) FILTER (WHERE NOT (fg_ratio BETWEEN 0 AND 1)) AS invalid
-FROM lab""")
+FROM lab"""),
+}
+
+
+def _shard_queries(ctx: AuditContext) -> dict[str, Query]:
     has_sizes = "true" if ctx.sizes else "false"
-    q["shard_counts"] = Query(f"""
+    shard_counts = Query(f"""
 SELECT shard, images, recorded, label_rows, label_file,
        CASE WHEN NOT label_file THEN 'missing label shard'
             WHEN images IS NULL AND {has_sizes} THEN 'no image shard'
@@ -121,6 +147,13 @@ SELECT shard, images, recorded, label_rows, label_file,
             WHEN recorded IS NOT NULL AND recorded <> label_rows THEN 'rows differ from labelset.json'
             ELSE 'ok' END AS status
 FROM shards ORDER BY shard""")
+    return {"shard_counts": shard_counts}
+
+
+def _key_queries(ctx: AuditContext) -> dict[str, Query]:
+    name = _shard_name(ctx)
+    corpus = ctx.cfg.corpus.replace("'", "''")
+    q: dict[str, Query] = {}
     if not ctx.has_manifest:
         q["duplicate_keys"] = Query("""
 SELECT key, count(*) AS copies, string_agg(DISTINCT shard, ' ') AS shards
@@ -167,6 +200,9 @@ FROM key_problems ORDER BY kind, coalesce(key_problems.label_shard, key_problems
 
 
 # --- findings -----------------------------------------------------------------------------------
+_Add = Callable[[str, str, str | list[str], int], None]  # severity, what, where (one or a list), count
+
+
 def _where(names: list[str], limit: int = 6) -> str:
     names = [str(n) for n in names]
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
@@ -179,14 +215,18 @@ def _rows(table: pa.Table | None) -> list[dict]:
 
 def derive_findings(ctx: AuditContext, t: dict[str, pa.Table]) -> list[Finding]:
     """Findings (severity, what, where, how many) from the standard audit results."""
-    from labeling.audit import Finding
-
-    cfg = ctx.cfg
     out: list[Finding] = []
 
     def add(severity: str, what: str, where: str | list[str], count: int) -> None:
         out.append(Finding(severity, what, where if isinstance(where, str) else _where(where), int(count)))
 
+    for check in (_shard_findings, _key_findings, _part_findings, _attribute_findings, _consistency_findings):
+        check(ctx, t, add)
+    return out
+
+
+def _shard_findings(ctx: AuditContext, t: dict[str, pa.Table], add: _Add) -> None:
+    cfg = ctx.cfg
     by_status: dict[str, list[dict]] = {}
     for r in _rows(t.get("shard_counts")):
         by_status.setdefault(r["status"], []).append(r)
@@ -205,6 +245,8 @@ def derive_findings(ctx: AuditContext, t: dict[str, pa.Table]) -> list[Finding]:
     if not ctx.has_manifest:
         add("warning", "manifest.parquet not found: keys and row order not checked", cfg.corpus, 0)
 
+
+def _key_findings(ctx: AuditContext, t: dict[str, pa.Table], add: _Add) -> None:
     kinds: dict[str, list[dict]] = {}
     for r in _rows(t.get("key_problems_by_shard")):
         if r["kind"] == "missing" and not r["label_file"]:
@@ -223,6 +265,9 @@ def derive_findings(ctx: AuditContext, t: dict[str, pa.Table]) -> list[Finding]:
     if dups:
         add("error", "duplicate keys in the label set", [d["key"] for d in dups], len(dups))
 
+
+def _part_findings(ctx: AuditContext, t: dict[str, pa.Table], add: _Add) -> None:
+    cfg = ctx.cfg
     cov = {r["part"]: r for r in _rows(t.get("part_coverage"))}
     order = [p for p in cfg.vertical_order if p in cov and cov[p]["mean_row"] is not None]
     wrong = [(a, b) for i, a in enumerate(order) for b in order[i + 1 :] if cov[a]["mean_row"] > cov[b]["mean_row"]]
@@ -248,6 +293,10 @@ def derive_findings(ctx: AuditContext, t: dict[str, pa.Table]) -> list[Finding]:
         )
         add("warning" if share > 0.1 else "info", what, "part_order_examples", n_bad)
 
+
+def _attribute_findings(ctx: AuditContext, t: dict[str, pa.Table], add: _Add) -> None:
+    """Attribute rates and certainty, foreground share, part confidences."""
+    cfg = ctx.cfg
     rates = _rows(t.get("attribute_rates"))
     const = [r["attribute"] for r in rates if r["positive_rate"] < 0.001 or r["positive_rate"] > 0.999]
     if const:
@@ -280,6 +329,8 @@ def derive_findings(ctx: AuditContext, t: dict[str, pa.Table]) -> list[Finding]:
         )
         add("warning", what, weak, len(weak))
 
+
+def _consistency_findings(ctx: AuditContext, t: dict[str, pa.Table], add: _Add) -> None:
     for r in _rows(t.get("summary_consistency")):
         for col, what in [
             ("bad_length", "part_map length differs from the grid in labelset.json"),
@@ -289,4 +340,3 @@ def derive_findings(ctx: AuditContext, t: dict[str, pa.Table]) -> list[Finding]:
         ]:
             if r[col]:
                 add("error", what, f"{r['shard']} (first {r['rows']} rows checked)", r[col])
-    return out

@@ -13,16 +13,14 @@ import io
 import tarfile
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from labeling.audit_views import AuditContext, AuditResult
 from pipeline.formats import atomic_path, images_dir
-
-if TYPE_CHECKING:
-    from labeling.audit import AuditContext, AuditResult
 
 # Part colours (class id order, background transparent): distinct under common colour-vision deficiencies.
 PALETTE = np.array(
@@ -95,12 +93,21 @@ def table_html(t: pa.Table | None, limit: int = 30, columns: list[str] | None = 
 
 # --- plots --------------------------------------------------------------------------------------
 def _plots(result: AuditResult) -> dict[str, str]:
+    """Every figure of the report as an <img> tag, by name (only those whose table exists)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t, ctx, out = result.tables, result.ctx, {}
+    _attribute_plots(plt, t, out)
+    _histogram_plots(plt, t, ctx, out)
+    _part_plot(plt, t, out)
+    _confusion_plot(plt, t, ctx, out)
+    return out
+
+
+def _attribute_plots(plt: Any, t: dict[str, pa.Table], out: dict[str, str]) -> None:
     rates = t.get("attribute_rates")
     if rates is not None and rates.num_rows:
         names = rates["attribute"].to_pylist()
@@ -127,6 +134,9 @@ def _plots(result: AuditResult) -> dict[str, str]:
         ax.set_title("Confidence histogram (share of images per bin)", fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.04)
         out["attr_hist"] = _png(fig)
+
+
+def _histogram_plots(plt: Any, t: dict[str, pa.Table], ctx: AuditContext, out: dict[str, str]) -> None:
     histograms = [
         ("image_confidence_hist", "certainty_lo", "mean |2p − 1| over attributes", "Image attribute certainty"),
         ("fg_ratio_hist", "fg_lo", "fg_ratio (share of cells labelled person)", "Foreground ratio"),
@@ -146,6 +156,9 @@ def _plots(result: AuditResult) -> dict[str, str]:
             ax.set_ylabel("images", fontsize=8)
             ax.set_title(title, fontsize=10)
             out[name] = _png(fig)
+
+
+def _part_plot(plt: Any, t: dict[str, pa.Table], out: dict[str, str]) -> None:
     cov = t.get("part_coverage")
     if cov is not None and cov.num_rows:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.5, 2.9), gridspec_kw={"width_ratios": [1.3, 1]})
@@ -165,6 +178,9 @@ def _plots(result: AuditResult) -> dict[str, str]:
         a2.set_title("Mean vertical position per class", fontsize=10)
         a2.grid(axis="y", alpha=0.3)
         out["parts"] = _png(fig)
+
+
+def _confusion_plot(plt: Any, t: dict[str, pa.Table], ctx: AuditContext, out: dict[str, str]) -> None:
     conf = t.get("gt_confusion")
     if conf is not None and conf.num_rows:
         k = len(ctx.parts)
@@ -190,7 +206,6 @@ def _plots(result: AuditResult) -> dict[str, str]:
         ax.set_ylabel("ground truth", fontsize=8)
         ax.set_title("Part confusion (rows normalised)", fontsize=10)
         out["confusion"] = _png(fig)
-    return out
 
 
 # --- images -------------------------------------------------------------------------------------
@@ -293,8 +308,32 @@ def _row(*cells: str) -> str:
 
 def write_report(path: Path, result: AuditResult, mosaics: dict) -> Path:
     """Render ``report.html`` (atomically) and return its path."""
-    ctx, t, m = result.ctx, result.tables, result.metrics
-    plots = _plots(result)
+    ctx = result.ctx
+    s = _sections(result, _plots(result), mosaics)
+    corpus, root = html.escape(ctx.cfg.corpus), html.escape(str(ctx.cfg.root))
+    audit_s = sum(v for k, v in result.timings_s.items() if k not in ("compare", "ground_truth"))
+    meta = (
+        f"root {root} · grid {ctx.grid} · {len(ctx.attributes)} attributes · {len(ctx.parts) - 1} part classes · "
+        f"standard audit {audit_s:.1f} s"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>CLASP audit: {corpus}</title>"
+        f"<style>{CSS}</style></head><body style='--h:{ctx.cfg.thumb_height_px}px'><header>"
+        f"<h1>Label audit — {corpus} / {html.escape(ctx.labelset)}</h1><div class='meta'>{meta}</div></header>"
+        "<main><div class='cards'>"
+        + "".join(f"<div class='card'><b>{v}</b><span>{html.escape(str(k))}</span></div>" for k, v in _cards(result))
+        + "</div>"
+        + "".join(s)
+        + "</main></body></html>"
+    )
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path
+
+
+def _cards(result: AuditResult) -> list[tuple[str, object]]:
+    """The figures at the top of the page: rows, shards, errors, warnings and the headline metrics."""
+    ctx, m = result.ctx, result.metrics
     sev_count = {s: sum(f.severity == s for f in result.findings) for s in ("error", "warning", "info")}
     cards = [
         ("label rows", f"{result.rows:,}"),
@@ -310,6 +349,12 @@ def write_report(path: Path, result: AuditResult, mosaics: dict) -> Path:
     ]:
         if key in m:
             cards.append((label, f"{m[key]:.3f}"))
+    return cards
+
+
+def _sections(result: AuditResult, plots: dict[str, str], mosaics: dict) -> list[str]:
+    """The report's sections as HTML fragments, in page order."""
+    ctx, t = result.ctx, result.tables
     findings = "".join(
         f'<tr><td><span class="sev {f.severity}">{f.severity}</span></td><td>{html.escape(f.what)}</td>'
         f'<td>{html.escape(f.where)}</td><td class="num">{f.count:,}</td></tr>'
@@ -355,21 +400,4 @@ def write_report(path: Path, result: AuditResult, mosaics: dict) -> Path:
         f'findings and metrics. Ask your own questions with <code>clasp audit --corpus {corpus} --root {root} --sql "'
         'SELECT ... FROM labels"</code> (views: labels, manifest, shards, attributes, parts, gt, labels_b).</p>'
     )
-    audit_s = sum(v for k, v in result.timings_s.items() if k not in ("compare", "ground_truth"))
-    meta = (
-        f"root {root} · grid {ctx.grid} · {len(ctx.attributes)} attributes · {len(ctx.parts) - 1} part classes · "
-        f"standard audit {audit_s:.1f} s"
-    )
-    page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>CLASP audit: {corpus}</title>"
-        f"<style>{CSS}</style></head><body style='--h:{ctx.cfg.thumb_height_px}px'><header>"
-        f"<h1>Label audit — {corpus} / {html.escape(ctx.labelset)}</h1><div class='meta'>{meta}</div></header>"
-        "<main><div class='cards'>"
-        + "".join(f"<div class='card'><b>{v}</b><span>{html.escape(str(k))}</span></div>" for k, v in cards)
-        + "</div>"
-        + "".join(s)
-        + "</main></body></html>"
-    )
-    with atomic_path(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return path
+    return s

@@ -51,7 +51,7 @@ class Variant:
 
 @dataclass
 class TransferRun:
-    task: str = "reid"  # a transfer.common.TASKS name
+    task: str = "reid"  # a transfer.registry.TASKS name
     dataset: str = "market1501"
     data: str = "market1501"  # dataset folder; relative paths are inside the synthetic world
     metric: str = "mAP"  # the headline number for the table (a key of the task's results)
@@ -157,7 +157,9 @@ def _label(cfg: AblationConfig, out: Path, root: Path, world: Path | None, log: 
         ckpt = train_clip(clip_cfg)
         log(f"clip-train: {ckpt}")
         extra += [f"clip={clip_cfg.arch}", f"clip_checkpoint={ckpt}"]
-    labelset = run_labeling(load_config(LabelConfig, None, [*cfg.label_overrides, *extra]))
+    if any("model.loss.distill=true" in [*v.overrides, *cfg.pretrain_overrides] for v in cfg.variants):
+        extra.append("with_embed=true")  # a distillation variant needs the CLIP embeddings in the label set
+    labelset = run_labeling(load_config(LabelConfig, None, [*cfg.label_overrides, *extra])).labelset
     log(f"label: label set {labelset}")
     return labelset
 
@@ -209,7 +211,7 @@ def _pretrain(cfg: AblationConfig, variant: Variant, seed: int, root: Path, labe
 
 
 def _transfer(cfg: AblationConfig, run: TransferRun, backbone: str, seed: int, world: Path | None, out: Path) -> dict:
-    from transfer.common import task_entry
+    from transfer.registry import task_entry
 
     data = Path(run.data)
     if not data.is_absolute() and world is not None:
@@ -235,24 +237,7 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
     labelset = _label(cfg, out, root, world, log)
     report = _audit(cfg, out, root, world, labelset, log) if cfg.audit else None
 
-    gt_labelset = None
-    variant_labels: dict[str, str] = {}  # variant name -> the label set it pre-trains on
-    for variant in cfg.variants:
-        if not variant.pretrain or variant.backbone:
-            continue
-        if variant.labels == "clip":
-            variant_labels[variant.name] = labelset
-            continue
-        if world is None:
-            raise ClaspError("ablation: variants with `labels: gt` need the synthetic world (leave `root` unset)")
-        from labeling.oracle import write_gt_labelset
-
-        set_id = write_gt_labelset(root, cfg.corpus, labelset, world / "gt.parquet", attr_flip=variant.attr_flip,
-                                   part_noise=variant.part_noise)  # fmt: skip
-        variant_labels[variant.name] = set_id
-        if variant.attr_flip == 0 and variant.part_noise == 0:
-            gt_labelset = set_id
-        log(f"label: ground-truth label set {set_id} for {variant.name} (not CLIP labels)")
+    variant_labels, gt_labelset = _variant_labelsets(cfg, root, world, labelset, log)
     label_quality: dict[str, dict[str, float]] = {}
     if world is not None and cfg.audit:
         for name, set_id in variant_labels.items():
@@ -305,6 +290,32 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
     if report:
         print(f"audit report: {report}")
     return results
+
+
+def _variant_labelsets(
+    cfg: AblationConfig, root: Path, world: Path | None, labelset: str, log: _Log
+) -> tuple[dict[str, str], str | None]:
+    """(variant name -> the label set it pre-trains on, the undegraded ground-truth label set if any); writes
+    the ground-truth label sets that ``labels: gt`` variants ask for."""
+    gt_labelset = None
+    variant_labels: dict[str, str] = {}
+    for variant in cfg.variants:
+        if not variant.pretrain or variant.backbone:
+            continue
+        if variant.labels == "clip":
+            variant_labels[variant.name] = labelset
+            continue
+        if world is None:
+            raise ClaspError("ablation: variants with `labels: gt` need the synthetic world (leave `root` unset)")
+        from labeling.oracle import write_gt_labelset
+
+        set_id = write_gt_labelset(root, cfg.corpus, labelset, world / "gt.parquet", attr_flip=variant.attr_flip,
+                                   part_noise=variant.part_noise)  # fmt: skip
+        variant_labels[variant.name] = set_id
+        if variant.attr_flip == 0 and variant.part_noise == 0:
+            gt_labelset = set_id
+        log(f"label: ground-truth label set {set_id} for {variant.name} (not CLIP labels)")
+    return variant_labels, gt_labelset
 
 
 def _pretrain_cls() -> type:

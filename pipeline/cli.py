@@ -3,25 +3,23 @@
 This is the one module that knows every stage. Stage code is imported inside each command so
 ``clasp --help`` stays fast. Every command takes ``--config FILE`` plus dotted ``key=value``
 overrides; user mistakes (ClaspError) print one line and exit with status 2, Ctrl-C prints one line
-and exits with 130, and a failed command leaves no empty output folder behind. ``clasp config CMD``
-prints every setting of a command with its default and help.
+and exits with 130, and a failed command leaves no empty output folder behind (pipeline/cli_runtime.py).
+``clasp config CMD`` prints every setting of a command with its default and help.
 
-Each stage section below belongs to that stage's maintainer; keep commands thin: parse options,
-build the stage's config, call one function of the stage.
+Each stage section below belongs to that stage's maintainer; keep commands thin: parse options (a boolean
+option is ``--x/--no-x``, default None = not given), build the stage's config with ``_settings`` (the one
+way options meet a config file), call one function of the stage.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
-import signal
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from pipeline.cli_runtime import no_empty_output
 
 app = typer.Typer(
     name="clasp",
@@ -33,7 +31,9 @@ app = typer.Typer(
 )
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML experiment file (overrides the defaults).")
-INTERRUPTED = "interrupted: rerun the same command to resume"
+QUIET_OPT = typer.Option(None, "--quiet/--no-quiet", "-q", help="No progress bar or summary lines.")
+ROOT_OPT = typer.Option(None, "--root", help="Data root (default: data).")
+DEVICE_OPT = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto).")
 
 
 def _overrides(example: str) -> Any:
@@ -71,37 +71,13 @@ def _root(
     setup_logging(log_level or os.environ.get("CLASP_LOG_LEVEL") or "warning")
 
 
-@contextlib.contextmanager
-def _no_empty_output(*folders: str | Path | None) -> Iterator[None]:
-    """Refuse output ``folders`` that are files; on failure (error or Ctrl-C), remove those this command
-    created that hold no output (bookkeeping such as ``.ingest/lock`` does not count)."""
-    from pipeline.errors import ClaspError
+def _settings(cls: type, config: Path | None, overrides: list[str] | None, flags: dict[str, Any] | None = None) -> Any:
+    """The one way a command builds its config: defaults <- --config FILE <- key=value overrides <- the options
+    given on the command line (``None`` = not given, so ``--no-quiet`` sets false over a file's ``quiet: true``),
+    every layer validated like a config file."""
+    from pipeline.config import load_config
 
-    for folder in (Path(f) for f in folders if f is not None):
-        if folder.exists() and not folder.is_dir():
-            raise ClaspError(f"output folder {folder} is a file: give the path of a folder (new or existing)")
-    made = [Path(f) for f in folders if f is not None and not Path(f).exists()]
-    try:
-        yield
-    except BaseException:
-        import shutil
-
-        for folder in made:
-            files = [p.relative_to(folder) for p in folder.rglob("*") if p.is_file()]
-            if not any(not any(part.startswith(".") for part in f.parts) for f in files):
-                shutil.rmtree(folder, ignore_errors=True)
-        raise
-
-
-def _given(cfg: Any, given: dict[str, Any]) -> Any:
-    """``cfg`` with the options given on the command line, value-checked like a config file."""
-    import dataclasses
-
-    from pipeline.config import check_config
-
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
-    check_config(cfg)
-    return cfg
+    return load_config(cls, config, list(overrides or []), flags=flags)
 
 
 # --- foundation: synthetic world -------------------------------------------------------------
@@ -110,23 +86,17 @@ def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the synthetic world."),
     identities: int = typer.Option(None, "--identities", "-n", help="Number of identities (default 200)."),
     seed: int = typer.Option(None, "--seed", help="Random seed; output is deterministic for a seed (default 0)."),
-    preview: bool = typer.Option(False, "--preview", help="Also write preview.png (masks + keypoints)."),
+    preview: bool | None = typer.Option(
+        None, "--preview/--no-preview", help="Also write preview.png (masks, keypoints)."
+    ),
     config: Path = CONFIG_OPT,
     overrides: list[str] = _overrides("identities=40 workers=2"),
 ) -> None:
     """Generate synthetic pedestrians with ground truth in LUPerson/Market-1501/PA-100K layouts."""
-    from pipeline.config import load_config
     from pipeline.synth import SynthConfig, write_world
 
-    overrides = list(overrides or [])
-    if identities is not None:
-        overrides.append(f"identities={identities}")
-    if seed is not None:
-        overrides.append(f"seed={seed}")
-    if preview:
-        overrides.append("preview=true")
-    cfg = load_config(SynthConfig, config, overrides)
-    with _no_empty_output(out):
+    cfg = _settings(SynthConfig, config, overrides, {"identities": identities, "seed": seed, "preview": preview})
+    with no_empty_output(out):
         write_world(cfg, out)
 
 
@@ -140,27 +110,27 @@ def ingest(
     source: str = typer.Option(None, "--source", "-s", help="Image folder, LMDB (dir or .mdb), or list file."),
     fmt: str = typer.Option(None, "--format", "-f", help="Source format: folder | lmdb | list (default folder)."),
     corpus: str = typer.Option(None, "--corpus", help="Corpus name: writes ROOT/<corpus>/images/."),
-    root: str = typer.Option(None, "--root", help="Data root (default: data)."),
+    root: str = ROOT_OPT,
     images_per_shard: int = typer.Option(None, "--images-per-shard", help="Images per tar shard (default 10000)."),
     seed: int = typer.Option(None, "--seed", help="Seed of the global shuffle (default 0)."),
     workers: int = typer.Option(None, "--workers", "-j", help="Processes; 0 = all cores (default)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an ingest made with other settings."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    overwrite: bool | None = typer.Option(
+        None, "--overwrite/--no-overwrite", help="Replace an ingest made with other settings."
+    ),
+    quiet: bool | None = QUIET_OPT,
     config: Path = CONFIG_OPT,
     overrides: list[str] = _overrides("full_decode=true"),
 ) -> None:
     """Pack an image corpus into shuffled, keyed WebDataset shards with a manifest (stage 0)."""
-    from pipeline.config import load_config
     from pipeline.ingest import IngestConfig
     from pipeline.ingest import ingest as run_ingest
 
-    cfg = load_config(IngestConfig, config, overrides)
     given = {
         "source": source, "format": fmt, "corpus": corpus, "root": root, "images_per_shard": images_per_shard,
-        "seed": seed, "workers": workers, "overwrite": overwrite or None, "quiet": quiet or None,
+        "seed": seed, "workers": workers, "overwrite": overwrite, "quiet": quiet,
     }  # fmt: skip
-    cfg = _given(cfg, given)
-    with _no_empty_output(cfg.root, Path(cfg.root) / cfg.corpus if cfg.corpus else None):
+    cfg = _settings(IngestConfig, config, overrides, given)
+    with no_empty_output(cfg.root, Path(cfg.root) / cfg.corpus if cfg.corpus else None):
         run_ingest(cfg)
 
 
@@ -180,7 +150,7 @@ def _hxw(value: str | None, flag: str) -> tuple[int, int] | None:
 @app.command(
     epilog=_example(
         "clasp label --corpus synthetic --clip-checkpoint runs/clip --batch-size 32 --device cpu",
-        "clasp label --corpus luperson --clip ViT-B-16:openai with_embed=true",
+        "clasp label --corpus luperson --clip ViT-B-16:openai --store-embeddings",
         "clasp config label",
     )
 )
@@ -188,35 +158,39 @@ def label(
     corpus: str = typer.Option(
         None, "--corpus", help="Ingested corpus name, ROOT/<corpus>/images/ (default synthetic)."
     ),
-    root: str = typer.Option(None, "--root", help="Data root (default: data)."),
+    root: str = ROOT_OPT,
     clip: str = typer.Option(None, "--clip", help="open_clip ARCH[:TAG] (default ViT-B-16:openai)."),
     clip_checkpoint: str = typer.Option(None, "--clip-checkpoint", help="clip-train output dir or weights file."),
-    allow_random_weights: bool = typer.Option(
-        False, "--allow-random-weights", help="Label with an untrained CLIP (meaningless labels; plumbing tests)."
+    allow_random_weights: bool | None = typer.Option(
+        None, "--allow-random-weights/--no-allow-random-weights", help="Label with an untrained CLIP (plumbing tests)."
     ),
     parts: str = typer.Option(None, "--parts", help="Part vocabulary YAML (default data_manifests/parts.yaml)."),
     attributes: str = typer.Option(None, "--attributes", help="Attribute vocabulary YAML (default PA-100K's)."),
     resolution: str = typer.Option(None, "--resolution", help="CLIP input HxW (default 2w x w of the CLIP's size)."),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default 64)."),
     workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers (default 2)."),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    device: str = DEVICE_OPT,
+    store_embeddings: bool | None = typer.Option(
+        None,
+        "--store-embeddings/--no-store-embeddings",
+        help="Also store each image's CLIP embedding (fp16 clip_embed column, 2 bytes x CLIP width per image; "
+        "a new label set) for pre-training with model.loss.distill=true.",
+    ),
+    quiet: bool | None = QUIET_OPT,
     config: Path = CONFIG_OPT,
-    overrides: list[str] = _overrides("fg_threshold=0.4 with_embed=true"),
+    overrides: list[str] = _overrides("fg_threshold=0.4 conf_levels=16"),
 ) -> None:
     """Label an ingested corpus with CLIP parts and attributes, once, into Parquet shards (stage 1)."""
     from labeling.label import LabelConfig, run_labeling
-    from pipeline.config import load_config
 
-    cfg = load_config(LabelConfig, config, overrides)
     given = {
         "corpus": corpus, "root": root, "clip": clip, "clip_checkpoint": clip_checkpoint,
-        "allow_random_weights": allow_random_weights or None, "parts": parts, "attributes": attributes,
+        "allow_random_weights": allow_random_weights, "parts": parts, "attributes": attributes,
         "resolution": _hxw(resolution, "--resolution"), "batch_size": batch_size, "workers": workers,
-        "device": device, "quiet": quiet or None,
+        "device": device, "with_embed": store_embeddings, "quiet": quiet,
     }  # fmt: skip
-    cfg = _given(cfg, given)
-    with _no_empty_output(Path(cfg.root) / cfg.corpus / "labels"):
+    cfg = _settings(LabelConfig, config, overrides, given)
+    with no_empty_output(Path(cfg.root) / cfg.corpus / "labels"):
         run_labeling(cfg)
 
 
@@ -235,24 +209,22 @@ def clip_train(
     epochs: int = typer.Option(None, "--epochs", help="Passes over the pairs (default 10)."),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Pairs per step (default 128)."),
     workers: int = typer.Option(None, "--workers", "-j", help="DataLoader decode workers (default 2)."),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-epoch lines."),
+    device: str = DEVICE_OPT,
+    quiet: bool | None = QUIET_OPT,
     config: Path = CONFIG_OPT,
     overrides: list[str] = _overrides("lr=1e-3 time_limit_s=600"),
 ) -> None:
     """Train or fine-tune an open_clip model on image-caption pairs (e.g. the synthetic world's pairs.csv)."""
     from labeling.clip_train import ClipTrainConfig, train_clip
-    from pipeline.config import load_config
 
-    cfg = load_config(ClipTrainConfig, config, overrides)
     given = {
         "pairs": pairs, "arch": arch, "init": init, "out": out, "epochs": epochs, "batch_size": batch_size,
-        "workers": workers, "device": device, "quiet": quiet or None,
+        "workers": workers, "device": device, "quiet": quiet,
     }  # fmt: skip
-    cfg = _given(cfg, given)
-    with _no_empty_output(cfg.out):
+    cfg = _settings(ClipTrainConfig, config, overrides, given)
+    with no_empty_output(cfg.out):
         weights = train_clip(cfg)
-    if not quiet:
+    if not cfg.quiet:
         typer.echo(f"CLIP checkpoint: {weights} (use: clasp label --clip-checkpoint {weights.parent})")
 
 
@@ -267,7 +239,7 @@ def clip_train(
 )
 def audit(
     corpus: str = typer.Option(None, "--corpus", help="Corpus name under ROOT (default synthetic)."),
-    root: str = typer.Option(None, "--root", help="Data root (default: data)."),
+    root: str = ROOT_OPT,
     labelset: str = typer.Option(None, "--labelset", help="Label set id (default: the latest complete one)."),
     gt: str = typer.Option(None, "--gt", help="Ground truth: gt.parquet of `clasp synth`, or PA-100K annotation.mat."),
     compare: str = typer.Option(None, "--compare", help="A second label set id of the corpus to compare with."),
@@ -282,7 +254,7 @@ def audit(
         help="Exit 1 when a finding of this level or worse is reported: error | warning | never.",
         show_default=True,
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
+    quiet: bool | None = QUIET_OPT,
     config: Path = CONFIG_OPT,
     overrides: list[str] = _overrides("mosaics=false threads=4"),
 ) -> None:
@@ -290,18 +262,16 @@ def audit(
     import json
 
     from labeling.audit import SEVERITIES, AuditConfig, print_table, run_audit, run_sql
-    from pipeline.config import load_config
     from pipeline.errors import ClaspError
 
     if fail_on not in (*SEVERITIES[:2], "never"):
         raise ClaspError(f"--fail-on {fail_on!r}: choose error, warning or never")
-    cfg = load_config(AuditConfig, config, overrides)
-    given = dict(corpus=corpus, root=root, labelset=labelset, gt=gt, compare=compare, out=out, quiet=quiet or None)
-    cfg = _given(cfg, given)
+    given = dict(corpus=corpus, root=root, labelset=labelset, gt=gt, compare=compare, out=out, quiet=quiet)
+    cfg = _settings(AuditConfig, config, overrides, given)
     if sql is not None:
         print_table(run_sql(cfg, sql), max_rows=max_rows)
         return
-    with _no_empty_output(cfg.out):
+    with no_empty_output(cfg.out):
         report = run_audit(cfg)
     if not cfg.quiet:
         typer.echo(f"audit report: {report}")
@@ -328,13 +298,12 @@ def pretrain(
     config: Path = CONFIG_OPT, overrides: list[str] = _overrides("optim.lr=1e-4 model.moe.enabled=false")
 ) -> None:
     """Pre-train the CLASP backbone; under `accelerate launch` every process runs this same command."""
-    from pipeline.config import load_config
     from pretrain.config import PretrainConfig
 
-    cfg = load_config(PretrainConfig, config, list(overrides or []))
+    cfg = _settings(PretrainConfig, config, overrides)
     from pretrain.trainer import train  # after validation: a config error needs no torch import
 
-    with _no_empty_output(cfg.out):
+    with no_empty_output(cfg.out):
         summary = train(cfg)
     if not cfg.quiet:
         typer.echo(f"pretrain: step {summary.step}/{summary.total_steps}, checkpoint {summary.checkpoint}")
@@ -349,7 +318,7 @@ def export(
     from pretrain.export import export_summary
     from pretrain.trainer import export_run
 
-    with _no_empty_output(out):
+    with no_empty_output(out):
         typer.echo(export_summary(export_run(checkpoint, out)))
 
 
@@ -379,23 +348,51 @@ def transfer(
         help="CLASP export folder, timm:NAME, random:ARCH, or pixels:HxW (frozen only: the raw-pixel floor).",
     ),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (results.json, results.md, weights)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool | None = QUIET_OPT,
     config: Path = CONFIG_OPT,
     overrides: list[str] = _overrides("epochs=2 optim.lr=0.004"),
 ) -> None:
     """Fine-tune a backbone on a downstream task and evaluate it with the field's protocol."""
-    from pipeline.config import load_config
-    from transfer.common import task_entry
+    from transfer.registry import task_entry
 
     config_cls, run_task = task_entry(task)
-    options = {"data_dir": data, "dataset": dataset, "backbone.spec": backbone, "out_dir": out, "quiet": quiet or None}
-    extra = [f"{key}={value}" for key, value in options.items() if value is not None]
-    cfg = load_config(config_cls, config, list(overrides or []) + extra)
-    with _no_empty_output(cfg.out_dir):
+    given = {"data_dir": data, "dataset": dataset, "backbone.spec": backbone, "out_dir": out, "quiet": quiet}
+    cfg = _settings(config_cls, config, overrides, given)
+    with no_empty_output(cfg.out_dir):
         record = run_task(cfg)
     if not cfg.quiet:
         headline = ", ".join(f"{name} {value}" for name, value in list(record.get("headline", {}).items())[:4])
         typer.echo(f"{task}: {headline} (table: {Path(cfg.out_dir) / 'results.md'})")
+
+
+@app.command(
+    epilog=_example(
+        "clasp zeroshot --backbone runs/release/distill --data data/world/pa100k --out runs/zeroshot",
+        "clasp zeroshot --backbone runs/release/distill --prompts my_attributes.yaml --images photos/ --out runs/zs",
+        "clasp config zeroshot",
+    )
+)
+def zeroshot(
+    backbone: str = typer.Option(
+        None, "--backbone", "-b", help="Export folder of a backbone pre-trained with distill."
+    ),
+    prompts: str = typer.Option(None, "--prompts", help="Attribute YAML: name, positive, negative (default PA-100K)."),
+    data: str = typer.Option(None, "--data", "-d", help="PA-100K-layout folder: evaluate (label-based mA)."),
+    images: str = typer.Option(None, "--images", help="Or a folder of images: write scores.csv."),
+    out: str = typer.Option(None, "--out", "-o", help="Output folder (results.json, results.md or scores.csv)."),
+    quiet: bool | None = QUIET_OPT,
+    config: Path = CONFIG_OPT,
+    overrides: list[str] = _overrides("compare_clip=false fit_corpus=synthetic"),
+) -> None:
+    """Attributes by text prompts from an exported backbone, through the text tower of the labels' CLIP."""
+    from transfer.zeroshot import ZeroShotConfig, run_zeroshot
+
+    given = {"backbone": backbone, "prompts": prompts, "data": data, "images": images, "out": out, "quiet": quiet}
+    cfg = _settings(ZeroShotConfig, config, overrides, given)
+    with no_empty_output(cfg.out):
+        record = run_zeroshot(cfg)
+    if not cfg.quiet and "results" in record:
+        typer.echo(", ".join(f"{r['reader']}: mA {r['mA']:.2f}" for r in record["results"].values()))
 
 
 # --- discoverability --------------------------------------------------------------------------
@@ -407,6 +404,7 @@ COMMAND_CONFIGS = {
     "clip-train": "labeling.clip_train:ClipTrainConfig",
     "audit": "labeling.audit:AuditConfig",
     "pretrain": "pretrain.config:PretrainConfig",
+    "zeroshot": "transfer.zeroshot:ZeroShotConfig",
     "ablate": "pipeline.ablate:AblationConfig",
     "demo": "pipeline.ablate:AblationConfig",
 }
@@ -424,7 +422,7 @@ def config_cmd(
     from pipeline.errors import ClaspError
 
     if command == "transfer":
-        from transfer.common import TASKS, task_entry
+        from transfer.registry import TASKS, task_entry
 
         if task is None:
             raise ClaspError(f"clasp config transfer TASK: name the task, one of {', '.join(TASKS)}")
@@ -453,7 +451,7 @@ def ablate(config: Path = CONFIG_OPT, overrides: list[str] = _overrides("seeds=[
     """Pre-train every variant, transfer each to every task, write the ablation table (resumable)."""
     from pipeline.ablate import AblationConfig, run_ablation
 
-    run_ablation(_load_config(AblationConfig, config, overrides))
+    run_ablation(_settings(AblationConfig, config, overrides))
 
 
 @app.command(epilog=_example("clasp demo --out runs/demo", "clasp config demo"))
@@ -467,39 +465,14 @@ def demo(
     """The whole pipeline on the built-in synthetic world (offline, CPU, minutes): configs/demo.yaml."""
     from pipeline.ablate import DEMO_CONFIG, AblationConfig, run_ablation
 
-    run_ablation(_load_config(AblationConfig, config or DEMO_CONFIG, [*(overrides or []), f"out={out}"]))
-
-
-def _load_config(cls: type, config: Path | None, overrides: list[str] | None) -> object:
-    from pipeline.config import load_config
-    from pipeline.resources import config_path
-
-    return load_config(cls, config_path(config) if config else None, list(overrides or []))
-
-
-class Interrupted(BaseException):
-    """Ctrl-C in the main process; not a KeyboardInterrupt, which click would turn into "Aborted!"."""
-
-
-def _on_sigint(signum: int, frame: object, *, main_pid: int) -> None:
-    # forked workers (DataLoader) inherit this handler: they ignore Ctrl-C and the main process stops them
-    if os.getpid() == main_pid:
-        raise Interrupted()
+    run_ablation(_settings(AblationConfig, config or DEMO_CONFIG, overrides, {"out": out}))
 
 
 def main() -> None:
-    from pipeline.errors import ClaspError
+    """The ``clasp`` console script: user mistakes exit 2 with one line, Ctrl-C exits 130 (pipeline.cli_runtime)."""
+    from pipeline.cli_runtime import run
 
-    signal.signal(signal.SIGINT, functools.partial(_on_sigint, main_pid=os.getpid()))
-    try:
-        app()
-    except ClaspError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
-    except (Interrupted, KeyboardInterrupt):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the message
-        typer.secho(INTERRUPTED, err=True)
-        sys.exit(130)
+    run(app)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ the resolved config next to a stage's outputs so every result records what made 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -87,80 +88,127 @@ def _is_dataclass_type(tp: Any) -> bool:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check/convert ``value`` to annotation ``tp``; raise ConfigError naming ``where``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Annotated:  # the range is checked on the finished config (check_config)
-        return _coerce(value, args[0], where)
     if tp is Any:
         return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
     if _is_dataclass_type(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of settings, got {value!r}")
-        return _from_dict(tp, value, prefix=where + ".")
-    if origin in (list, tuple) or tp in (list, tuple):
-        if isinstance(value, str | int | float) and not isinstance(value, bool) and origin is not None:
-            value = [value]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin is tuple or tp is tuple) else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if tp is Path:
-        if isinstance(value, str | Path):
-            return Path(value)
-        raise ConfigError(f"{where}: expected a path, got {value!r}")
+        return _to_dataclass(value, tp, where)
+    convert = _CONVERTERS.get(typing.get_origin(tp) or tp)
+    return value if convert is None else convert(value, tp, where)
+
+
+def _to_dataclass(value: Any, tp: type, where: str) -> Any:
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {value!r}")
+    return _from_dict(tp, value, prefix=where + ".")
+
+
+def _to_annotated(value: Any, tp: Any, where: str) -> Any:
+    return _coerce(value, typing.get_args(tp)[0], where)  # the range is checked on the finished config
+
+
+def _to_union(value: Any, tp: Any, where: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in (a for a in args if a is not type(None)):
+        try:
+            return _coerce(value, arg, where)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+
+
+# YAML 1.1 reads these words as booleans: a choice of words such as mixed_precision (no | bf16 | fp16) gets its
+# word back, so `mixed_precision: no` in a file means "no", as typed
+_YAML_BOOL_WORDS = {False: ("no", "off", "false", "n"), True: ("yes", "on", "true", "y")}
+
+
+def _to_literal(value: Any, tp: Any, where: str) -> Any:
+    args = typing.get_args(tp)
+    if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+        words = [w for w in _YAML_BOOL_WORDS[value] if w in args]
+        if not words:
+            spelled = "/".join(_YAML_BOOL_WORDS[value])
+            raise ConfigError(f"{where}: {spelled} (YAML's {str(value).lower()}) is not one of {list(args)}")
+        value = words[0]
+    if value not in args:
+        raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
     return value
+
+
+def _to_sequence(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(value, str | int | float) and not isinstance(value, bool) and origin is not None:
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    items = [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if (origin or tp) is tuple else items
+
+
+def _to_mapping(value: Any, tp: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _to_bool(value: Any, tp: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where}: expected true/false, got {value!r}")
+
+
+def _to_int(value: Any, tp: Any, where: str) -> int:
+    if _is_number(value) and float(value).is_integer():
+        return int(value)
+    raise ConfigError(f"{where}: expected an integer, got {value!r}")
+
+
+def _to_float(value: Any, tp: Any, where: str) -> float:
+    with contextlib.suppress(TypeError, ValueError):
+        if _is_number(value) or isinstance(value, str):
+            return float(value)
+    raise ConfigError(f"{where}: expected a number, got {value!r}")
+
+
+def _to_str(value: Any, tp: Any, where: str) -> str:
+    if isinstance(value, str) or _is_number(value):
+        return str(value)
+    raise ConfigError(f"{where}: expected a string, got {value!r}")
+
+
+def _to_path(value: Any, tp: Any, where: str) -> Path:
+    if isinstance(value, str | Path):
+        return Path(value)
+    raise ConfigError(f"{where}: expected a path, got {value!r}")
+
+
+# annotation (its typing origin, else the type itself) -> converter; other types pass values through
+_CONVERTERS: dict[Any, Callable[[Any, Any, str], Any]] = {
+    Annotated: _to_annotated,
+    typing.Union: _to_union,
+    types.UnionType: _to_union,
+    typing.Literal: _to_literal,
+    list: _to_sequence,
+    tuple: _to_sequence,
+    dict: _to_mapping,
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+    Path: _to_path,
+}
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -198,25 +246,30 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
-def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
-    """Apply one ``a.b.c=value`` override to a nested dict, validating the path against ``cls``."""
-    parts = dotted.split(".")
+def _leaf(tree: dict[str, Any], cls: type, dotted: str) -> tuple[dict[str, Any], str, Any]:
+    """(the dict that holds setting ``a.b.c`` in a nested ``tree`` of ``cls``, ``c``, its annotation);
+    the path is checked against ``cls``."""
+    *groups, name = dotted.split(".")
     node, node_cls = tree, cls
-    for i, part in enumerate(parts):
+    for i, part in enumerate([*groups, name]):
         names = [f.name for f in dataclasses.fields(node_cls)]
         if part not in names:
-            where = ".".join(parts[:i] + [part])
-            raise ConfigError(f"unknown config key '{where}'{_closest(part, names)}")
+            raise ConfigError(f"unknown config key '{'.'.join([*groups, name][: i + 1])}'{_closest(part, names)}")
         tp = typing.get_type_hints(node_cls)[part]
-        if i == len(parts) - 1:
-            value = yaml.safe_load(raw) if raw != "" else ""
-            # YAML reads `no`/`on`/`1.0` as bool/number; a string setting keeps the text as typed
-            node[part] = raw if _wants_string(tp) and value is not None and not isinstance(value, str) else value
-            return
+        if i == len(groups):
+            break
         if not _is_dataclass_type(tp):
-            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is a value, not a group of settings")
-        node = node.setdefault(part, {})
-        node_cls = tp
+            raise ConfigError(f"config key '{'.'.join(groups[: i + 1])}' is a value, not a group of settings")
+        node, node_cls = node.setdefault(part, {}), tp
+    return node, name, tp
+
+
+def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, raw: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict, validating the path against ``cls``."""
+    node, name, tp = _leaf(tree, cls, dotted)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    # YAML reads `no`/`on`/`1.0` as bool/number; a string setting keeps the text as typed
+    node[name] = raw if _wants_string(tp) and value is not None and not isinstance(value, str) else value
 
 
 def _wants_string(tp: Any) -> bool:
@@ -231,8 +284,17 @@ def _wants_string(tp: Any) -> bool:
     return False
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of ``cls`` <- YAML ``path`` <- ``overrides`` (``["a.b=1", ...]``); validated."""
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    flags: dict[str, Any] | None = None,
+) -> T:
+    """Defaults of ``cls`` <- YAML ``path`` <- ``overrides`` (``["a.b=1", ...]``) <- ``flags``; validated.
+
+    ``flags`` are settings already parsed by the command line (``{"quiet": False, "backbone.spec": ...}``);
+    a ``None`` value means "not given" and is skipped, so a flag can set false over a file's true."""
     tree = to_dict(cls())
     if path is not None:
         path = config_path(path)  # a relative configs/... path also names the shipped copy from any folder
@@ -254,6 +316,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"override '{item}' must look like key=value (e.g. optim.lr=1e-4)")
         key, raw = item.split("=", 1)
         _set_dotted(tree, cls, key.strip(), raw.strip())
+    for key, value in (flags or {}).items():
+        if value is not None:
+            node, name, _ = _leaf(tree, cls, key)
+            node[name] = to_dict(value)  # paths as text, tuples as lists: the tree holds what YAML would
     cfg = _from_dict(cls, tree)
     check_config(cfg)
     return cfg
@@ -308,6 +374,9 @@ def field_help(cls: type) -> dict[str, str]:
                 k -= 1
             text = " ".join(above)
         helps[head[0]] = text
+    for base in cls.__mro__[1:]:  # a field declared in a base dataclass (e.g. a task's shared settings) keeps its help
+        if dataclasses.is_dataclass(base):
+            helps.update({name: text for name, text in field_help(base).items() if not helps.get(name)})
     return helps
 
 

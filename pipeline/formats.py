@@ -28,11 +28,10 @@ Parquet key-value metadata ``clasp`` (JSON) holds ``labelset``, ``rows``, ``unde
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import json
 import os
-import time
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,13 +47,6 @@ LABELSET_FILE = "labelset.json"
 SIZES_FILE = "sizes.json"
 MANIFEST_FILE = "manifest.parquet"
 REJECTS_FILE = "rejects.csv"
-# Fault-injection hook for the reliability tests (tests/reliability), never set in real runs:
-# "GLOB[:N]" stops the N-th (default first) atomic write in this process whose file name matches GLOB
-# with its temporary file fully written but not yet renamed, writes "<tmp>.paused" and sleeps, so a test
-# can kill -9 the process at exactly that moment.
-PAUSE_WRITE_ENV = "CLASP_TEST_PAUSE_WRITE"
-_PAUSE_SLEEP_S = 300
-_pause_counts: dict[str, int] = {}
 
 
 def shard_stem(corpus: str, index: int) -> str:
@@ -178,7 +170,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
-        _pause_if_asked(path, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -187,18 +178,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _pause_if_asked(path: Path, tmp: Path) -> None:
-    """The PAUSE_WRITE_ENV test hook: mark and stall the chosen write so a test can kill the process mid-write."""
-    spec = os.environ.get(PAUSE_WRITE_ENV)
-    if not spec:
-        return
-    pattern, _, nth = spec.partition(":")
-    if not fnmatch.fnmatch(path.name, pattern):
-        return
-    _pause_counts[pattern] = _pause_counts.get(pattern, 0) + 1
-    if _pause_counts[pattern] == int(nth or 1):
-        Path(f"{tmp}.paused").write_text(str(os.getpid()))
-        time.sleep(_PAUSE_SLEEP_S)
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a new empty sibling folder ``<name>.tmp-<pid>``; when the block succeeds it is renamed onto ``path``.
+
+    A folder already at ``path`` must be empty unless ``replace``; it stays in place until the new one is
+    complete (then it is moved aside and deleted). A failure removes the temporary folder, so a partial output
+    never stands under the final name and nothing is left behind.
+    """
+    path = Path(os.path.abspath(path))  # "." has no name to put a sibling beside
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not replace:
+        raise ClaspError(f"{path} already exists and is not empty; delete it or choose another folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (path.with_name(f"{path.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_json_input(source: object, what: str) -> object:

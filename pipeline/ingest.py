@@ -19,10 +19,10 @@ Outputs under ``ROOT/<corpus>/images/`` (paths from pipeline.formats):
 
 Order of work: list the source (sorted by key; key collisions are an error), shuffle once with the seed
 (consecutive frames of a video must not share a shard), cut the list into shards of ``images_per_shard``
-candidates, then write shards in parallel. A shard's rows and rejects go to ``.ingest/<stem>.parquet``
-before its tar is renamed into place, so a rerun skips every shard whose tar and rows exist (and whose
-tar still has the size recorded in its rows: a tar cut short after the run is rewritten). ``manifest.parquet``
-and then ``sizes.json`` are written last: their presence means the ingest is complete.
+candidates, then write shards in parallel (pipeline/ingest_shards.py). A shard's rows and rejects go to
+``.ingest/<stem>.parquet`` before its tar is renamed into place, so a rerun skips every shard whose tar and
+rows exist (and whose tar still has the size recorded in its rows: a tar cut short after the run is
+rewritten). ``manifest.parquet`` and then ``sizes.json`` are written last: their presence means the ingest is complete.
 
 Rejected inputs (empty, truncated, not an image, unsupported format) are skipped and listed. Images with
 identical bytes are KEPT (dropping them would make a shard's content depend on other shards) and listed
@@ -36,60 +36,37 @@ import csv
 import dataclasses
 import fcntl
 import hashlib
-import io
 import json
-import multiprocessing as mp
-import os
 import random
-import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import NON_NEGATIVE, POSITIVE, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import (
-    MANIFEST_COLUMNS,
     MANIFEST_FILE,
     REJECTS_FILE,
     SIZES_FILE,
     atomic_path,
     image_shard_path,
     images_dir,
-    shard_stem,
     write_json_atomic,
 )
 from pipeline.guards import ensure_free_space
-from pipeline.sources import FORMATS, Probe, SourceReader, list_source, probe_image
+from pipeline.ingest_shards import MANIFEST_SCHEMA, METADATA_KEY, WORK_DIR, ShardTask, run_shard_tasks, shard_rows_path
+from pipeline.sources import FORMATS, list_source
 
 DUPLICATES_FILE = "duplicates.csv"
 SUMMARY_FILE = "ingest.json"
 CONFIG_FILE = "ingest_config.yaml"
-WORK_DIR = ".ingest"  # per-shard rows + rejects, plan.json, lock; hidden from `*.tar` globs
 PLAN_FILE = "plan.json"
-METADATA_KEY = b"clasp.ingest"
 PLAN_VERSION = 1  # bump when the shard layout changes, so old partial runs are not resumed
-_PROGRESS_EVERY = 64
 _TAR_OVERHEAD_BYTES = 1536  # two 512-byte headers, the json member, padding
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("shard", pa.int32(), nullable=False),
-        pa.field("index", pa.int32(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("n_bytes", pa.int64(), nullable=False),
-        pa.field("content_hash", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-    ]
-)
-assert tuple(MANIFEST_SCHEMA.names) == MANIFEST_COLUMNS
 
 
 @dataclass
@@ -120,106 +97,6 @@ class IngestSummary:
     shards_skipped: int = 0  # complete shards found from an earlier run
     ignored: int = 0  # files skipped for their suffix (folder sources)
     out_dir: str = ""
-
-
-@dataclass
-class _ShardTask:
-    index: int
-    items: list[tuple[str, str]]  # (key, source) in shuffled order
-    out_dir: str
-    corpus: str
-    fmt: str
-    source: str
-    plan_id: str
-    full_decode: bool
-
-
-# --- shard writer (runs in worker processes) ------------------------------------------------------
-_worker_progress = None  # multiprocessing.Value in pool workers
-
-
-def _pool_init(counter) -> None:  # noqa: ANN001 - multiprocessing.Value proxy
-    global _worker_progress
-    _worker_progress = counter
-
-
-def _count_in_worker(n: int) -> None:
-    with _worker_progress.get_lock():
-        _worker_progress.value += n
-
-
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-def _work_path(out_dir: str | Path, name: str) -> Path:
-    return Path(out_dir) / WORK_DIR / name
-
-
-def _shard_rows_path(out_dir: str | Path, corpus: str, index: int) -> Path:
-    return _work_path(out_dir, f"{shard_stem(corpus, index)}.parquet")
-
-
-def _load(reader: SourceReader, source: str, full_decode: bool) -> tuple[bytes, Probe]:
-    """The bytes of one source and what its headers say; ``Probe.reason`` is set for a reject."""
-    try:
-        data = reader.read(source)
-    except OSError as exc:
-        return b"", Probe(reason=f"unreadable: {exc.strerror or exc}")
-    if data is None:
-        return b"", Probe(reason="LMDB key has no value")
-    return data, probe_image(data, full_decode)
-
-
-def _add_sample(tar: tarfile.TarFile, key: str, data: bytes, probe: Probe, source: str) -> None:
-    meta = {"height": probe.height, "source": source, "width": probe.width}
-    meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-    tar.addfile(_tar_info(f"{key}.{probe.ext}", len(data)), io.BytesIO(data))
-    tar.addfile(_tar_info(f"{key}.json", len(meta_bytes)), io.BytesIO(meta_bytes))
-
-
-def write_shard(task: _ShardTask, progress: Callable[[int], None] | None = None) -> tuple[int, int]:
-    """Validate, hash and store one shard's images; returns (shard index, stored count)."""
-    reader = SourceReader(task.fmt, task.source)
-    rows: dict[str, list] = {name: [] for name in MANIFEST_COLUMNS}
-    rejects: list[list[str]] = []
-    tar_path = Path(task.out_dir) / f"{shard_stem(task.corpus, task.index)}.tar"
-    try:
-        with atomic_path(tar_path) as tmp_tar:
-            with open(tmp_tar, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for n, (key, source) in enumerate(task.items, 1):
-                    if progress is not None and n % _PROGRESS_EVERY == 0:
-                        progress(_PROGRESS_EVERY)
-                    data, probe = _load(reader, source, task.full_decode)
-                    if probe.reason:
-                        rejects.append([source, probe.reason])
-                        continue
-                    _add_sample(tar, key, data, probe, source)
-                    row = (key, task.index, len(rows["key"]), probe.width, probe.height, len(data),
-                           hashlib.sha256(data).hexdigest(), source)  # fmt: skip
-                    for name, value in zip(MANIFEST_COLUMNS, row, strict=True):
-                        rows[name].append(value)
-            # Rows first, tar rename second: a tar on disk always has its rows beside it. The rows record the
-            # tar's size, so a tar cut short later (copy, full disk) is not taken for a complete shard.
-            meta = {"plan_id": task.plan_id, "rejects": rejects, "tar_bytes": os.path.getsize(tmp_tar)}
-            schema = MANIFEST_SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta)})
-            with atomic_path(_shard_rows_path(task.out_dir, task.corpus, task.index)) as tmp_rows:
-                pq.write_table(pa.table(rows, schema=schema), tmp_rows, compression="zstd")
-    finally:
-        reader.close()
-    if progress is not None:
-        progress(len(task.items) % _PROGRESS_EVERY)
-    return task.index, len(rows["key"])
-
-
-def _write_shard_in_worker(task: _ShardTask) -> tuple[int, int]:
-    return write_shard(task, _count_in_worker)
 
 
 # --- planning and resume ---------------------------------------------------------------------------
@@ -315,7 +192,7 @@ def _lock(out: Path):  # noqa: ANN202 - an open file whose flock is held until c
 
 def _shard_complete(out: Path, corpus: str, index: int, plan_id: str) -> bool:
     """A shard is done when its tar and rows exist, the rows belong to this plan and the tar has its full size."""
-    rows = _shard_rows_path(out, corpus, index)
+    rows = shard_rows_path(out, corpus, index)
     tar = image_shard_path(out.parent.parent, corpus, index)
     if not (tar.is_file() and rows.is_file()):
         return False
@@ -325,11 +202,6 @@ def _shard_complete(out: Path, corpus: str, index: int, plan_id: str) -> bool:
         return False
     expected = meta.get("tar_bytes")
     return meta.get("plan_id") == plan_id and (expected is None or tar.stat().st_size == expected)
-
-
-def _resolve_workers(requested: int, n_tasks: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(requested or cores, n_tasks))
 
 
 # --- the stage ---------------------------------------------------------------------------------------
@@ -371,7 +243,7 @@ def _ingest_locked(cfg: IngestConfig, out: Path, start: float) -> IngestSummary:
 
     ips = cfg.images_per_shard
     tasks = [
-        _ShardTask(i, items[i * ips : (i + 1) * ips], str(out), cfg.corpus, cfg.format, cfg.source, plan["plan_id"],
+        ShardTask(i, items[i * ips : (i + 1) * ips], str(out), cfg.corpus, cfg.format, cfg.source, plan["plan_id"],
                    cfg.full_decode)
         for i in range(n_shards)
         if not complete[i]
@@ -387,7 +259,8 @@ def _ingest_locked(cfg: IngestConfig, out: Path, start: float) -> IngestSummary:
         say(f"ignored {ignored} files without an image suffix in {cfg.source}")
     if skipped:
         say(f"resuming: {skipped}/{n_shards} shards already complete")
-    _run_tasks(tasks, cfg, total=plan["candidates"], done=plan["candidates"] - sum(len(t.items) for t in tasks))
+    done = plan["candidates"] - sum(len(t.items) for t in tasks)
+    run_shard_tasks(tasks, workers=cfg.workers, quiet=cfg.quiet, total=plan["candidates"], done=done)
     summary = _finalize(out, cfg, plan, start, shards_skipped=skipped, ignored=ignored)
     say(
         f"ingested {summary.images} images into {summary.shards} shards in {out} ({summary.seconds:.1f} s); "
@@ -397,7 +270,7 @@ def _ingest_locked(cfg: IngestConfig, out: Path, start: float) -> IngestSummary:
     return summary
 
 
-def _estimate_bytes(tasks: list[_ShardTask], cfg: IngestConfig, n_candidates: int) -> int:
+def _estimate_bytes(tasks: list[ShardTask], cfg: IngestConfig, n_candidates: int) -> int:
     """Bytes the missing shards will take: source size from a sample of files (or the LMDB file) + tar headers."""
     n_todo = sum(len(t.items) for t in tasks)
     if cfg.format == "lmdb":
@@ -415,40 +288,10 @@ def _estimate_bytes(tasks: list[_ShardTask], cfg: IngestConfig, n_candidates: in
     return int(payload + n_todo * _TAR_OVERHEAD_BYTES)
 
 
-def _run_tasks(tasks: list[_ShardTask], cfg: IngestConfig, total: int, done: int) -> None:
-    from tqdm import tqdm
-
-    if not tasks:
-        return
-    workers = _resolve_workers(cfg.workers, len(tasks))
-    bar = tqdm(
-        total=total, initial=done, unit="img", unit_scale=total >= 10000, disable=cfg.quiet, desc=f"ingest {cfg.corpus}"
-    )
-    try:
-        if workers == 1:
-            for task in tasks:
-                write_shard(task, bar.update)
-            return
-        ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (tqdm) and open LMDB handles
-        counter = ctx.Value("q", 0)
-        with ctx.Pool(workers, initializer=_pool_init, initargs=(counter,)) as pool:
-            results = pool.imap_unordered(_write_shard_in_worker, tasks)
-            remaining = len(tasks)
-            while remaining:
-                try:
-                    results.next(timeout=0.5)
-                    remaining -= 1
-                except mp.TimeoutError:
-                    pass
-                bar.update(done + counter.value - bar.n)
-    finally:
-        bar.close()
-
-
 def _finalize(out: Path, cfg: IngestConfig, plan: dict, start: float, **extra: int) -> IngestSummary:
     """Merge per-shard rows into manifest.parquet, list rejects and duplicates, then write sizes.json last."""
     n_shards = plan["shards"]
-    row_files = [_shard_rows_path(out, cfg.corpus, i) for i in range(n_shards)]
+    row_files = [shard_rows_path(out, cfg.corpus, i) for i in range(n_shards)]
     metadata = {**plan["settings"], "plan_id": plan["plan_id"], "hash": "sha256"}
     schema = MANIFEST_SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     sizes: dict[str, int] = {}

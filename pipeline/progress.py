@@ -13,14 +13,20 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def progress(total: int, description: str, *, quiet: bool, unit: str = "img") -> Iterator[Callable[..., None]]:
-    """Yield ``advance(n=1, **fields)``: one bar of ``total`` units with throughput and ETA unless ``quiet``."""
+def progress(
+    total: int, description: str, *, quiet: bool, unit: str = "img", initial: int = 0
+) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, **fields)``: one bar of ``total`` units with throughput and ETA unless ``quiet``;
+    ``initial`` units are already done (a resumed run)."""
     if quiet:
         yield lambda n=1, **fields: None
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, smoothing=0.1) as bar:
+    with tqdm(
+        total=total, initial=initial, desc=description, unit=unit, unit_scale=total >= 10_000, dynamic_ncols=True,
+        smoothing=0.1,
+    ) as bar:  # fmt: skip
 
         def advance(n: int = 1, **fields: Any) -> None:
             if fields:

@@ -302,7 +302,7 @@ def timm_kwargs(arch: str, *, img_size: tuple[int, int], patch_size: int = 16) -
     return dict(spec.timm_kwargs, img_size=tuple(img_size), patch_size=patch_size, num_classes=0)
 
 
-def _conv_stem_embed(in_chans: int = 3) -> Any:
+def conv_stem_embed(in_chans: int = 3) -> Any:
     """timm's R+ViT hybrid stem (ResNetV2 stem, no stages) as the ``embed_layer`` of a ViT; same parameter names."""
     from functools import partial
 
@@ -325,5 +325,5 @@ def create_backbone(
     if img_size[0] % patch_size or img_size[1] % patch_size:
         raise ClaspError(f"model.img_size {list(img_size)} must be a multiple of model.patch_size {patch_size}")
     if arch_spec(arch).conv_stem_stride:
-        kwargs["embed_layer"] = _conv_stem_embed()
+        kwargs["embed_layer"] = conv_stem_embed()
     return ClaspViT(moe=moe, drop_path_rate=drop_path_rate, **kwargs)

@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from pipeline.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, Check
-from pretrain.model_config import ModelConfig
+from pretrain.model_config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SHARE = Check(lambda v: 0 < v <= 1, "in (0, 1]")
 
 
@@ -91,8 +89,8 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     out: str = "runs/pretrain"  # run folder: config.yaml, checkpoints/, logs
     seed: int = 0  # + rank on each process
-    # "no" | "bf16" | "fp16" (Accelerate's names); YAML reads a bare `no` as false, which means "no" too
-    mixed_precision: Literal["no", "bf16", "fp16"] | bool = "no"
+    # Accelerate's names; a bare `no` in YAML (read as false) is "no" (the config loader normalises it)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     cpu: bool = False  # force the CPU even where a GPU is visible
     grad_accum: Annotated[int, POSITIVE] = 1  # micro-batches per optimizer step
     max_steps: Annotated[int | None, POSITIVE] = None  # stop early (the schedules still span `optim.epochs`)

@@ -30,21 +30,22 @@ The pipeline is an explicit list of stages (``build_pipeline``)::
 * **Label join.** ``ROOT/<corpus>/images/<corpus>-NNNNNN.tar`` pairs with
   ``ROOT/<corpus>/labels/<labelset>/<corpus>-NNNNNN.parquet`` (same rows, same order). A reader
   reads the label rows of a shard piece once, when it opens the piece; every sample it passes must
-  carry its row's ``key`` or the stream stops with ``LabelMismatchError`` naming both files.
+  carry its row's ``key`` or the stream stops with ``LabelMismatchError`` naming both files. With
+  ``clip_embed=True`` (CLIP-embedding distillation) the ``clip_embed`` column is read too, and a label
+  set without it is refused before training starts.
 * Batches hold channels-last uint8 crops; ``to_model_batch`` moves them to the device, normalises
   and permutes them there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
-import itertools
 import logging
 import random
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,9 +55,25 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline import formats
 from pipeline.errors import ClaspError
 from pretrain.augment import MultiCrop
+from pretrain.labelsets import (
+    EMBED_COLUMN,
+    LabelMismatchError,
+    LabelSetInfo,
+    Shard,
+    clip_embed_width,
+    list_shards,
+    read_labelset_info,
+)
+from pretrain.stream_layout import ReadTask, Slice, StreamLayout, StreamPosition
+
+# names other modules import from here (the label set and the epoch layout have their own modules)
+__all__ = [
+    "BlockShuffle", "DecodeMultiCrop", "LabelMismatchError", "LabelSetInfo", "LabeledTarReader", "PretrainStream",
+    "ReadTask", "Shard", "Slice", "SliceReader", "StreamLayout", "StreamPosition", "build_pipeline", "build_stream",
+    "derive_seed", "read_labelset_info", "to_model_batch",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -64,252 +81,9 @@ LABEL_COLUMNS = ("key", "attr_prob", "part_map", "part_conf")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
-class LabelMismatchError(ClaspError):
-    """An image shard and its label shard disagree on which image a row belongs to."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    """An image shard, its label shard and its image count (sizes.json)."""
-
-    tar: str
-    labels: str
-    size: int
-
-
-@dataclass(frozen=True)
-class LabelSetInfo:
-    """What the stream needs to know about a label set (from labelset.json and the shard schema)."""
-
-    labelset: str
-    grid_hw: tuple[int, int]
-    attributes: tuple[str, ...]
-    parts: tuple[str, ...]
-    flip_map: tuple[int, ...] | None  # class id -> class id after a horizontal flip; None = identity
-
-
 def derive_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (numpy SeedSequence), identical in every process."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-# --- locating shards and label sets -----------------------------------------------------------
-
-
-def _names(section: Any) -> tuple[str, ...]:
-    """Names of a labelset.json vocabulary section: ``{"names": [...]}``, or a list of names / ``{name: ...}``."""
-    entries = section["names"] if isinstance(section, dict) else section
-    return tuple(e["name"] if isinstance(e, dict) else str(e) for e in entries)
-
-
-def _flip_pairs(section: Any) -> dict[str, str]:
-    """Left/right pairs of a part section: ``{"flip": {a: b}}`` or entries ``{name, flip}``."""
-    if isinstance(section, dict):
-        return dict(section.get("flip") or {})
-    return {e["name"]: e["flip"] for e in section if isinstance(e, dict) and e.get("flip")}
-
-
-def build_flip_map(parts: Sequence[str], pairs: dict[str, str]) -> tuple[int, ...] | None:
-    """Class-id permutation for horizontal flips from name pairs (``{left_arm: right_arm}``), symmetric."""
-    if not pairs:
-        return None
-    index = {name: i for i, name in enumerate(parts)}
-    mapping = list(range(len(parts)))
-    for a, b in pairs.items():
-        if a not in index or b not in index:
-            missing = a if a not in index else b
-            raise ClaspError(f"part flip pair {a}<->{b}: '{missing}' is not a part class ({', '.join(parts)})")
-        mapping[index[a]], mapping[index[b]] = index[b], index[a]
-    return tuple(mapping)
-
-
-def read_labelset_info(root: str | Path, corpus: str, labelset: str | None, part_flip: dict[str, str]) -> LabelSetInfo:
-    """Resolve the label set (None = the latest completed one) and read its grid and vocabularies."""
-    if not formats.images_dir(root, corpus).is_dir():
-        raise ClaspError(
-            f"data.root={root}, data.corpus={corpus}: {formats.images_dir(root, corpus)} does not exist; "
-            "fix data.root / data.corpus, or run `clasp ingest` and `clasp label` first"
-        )
-    try:
-        labelset = labelset or formats.latest_labelset(root, corpus)
-        meta = formats.read_labelset(root, corpus, labelset)
-    except FileNotFoundError as exc:
-        raise ClaspError(str(exc)) from None
-    where = formats.labels_dir(root, corpus, labelset) / formats.LABELSET_FILE
-    try:
-        grid = tuple(int(v) for v in meta["grid"])
-        attributes = _names(meta["attributes"])
-        parts = _names(meta["parts"])
-        pairs = {**_flip_pairs(meta["parts"]), **part_flip}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ClaspError(f"{where}: missing or malformed field {exc}; re-run `clasp label`") from None
-    return LabelSetInfo(labelset, (grid[0], grid[1]), attributes, parts, build_flip_map(parts, pairs))
-
-
-def list_shards(root: str | Path, corpus: str, labelset: str) -> list[Shard]:
-    """The corpus's (image tar, label parquet, image count) in sizes.json order; a missing label shard is an error."""
-    try:
-        sizes = formats.read_sizes(root, corpus)
-    except FileNotFoundError as exc:
-        raise ClaspError(str(exc)) from None
-    shards, missing = [], []
-    for name, count in sizes.items():
-        index = formats.shard_index(name)
-        labels = formats.label_shard_path(root, corpus, labelset, index)
-        if not labels.is_file():
-            missing.append(labels.name)
-        shards.append(Shard(str(formats.images_dir(root, corpus) / name), str(labels), int(count)))
-    if missing:
-        raise ClaspError(
-            f"label set '{labelset}' of corpus '{corpus}' lacks {len(missing)} of {len(sizes)} label shards "
-            f"(e.g. {missing[0]} in {formats.labels_dir(root, corpus, labelset)}); finish `clasp label` first"
-        )
-    if not shards:
-        raise ClaspError(f"{formats.images_dir(root, corpus) / formats.SIZES_FILE} lists no shards")
-    for shard in shards:
-        _check_label_footer(shard.labels, shard.tar, shard.size)
-    return shards
-
-
-def _check_label_footer(labels: str, tar: str, count: int) -> None:
-    """Refuse, before training starts, a label shard that does not read or has another row count than its tar.
-
-    Only the Parquet footer is read (cheap for thousands of shards); key-by-key agreement is checked as
-    the stream reads each shard (LabelMismatchError).
-    """
-    try:
-        rows = pq.read_metadata(labels).num_rows
-    except (OSError, ValueError) as exc:
-        raise ClaspError(
-            f"label shard {labels} is unreadable ({exc}); re-run `clasp label` for this corpus, it relabels that shard"
-        ) from None
-    if rows != count:
-        raise LabelMismatchError(
-            f"label shard {labels} has {rows} rows but image shard {tar} has {count} images (sizes.json): the labels "
-            "were made for a different ingest; re-run `clasp label` for this corpus"
-        )
-
-
-# --- the epoch layout: which reader reads which samples, in which order -----------------------
-
-
-@dataclass(frozen=True)
-class StreamLayout:
-    """How every epoch is cut among all readers (``processes x workers``); identical in every process.
-
-    Epoch ``e`` is the shards in a permutation seeded by (seed, e), concatenated: ``num_images``
-    positions. Reader ``r = rank x workers + worker`` owns the contiguous positions
-    ``[N r / R, N (r + 1) / R)`` of it (its *span*), so a reader opens only the one to few shards its
-    span touches, and a shard is cut between readers at sample granularity where needed. Within its
-    span a reader yields blocks of ``block`` positions, each in an order seeded by (seed, e, r, block).
-    A reader runs through its span of epoch 0, then of epoch 1, ... without pause: its batches of
-    ``batch_size`` can hold the end of one epoch and the start of the next, and no image is dropped.
-    """
-
-    shards: tuple[Shard, ...]
-    processes: int
-    workers: int  # readers per process: DataLoader workers, or 1 when the process reads itself
-    batch_size: int
-    seed: int
-    block: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.num_images < self.readers:
-            raise ClaspError(
-                f"{self.num_images} images cannot be split among {self.readers} readers ({self.processes} process(es) "
-                f"x {self.workers} data.workers): lower data.workers"
-            )
-
-    @property
-    def readers(self) -> int:
-        return self.processes * self.workers
-
-    @property
-    def num_images(self) -> int:
-        return sum(s.size for s in self.shards)
-
-    def shard_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.shards))
-
-    def span(self, reader: int) -> tuple[int, int]:
-        """Positions ``[lo, hi)`` of every epoch that ``reader`` yields."""
-        n, r = self.num_images, self.readers
-        return n * reader // r, n * (reader + 1) // r
-
-    def slices(self, epoch: int, reader: int) -> tuple[Slice, ...]:
-        """The shard pieces of ``reader``'s span in epoch ``epoch``, in span order."""
-        lo, hi = self.span(reader)
-        out, at = [], 0
-        for shard in self.shard_order(epoch):
-            size = self.shards[shard].size
-            a, b = max(lo, at), min(hi, at + size)
-            if a < b:
-                out.append(Slice(int(shard), a - at, b - at, a - lo))
-            at += size
-            if at >= hi:
-                break
-        return tuple(out)
-
-    def block_order(self, epoch: int, reader: int, block: int) -> np.ndarray:
-        """Order in which the positions of one block of a reader's span are yielded (offsets into the block)."""
-        lo, hi = self.span(reader)
-        n = min(self.block, hi - lo - block * self.block)
-        return np.random.default_rng([self.seed, epoch, reader, block, 2]).permutation(n)
-
-    def reader_of(self, rank: int, worker: int) -> int:
-        return rank * self.workers + worker
-
-    def consumed(self, reader: int, batches: int) -> int:
-        """Samples ``reader`` has handed out once its process took ``batches`` batches.
-
-        A process's DataLoader takes batch ``k`` from worker ``k % workers`` (in-order round robin over
-        workers that never run dry), so the count follows from the batch index alone. (An image that does
-        not decode is skipped and shifts its reader by one; ingest keeps such images out of the shards.)
-        """
-        worker = reader % self.workers
-        return max(0, -(-(batches - worker) // self.workers)) * self.batch_size
-
-    def tasks(self, reader: int, start_batch: int, first_epoch: int = 0) -> Iterator[ReadTask]:
-        """What ``reader`` reads, epoch after epoch, from where its process stood after ``start_batch`` batches
-        of a stream that began at epoch ``first_epoch``."""
-        lo, hi = self.span(reader)
-        epoch, offset = divmod(self.consumed(reader, start_batch), hi - lo)
-        epoch += first_epoch
-        block, taken = divmod(offset, self.block)
-        skip = frozenset((block * self.block + self.block_order(epoch, reader, block)[:taken]).tolist())
-        yield ReadTask(epoch, reader, self.slices(epoch, reader), block * self.block, skip)
-        for later in itertools.count(epoch + 1):
-            yield ReadTask(later, reader, self.slices(later, reader), 0, frozenset())
-
-
-@dataclass(frozen=True)
-class Slice:
-    """Samples ``start..stop-1`` of shard number ``shard``; ``span_start``: where ``start`` is in the reader's span."""
-
-    shard: int
-    start: int
-    stop: int
-    span_start: int
-
-
-@dataclass(frozen=True)
-class ReadTask:
-    """One reader's share of one epoch: its slices, read from span position ``first`` on, less ``skip``
-    (the positions of a partly yielded block that a resumed run already consumed)."""
-
-    epoch: int
-    reader: int
-    slices: tuple[Slice, ...]
-    first: int
-    skip: frozenset[int]
-
-
-@dataclass
-class StreamPosition:
-    """Batches this process has already consumed, and the epoch the stream began with (set before ``iter(loader)``)."""
-
-    start_batch: int = 0
-    first_epoch: int = 0
 
 
 # --- pipeline stages --------------------------------------------------------------------------
@@ -400,13 +174,13 @@ class LabeledTarReader(SliceReader):
     read); silently training on a shrinking or misaligned corpus is what is refused.
     """
 
-    def __init__(self, shards: Sequence[Shard], grid_hw: tuple[int, int]) -> None:
-        self.shards, self.grid_hw = shards, grid_hw
+    def __init__(self, shards: Sequence[Shard], grid_hw: tuple[int, int], *, clip_embed: bool = False) -> None:
+        self.shards, self.grid_hw, self.clip_embed = shards, grid_hw, clip_embed
 
     def read_slice(self, task: ReadTask, piece: Slice, start: int, skip: set[int]) -> Iterator[dict[str, Any]]:
         shard, stop = piece.shard, piece.stop
         tar, label_path = self.shards[shard].tar, self.shards[shard].labels
-        labels = _read_label_rows(label_path, self.grid_hw, start, stop)
+        labels = _read_label_rows(label_path, self.grid_hw, start, stop, clip_embed=self.clip_embed)
         n_rows, count = labels["rows"], start
         try:
             for index, key, members in _tar_members(tar, start, stop, skip):
@@ -425,7 +199,7 @@ class LabeledTarReader(SliceReader):
                 if image is None:
                     log.warning("%s: sample '%s' has no image member; skipped", tar, key)
                     continue
-                yield {
+                sample = {
                     "epoch": task.epoch,
                     "reader": task.reader,
                     "pos": piece.span_start + index - piece.start,
@@ -437,6 +211,9 @@ class LabeledTarReader(SliceReader):
                     "part_map": labels["part_map"][row],
                     "part_conf": labels["part_conf"][row],
                 }
+                if self.clip_embed:
+                    sample[EMBED_COLUMN] = labels[EMBED_COLUMN][row]
+                yield sample
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ClaspError(
                 f"image shard {tar} is damaged: {count} of {n_rows} samples read ({exc}); "
@@ -449,10 +226,12 @@ class LabeledTarReader(SliceReader):
             )
 
 
-def _read_label_rows(path: str, grid_hw: tuple[int, int], start: int, stop: int) -> dict[str, Any]:
+def _read_label_rows(
+    path: str, grid_hw: tuple[int, int], start: int, stop: int, *, clip_embed: bool = False
+) -> dict[str, Any]:
     """Rows ``start..stop-1`` of a label shard (read once per slice; only the slice becomes Python objects)."""
     try:
-        table = pq.read_table(path, columns=list(LABEL_COLUMNS))
+        table = pq.read_table(path, columns=list(LABEL_COLUMNS) + ([EMBED_COLUMN] if clip_embed else []))
     except (OSError, KeyError, ValueError) as exc:
         raise ClaspError(
             f"cannot read label shard {path}: {exc}; re-run `clasp label` for this corpus, it relabels that shard"
@@ -466,13 +245,16 @@ def _read_label_rows(path: str, grid_hw: tuple[int, int], start: int, stop: int)
     if n and (len(part_map[0]) != cells or len(part_conf[0]) != cells):
         raise ClaspError(f"label shard {path}: part_map has {len(part_map[0])} cells, labelset grid says {cells}")
     attr = table.column("attr_prob").combine_chunks()
-    return {
+    out = {
         "rows": rows,
         "key": table.column("key").to_pylist(),
         "attr_prob": attr.flatten().to_numpy(zero_copy_only=False).reshape(n, -1),
         "part_map": part_map,
         "part_conf": part_conf,
     }
+    if clip_embed:
+        out[EMBED_COLUMN] = table.column(EMBED_COLUMN).to_pylist()
+    return out
 
 
 class BlockShuffle:
@@ -534,6 +316,10 @@ class DecodeMultiCrop:
             rng = sample_rng(self.seed, sample["epoch"], sample["shard"], sample["index"])
             out = self.multicrop(image, part_map, part_conf, rng)
             out["attr_prob"] = torch.from_numpy(sample["attr_prob"].astype(np.float32) / np.float32(255))
+            if EMBED_COLUMN in sample:
+                if not sample[EMBED_COLUMN]:
+                    raise ClaspError(f"label row '{sample['key']}' has no clip_embed value; re-run `clasp label`")
+                out[EMBED_COLUMN] = torch.from_numpy(np.frombuffer(sample[EMBED_COLUMN], "<f2").astype(np.float32))
             out["key"] = sample["key"]
             out["epoch"] = torch.tensor(sample["epoch"])
             yield out
@@ -605,7 +391,7 @@ def _plain_errors(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]
         text = str(exc)
         if "Original Traceback" not in text:
             raise
-        last = text.rstrip().splitlines()[-1]  # "pretrain.data.LabelMismatchError: <message>"
+        last = text.rstrip().splitlines()[-1]  # "pretrain.labelsets.LabelMismatchError: <message>"
         raise type(exc)(last.split(": ", 1)[1] if ": " in last else last) from None
 
 
@@ -617,10 +403,14 @@ def build_stream(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    clip_embed: bool = False,
 ) -> PretrainStream:
-    """Build the label-joined multi-crop stream for this process from a ``pretrain.config.DataConfig``."""
+    """Build the label-joined multi-crop stream for this process from a ``pretrain.config.DataConfig``;
+    ``clip_embed``: batches also carry the stored CLIP image embedding (distillation)."""
     info = read_labelset_info(data.root, data.corpus, data.labelset, dict(data.part_flip))
     shards = list_shards(data.root, data.corpus, info.labelset)
+    if clip_embed:
+        info = dataclasses.replace(info, clip_embed_dim=clip_embed_width(shards, info.labelset))
     local_hw = tuple(data.local_size) if data.local_size else (global_hw[0] // 2, global_hw[1] // 2)
     multicrop = MultiCrop(
         global_hw=global_hw,
@@ -640,8 +430,9 @@ def build_stream(
         block=max(1, data.shuffle_buffer),
     )  # fmt: skip
     position = StreamPosition()
+    reader = LabeledTarReader(layout.shards, info.grid_hw, clip_embed=clip_embed)
     pipeline = build_pipeline(
-        layout, rank=rank, position=position, reader=LabeledTarReader(layout.shards, info.grid_hw),
+        layout, rank=rank, position=position, reader=reader,
         multicrop=multicrop, grid_hw=info.grid_hw,
     )  # fmt: skip
     loader = DataLoader(

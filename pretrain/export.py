@@ -8,6 +8,10 @@ trainer and writes the **teacher** backbone only::
     out_dir/config.json         arch, timm_registered_name, timm_name, timm_kwargs, img_size, patch_size,
                                 mean/std, num_features, moe settings, prompt names, step
     out_dir/README.md           model card: data, label set, steps, settings, how to load
+    out_dir/distill_head.safetensors   only with ``model.loss.distill``: the (EMA) linear head from the class
+                                token under the attribute prompt to the CLIP image-embedding space;
+                                config.json ``distill`` names it, the prompt and the CLIP of the labels
+                                (arch, weights, weights_id: `clasp zeroshot` uses that text tower)
 
 Loading (``load_instructions``; printed by ``clasp export`` and shown in the card): always the
 registered CLASP timm model (``pretrain.timm_models``), MoE included::
@@ -36,9 +40,7 @@ The checkpoint is a ``torch.save``'d dict with at least::
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +51,22 @@ from torch import nn
 
 from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.errors import ClaspError
+from pipeline.formats import atomic_dir
 from pipeline.guards import ensure_free_space
 from pretrain.backbone import arch_spec, create_backbone, timm_kwargs
-from pretrain.model_config import ModelConfig, MoEConfig
+from pretrain.model_config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, MoEConfig
 from pretrain.timm_models import CONFIG_METADATA_KEY, check_loaded_keys, register_timm_model
 
 WEIGHTS_FILE = "model.safetensors"
+DISTILL_HEAD_FILE = "distill_head.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _CARD_BYTES = 64 * 1024  # config.json + README.md, generously
 
 
-def _teacher_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    prefix = "teacher.backbone."
+def _teacher_state(model_state: dict[str, torch.Tensor], module: str = "backbone") -> dict[str, torch.Tensor]:
+    prefix = f"teacher.{module}."
     out = {}
     for key, value in model_state.items():
         for wrapper in _WRAPPER_PREFIXES:
@@ -125,24 +127,27 @@ def export_backbone(checkpoint: Path | str, out_dir: Path, *, card: dict[str, An
         "prompt_names": list(backbone.prompt_names) if backbone.has_moe else [],
         "step": step,
     }
+    head = _teacher_state(state["model"], "distill_head") if model_cfg.loss.distill else {}
+    if model_cfg.loss.distill:
+        if not head:
+            raise ClaspError(f"{checkpoint}: model.loss.distill is on but the state has no 'teacher.distill_head.*'")
+        config["distill"] = {
+            "head_file": DISTILL_HEAD_FILE,
+            "input": "class token of forward_features(x, prompt)",
+            "prompt": "attribute" if backbone.has_moe else None,
+            "embed_dim": int(head["linear.weight"].shape[0]),
+            "clip": (state.get("data") or {}).get("clip"),  # labelset.json "model" of the label set trained on
+        }
 
     weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     ensure_free_space(out_dir.parent, weight_bytes + _CARD_BYTES, what=f"the backbone export {out_dir.name}")
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir, replace=True) as tmp:
         metadata = {"format": "pt", "arch": model_cfg.arch, CONFIG_METADATA_KEY: json.dumps(config)}
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / CARD_FILE).write_text(_model_card(config, card, state["config"]))
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if head:
+            save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / DISTILL_HEAD_FILE))
     return out_dir
 
 
@@ -198,11 +203,19 @@ def _model_card(config: dict[str, Any], card: dict[str, Any], run_config: dict[s
         else "none (plain ViT: loads into stock timm too)"
     )
     facts = "\n".join(f"- {k}: {v}" for k, v in card.items()) or "- (no data facts were given)"
+    clip = (config.get("distill") or {}).get("clip") or {}
+    distill_line = (
+        f"except the CLIP-embedding head ({DISTILL_HEAD_FILE}, for `clasp zeroshot`; labels' CLIP "
+        f"{clip.get('arch', 'unknown')}, weights {clip.get('weights_id', 'unknown')})"
+        if "distill" in config
+        else "(trained without CLIP-embedding distillation)"
+    )
     load = load_instructions(config)
     return f"""# CLASP backbone: {config["arch"]} at {config["img_size"][0]}x{config["img_size"][1]}
 
 Teacher (EMA) backbone of a CLASP pre-training run (CLIP-guided self-supervised pre-training for
-human-centric vision), after {config["step"]} optimizer steps. Weights only; no pre-training heads.
+human-centric vision), after {config["step"]} optimizer steps. Weights only; no pre-training heads
+{distill_line}.
 
 - architecture: {config["timm_name"]} layout, patch {config["patch_size"]}, {config["num_features"]} features
 - input: RGB {config["img_size"][0]}x{config["img_size"][1]} (height x width), normalised with
@@ -277,3 +290,24 @@ def load_backbone(
         std=tuple(config["std"]),
     )
     return model.eval()
+
+
+def load_distill_head(path: str | Path) -> tuple[nn.Linear, dict[str, Any]]:
+    """The CLIP-embedding head of an export and its config.json ``distill`` section (prompt, CLIP identity)."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise ClaspError(f"{path} is not a CLASP backbone export (no {CONFIG_FILE}); give a `clasp export` folder")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ClaspError(f"{path / CONFIG_FILE} is not a CLASP export config ({exc})") from None
+    info = config.get("distill")
+    if not info or not (path / info["head_file"]).is_file():
+        raise ClaspError(
+            f"backbone {path} was pre-trained without CLIP-embedding distillation (no 'distill' in its config.json "
+            f"or no {DISTILL_HEAD_FILE}): zero-shot attributes need model.loss.distill=true in pre-training"
+        )
+    state = load_file(str(path / info["head_file"]))
+    head = nn.Linear(state["linear.weight"].shape[1], state["linear.weight"].shape[0])
+    head.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()}, strict=True)
+    return head.eval(), info

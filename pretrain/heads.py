@@ -1,4 +1,4 @@
-"""Pre-training heads: DINO projection head, per-patch part head, class-token attribute head."""
+"""Pre-training heads: DINO projection head, per-patch part head, class-token attribute and CLIP-embedding heads."""
 
 from __future__ import annotations
 
@@ -58,6 +58,23 @@ class AttributeHead(nn.Module):
     def __init__(self, in_dim: int, num_attributes: int) -> None:
         super().__init__()
         self.linear = nn.Linear(in_dim, num_attributes)
+        nn.init.trunc_normal_(self.linear.weight, std=0.02)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, cls_token: Tensor) -> Tensor:
+        return self.linear(cls_token)
+
+
+class EmbedHead(nn.Module):
+    """Class token -> CLIP image-embedding space: (B, D) -> (B, E), not normalised (the loss normalises).
+
+    One linear map on purpose: CLIP's embedding must be *linearly* readable from the backbone's class
+    token, so the backbone itself (what is exported) carries it, not a deep head that is thrown away.
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, embed_dim)
         nn.init.trunc_normal_(self.linear.weight, std=0.02)
         nn.init.zeros_(self.linear.bias)
 

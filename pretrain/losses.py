@@ -1,4 +1,5 @@
-"""CLASP objectives: DINO self-distillation, CLIP part pseudo-label loss, CLIP attribute loss.
+"""CLASP objectives: DINO self-distillation, CLIP part pseudo-label loss, CLIP attribute loss, CLIP embedding
+distillation.
 
 All losses are computed in float32 (logits are cast) and never call ``.item()``, so they add no
 host sync to a GPU step.
@@ -87,3 +88,16 @@ def attribute_loss(logits: Tensor, attr_prob: Tensor, *, conf_weighting: bool) -
         return bce.mean()
     weight = (2 * target - 1).abs()
     return (bce * weight).sum() / weight.sum().clamp_min(1e-6)
+
+
+def embed_distill_loss(pred: Tensor, clip_embed: Tensor) -> Tensor:
+    """Cosine distance ``1 - cos(pred, clip_embed)`` of (M, E) predictions to CLIP image embeddings (M, E).
+
+    Only the direction counts (CLIP compares embeddings by cosine with text). Rows whose target is all
+    zeros (an image that did not decode at labelling time) are left out; the result is the mean over the
+    rest (0 when none is left).
+    """
+    target = clip_embed.float()
+    valid = (target.norm(dim=-1) > 0).float()
+    cos = F.cosine_similarity(pred.float(), target, dim=-1, eps=1e-6)
+    return ((1.0 - cos) * valid).sum() / valid.sum().clamp_min(1.0)

@@ -17,11 +17,13 @@ Batch contract (from the pre-training data stream; G global crops, L local crops
     part_map      int64 (B, G, H/p, W/p)     CLIP part class of each patch token of each global crop, -1 = ignore
     part_conf     float (B, G, H/p, W/p)     confidence of that class in [0, 1]
     attr_prob     float (B, A)               CLIP attribute probabilities in [0, 1]
+    clip_embed    float (B, E)               CLIP image embedding (only with loss.distill)
     key           list[str]                  (not used by the model)
 
 Losses: DINO under the *instance* prompt on all crops (the EMA teacher sees the global crops); the part
 loss on the student's patch tokens of the global crops under the *part* prompt; the attribute loss on
-the student's class token of the global crops under the *attribute* prompt. With MoE on, the three
+the student's class token of the global crops under the *attribute* prompt; the CLIP-embedding distillation
+(``loss.distill``) on that same class token, through its own linear head. With MoE on, the three
 global-crop passes share the blocks before the first MoE block and run the MoE tail batched; with MoE
 off one pass serves all three.
 """
@@ -35,11 +37,11 @@ from torch import Tensor, nn
 
 from pipeline.errors import ClaspError
 from pretrain.backbone import ClaspViT, create_backbone
-from pretrain.heads import AttributeHead, DINOHead, PartHead
-from pretrain.losses import DinoLoss, attribute_loss, part_loss
+from pretrain.heads import AttributeHead, DINOHead, EmbedHead, PartHead
+from pretrain.losses import DinoLoss, attribute_loss, embed_distill_loss, part_loss
 from pretrain.model_config import ModelConfig
 
-LOSS_TERMS = ("dino", "part", "attribute", "moe_balance", "total")
+LOSS_TERMS = ("dino", "part", "attribute", "distill", "moe_balance", "total")
 
 
 class ClaspMetaArch(nn.Module):
@@ -51,12 +53,18 @@ class ClaspMetaArch(nn.Module):
         *,
         num_parts: int,
         num_attributes: int,
+        clip_embed_dim: int = 0,
         prompt_init: dict[str, Tensor] | None = None,
     ) -> None:
         super().__init__()
         loss = cfg.loss
-        if not (loss.dino or loss.part or loss.attribute):
-            raise ClaspError("model.loss: at least one of dino, part, attribute must be true")
+        if not (loss.dino or loss.part or loss.attribute or loss.distill):
+            raise ClaspError("model.loss: at least one of dino, part, attribute, distill must be true")
+        if loss.distill and clip_embed_dim <= 0:
+            raise ClaspError(
+                "model.loss.distill=true needs the CLIP embedding width (clip_embed_dim): the label set must "
+                "store embeddings (`clasp label --store-embeddings`)"
+            )
         self.cfg = cfg
         self.num_parts, self.num_attributes = num_parts, num_attributes
 
@@ -86,6 +94,8 @@ class ClaspMetaArch(nn.Module):
             self.student["part_head"] = PartHead(dim, num_parts)
         if loss.attribute:
             self.student["attribute_head"] = AttributeHead(dim, num_attributes)
+        if loss.distill:
+            self.student["distill_head"] = EmbedHead(dim, clip_embed_dim)
 
         # the teacher has no stochastic depth (as in DINO) and starts as a copy of the student
         teacher = backbone(0.0)
@@ -93,6 +103,8 @@ class ClaspMetaArch(nn.Module):
         self.teacher = nn.ModuleDict({"backbone": teacher})
         if loss.dino:
             self.teacher["dino_head"] = copy.deepcopy(self.student["dino_head"])
+        if loss.distill:  # EMA of the student's head: the export pairs it with the (EMA) teacher backbone
+            self.teacher["distill_head"] = copy.deepcopy(self.student["distill_head"])
         self.teacher.requires_grad_(False)
         self.teacher.eval()
 
@@ -115,11 +127,11 @@ class ClaspMetaArch(nn.Module):
         loss_cfg = self.cfg.loss
         global_crops = _crop_major(batch["global_crops"], "global_crops")
         n_global, batch_size = batch["global_crops"].shape[1], batch["global_crops"].shape[0]
-        prompts = [
-            p
-            for p, on in (("instance", loss_cfg.dino), ("part", loss_cfg.part), ("attribute", loss_cfg.attribute))
-            if on
-        ]
+        # Distillation shares the attribute prompt rather than having its own: CLIP's attribute pseudo-labels
+        # are this very embedding scored against attribute prompts, so the two objectives agree, and a fourth
+        # prompt would add a fourth pass through the MoE tail (the term must stay under 5% of a step).
+        semantic = loss_cfg.attribute or loss_cfg.distill
+        prompts = [p for p, on in (("instance", loss_cfg.dino), ("part", loss_cfg.part), ("attribute", semantic)) if on]
         tokens, balance = self.student_backbone.forward_prompts(global_crops, prompts)
         tokens = dict(zip(prompts, tokens, strict=True))
         # The balance loss is taken only here, on the batch that mixes all prompts: over the union it keeps
@@ -127,7 +139,7 @@ class ClaspMetaArch(nn.Module):
         # instance-only local crops it would push that one prompt toward uniform expert use, against the
         # specialisation prompt control exists for (their router statistics are still logged).
         zero = balance.new_zeros(())
-        terms = {"dino": zero, "part": zero, "attribute": zero}
+        terms = {"dino": zero, "part": zero, "attribute": zero, "distill": zero}
 
         if loss_cfg.dino:
             with torch.no_grad():
@@ -168,11 +180,24 @@ class ClaspMetaArch(nn.Module):
                 logits, attr_prob.repeat(n_global, 1), conf_weighting=loss_cfg.attribute_conf_weighting
             )
 
+        if loss_cfg.distill:
+            clip_embed = batch.get("clip_embed")
+            head = self.student["distill_head"]
+            if clip_embed is None or clip_embed.shape != (batch_size, head.linear.out_features):
+                got = "no clip_embed" if clip_embed is None else f"clip_embed of shape {tuple(clip_embed.shape)}"
+                raise ClaspError(
+                    f"model.loss.distill=true but the batch has {got}, expected ({batch_size}, "
+                    f"{head.linear.out_features}): label with `clasp label --store-embeddings` and the same CLIP"
+                )
+            pred = head(tokens["attribute"][:, 0])
+            terms["distill"] = embed_distill_loss(pred, clip_embed.repeat(n_global, 1))
+
         terms["moe_balance"] = balance
         total = (
             loss_cfg.dino_weight * terms["dino"]
             + loss_cfg.part_weight * terms["part"]
             + loss_cfg.attribute_weight * terms["attribute"]
+            + loss_cfg.distill_weight * terms["distill"]
         )
         if self.student_backbone.has_moe:
             total = total + self.cfg.moe.balance_loss_weight * terms["moe_balance"]

@@ -3,7 +3,7 @@
 These dataclasses are the ``model`` section of the pre-training config; every field has a default so
 ``ModelConfig()`` is the method as designed (DESIGN.md §3.2) and each component has an off switch for
 ablations: ``moe.enabled=false`` (plain ViT), ``loss.part=false``, ``loss.attribute=false``,
-``loss.dino=false``.
+``loss.dino=false``; ``loss.distill=true`` adds the CLIP-embedding distillation term.
 
 Why the MoE defaults are what they are (cost target: a step with MoE <= 1.5x the step without):
 with MoE on, the part and attribute losses need their own forward passes under their own prompts.
@@ -27,6 +27,9 @@ from pipeline.config import POSITIVE, PROBABILITY
 
 #: Task prompts of the prompt-controlled MoE, in the order of the learned prompt table.
 TASK_PROMPTS: tuple[str, ...] = ("instance", "part", "attribute")
+#: Input normalisation (RGB) of ImageNet-trained models: the default of pre-training, exports and transfer.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -77,6 +80,13 @@ class LossConfig:
     attribute: bool = True  # attribute loss on the class token (CLIP attribute pseudo-labels)
     attribute_weight: float = 1.0  # its weight in the total loss
     attribute_conf_weighting: bool = True  # weight = |2p - 1|: uncertain CLIP probabilities count less
+
+    # CLIP image-embedding distillation (issue 21): a linear head on the class token under the *attribute*
+    # prompt regresses the clip_embed column of the label shards (`clasp label --store-embeddings`) with a
+    # cosine loss, so the exported backbone keeps CLIP's joint image-text space (zero-shot attributes by text,
+    # `clasp zeroshot`). Off by default: on the synthetic world it has not been measured to help the six tasks.
+    distill: bool = False
+    distill_weight: float = 1.0  # its weight in the total loss
 
 
 @dataclass

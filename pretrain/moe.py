@@ -269,19 +269,25 @@ class PromptMoE(nn.Module):
         return out, balance_loss
 
     def _grouped(self, h: Tensor, flat_expert: Tensor, flat_gate: Tensor, token: Tensor) -> Tensor:
-        """Dropless: assignments sorted by expert, one grouped matmul per layer, outputs summed per token."""
+        """Dropless: assignments sorted by expert, one grouped matmul per layer, outputs summed per token.
+
+        Written for the GPU's backward pass: the per-row expert biases come from a one-hot matmul and the tokens
+        from ``index_select``, whose gradients are a matmul and an ``index_add``. Indexing (``bias[expert]``,
+        ``h[idx]``) would back-propagate through a sort-based ``index_put`` that funnels every row's gradient
+        into 4 bias rows: on an H200 (ViT-B width, 33k tokens, bf16) that one kernel took 84% of the layer's
+        time, 40.3 ms against 7.5 ms for this form (dense MLP 2.4 ms; scratch measurement, 2026-12-04).
+        """
         dtype, e = h.dtype, self.num_experts
         order = torch.argsort(flat_expert, stable=True)
-        sorted_expert = flat_expert[order]
-        counts = torch.zeros(e, dtype=torch.int32, device=h.device).index_add_(
-            0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32)
-        )
-        offs = counts.cumsum(0, dtype=torch.int32)  # group ends, on the device: no host sync
-        y = h[token[order]]
-        y = F.grouped_mm(y, self.fc1_weight.to(dtype), offs=offs) + self.fc1_bias.to(dtype)[sorted_expert]
-        y = F.grouped_mm(self.act(y), self.fc2_weight.to(dtype), offs=offs) + self.fc2_bias.to(dtype)[sorted_expert]
+        onehot = F.one_hot(flat_expert[order], e)  # (k*T, E), rows sorted by expert
+        offs = onehot.sum(dim=0).cumsum(0).to(torch.int32)  # group ends, on the device: no host sync
+        onehot = onehot.to(dtype)
+        tok = token[order]
+        y = h.index_select(0, tok)
+        y = F.grouped_mm(y, self.fc1_weight.to(dtype), offs=offs) + onehot @ self.fc1_bias.to(dtype)
+        y = F.grouped_mm(self.act(y), self.fc2_weight.to(dtype), offs=offs) + onehot @ self.fc2_bias.to(dtype)
         y = y * flat_gate[order].to(dtype).unsqueeze(1)
-        return torch.zeros_like(h).index_add_(0, token[order], y)
+        return torch.zeros_like(h).index_add_(0, tok, y)
 
     def _slotted(
         self, h: Tensor, flat_expert: Tensor, flat_gate: Tensor, token: Tensor, capacity: int

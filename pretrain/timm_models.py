@@ -37,15 +37,13 @@ from timm.models import build_model_with_cfg, register_model
 
 from pipeline.config import ConfigError, from_dict
 from pipeline.errors import ClaspError
-from pretrain.backbone import ARCHS, ClaspViT, timm_kwargs
-from pretrain.model_config import TASK_PROMPTS, MoEConfig
+from pretrain.backbone import ARCHS, ClaspViT, conv_stem_embed, timm_kwargs
+from pretrain.model_config import IMAGENET_MEAN, IMAGENET_STD, TASK_PROMPTS, MoEConfig
 
 NAME_PREFIX = "clasp_"
 EXPORT_CONFIG_FILE = "config.json"
 CONFIG_METADATA_KEY = "clasp_config"  # safetensors header entry holding the export's config.json
 DEFAULT_IMG_SIZE = (256, 128)
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def timm_name(arch: str) -> str:
@@ -82,15 +80,19 @@ def pretrained_cfg_of(config: dict[str, Any] | None, name: str) -> dict[str, Any
     """timm pretrained_cfg (input size, mean/std, no classifier) of an export config (None: defaults)."""
     config = config or {}
     height, width = config.get("img_size", DEFAULT_IMG_SIZE)
+    spec = ARCHS.get(str(config.get("arch")))
+    # timm adapts (and checks) the input channels of first_conv: with a conv stem that is the stem's conv,
+    # not the patch projection (whose input is the stem's 64 channels; naming it failed every such load)
+    first_conv = "patch_embed.backbone.conv" if spec is not None and spec.conv_stem_stride else "patch_embed.proj"
     return dict(
         architecture=name,
         input_size=(3, height, width),
-        mean=tuple(config.get("mean", _IMAGENET_MEAN)),
-        std=tuple(config.get("std", _IMAGENET_STD)),
+        mean=tuple(config.get("mean", IMAGENET_MEAN)),
+        std=tuple(config.get("std", IMAGENET_STD)),
         interpolation="bicubic",
         crop_pct=1.0,
         num_classes=0,
-        first_conv="patch_embed.proj",
+        first_conv=first_conv,
         classifier="head",
         license="apache-2.0",
     )
@@ -152,7 +154,11 @@ def _create(arch: str, pretrained: bool = False, **kwargs: Any) -> ClaspViT:
         if size[0] % patch_size or size[1] % patch_size:
             raise ClaspError(f"{name}: img_size {list(size)} must be a multiple of the patch size {patch_size}")
     kwargs = {**timm_kwargs(arch, img_size=build_size, patch_size=patch_size), **kwargs}
-    pretrained_cfg = {**pretrained_cfg_of(config, name), **overlay}
+    if ARCHS[arch].conv_stem_stride:  # the R+ViT stem, as create_backbone builds it (else: a plain patch-4 ViT)
+        kwargs["embed_layer"] = conv_stem_embed()
+    # the layer that sees the input channels (timm checks and adapts it): behind a conv stem, the stem's conv
+    first_conv = "patch_embed.backbone.conv" if ARCHS[arch].conv_stem_stride else "patch_embed.proj"
+    pretrained_cfg = {**pretrained_cfg_of(config, name), "first_conv": first_conv, **overlay}
     model = build_model_with_cfg(
         ClaspViT, name, pretrained, pretrained_cfg=pretrained_cfg, pretrained_strict=True, **kwargs
     )

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_audit import CORPUS, PARTS, build_corpus
+from helpers.audit_corpus import CORPUS, PARTS, build_corpus
 
 from labeling.audit import AuditConfig, run_audit
 from pipeline.formats import labels_dir

@@ -102,3 +102,30 @@ def test_relative_config_paths_name_the_shipped_configs_from_any_folder(
     assert cfg.model.arch == "vit_micro"
     with pytest.raises(ConfigError, match="configs/pretrain/nope.yaml does not exist"):
         load_config(PretrainConfig, "configs/pretrain/nope.yaml")
+
+
+def test_yaml_no_in_a_file_is_the_word_no(tmp_path: Path) -> None:
+    """YAML reads a bare `no` as false; a choice of words gets its word back (mixed_precision: no)."""
+    from pretrain.config import PretrainConfig
+
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("precision: no\n")
+    assert load_config(Experiment, cfg_file).precision == "no"
+    cfg_file.write_text("mixed_precision: no\n")
+    assert load_config(PretrainConfig, cfg_file).mixed_precision == "no"
+    cfg_file.write_text("mixed_precision: yes\n")
+    with pytest.raises(ConfigError, match=r"mixed_precision: yes/on/true/y \(YAML's true\) is not one of"):
+        load_config(PretrainConfig, cfg_file)
+
+
+def test_flags_override_the_file_and_can_set_false(tmp_path: Path) -> None:
+    """Command-line options arrive as typed values: None = not given; False beats a file's true; validated."""
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("use_moe: true\nseed: 3\n")
+    flags = {"use_moe": False, "seed": None, "optim.lr": 0.5, "name": Path("runs/x")}
+    cfg = load_config(Experiment, cfg_file, ["seed=4"], flags=flags)
+    assert (cfg.use_moe, cfg.seed, cfg.optim.lr, cfg.name) == (False, 4, 0.5, "runs/x")
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*did you mean 'lr'"):
+        load_config(Experiment, flags={"optim.lrr": 1.0})
+    with pytest.raises(ConfigError, match="seed: expected an integer"):
+        load_config(Experiment, flags={"seed": "abc"})

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.transfer_data import write_market, write_pa100k
 
 from pipeline.config import load_config
 from pipeline.errors import ClaspError
-from tests.test_transfer import write_market, write_pa100k
 from transfer.frozen import CONFIG, balanced_ridge, pixel_size, run
 
 

@@ -185,10 +185,10 @@ def test_other_seed_reorders_and_is_refused_without_overwrite(corpus: dict, tmp_
 
 
 def test_resume_after_a_crash(corpus: dict, folder_run: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.ingest as ingest_mod
+    import pipeline.ingest_shards as shards_mod
 
     reference = _files(folder_run[1])
-    real_write = ingest_mod.write_shard
+    real_write = shards_mod.write_shard
     calls = []
 
     def crash_on_third(task, progress=None):  # noqa: ANN001, ANN202
@@ -197,10 +197,10 @@ def test_resume_after_a_crash(corpus: dict, folder_run: tuple, tmp_path: Path, m
             raise KeyboardInterrupt  # the process dies mid-run
         return real_write(task, progress)
 
-    monkeypatch.setattr(ingest_mod, "write_shard", crash_on_third)
+    monkeypatch.setattr(shards_mod, "write_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         ingest(_cfg(corpus["folder"], tmp_path))
-    monkeypatch.setattr(ingest_mod, "write_shard", real_write)
+    monkeypatch.setattr(shards_mod, "write_shard", real_write)
     out = images_dir(tmp_path, "lup")
     assert not (out / "manifest.parquet").exists() and not (out / "sizes.json").exists()
     (out / "lup-000002.tar.tmp-999999").write_bytes(b"half a shard")  # what a killed writer leaves

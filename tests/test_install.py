@@ -25,14 +25,14 @@ def test_shipped_folders_are_found_from_another_folder(tmp_path: Path, monkeypat
 
 def test_cli_config_paths_fall_back_to_the_shipped_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cfg = cli._load_config(PretrainConfig, Path("configs/pretrain/demo.yaml"), ["optim.epochs=3"])
+    cfg = cli._settings(PretrainConfig, Path("configs/pretrain/demo.yaml"), ["optim.epochs=3"])
     assert cfg.model.arch == "vit_micro" and cfg.optim.epochs == 3
     (tmp_path / "configs" / "pretrain").mkdir(parents=True)  # a file in the working directory wins
     (tmp_path / "configs" / "pretrain" / "demo.yaml").write_text("model:\n  arch: vit_tiny\n")
     assert config_path("configs/pretrain/demo.yaml") == Path("configs/pretrain/demo.yaml")
-    assert cli._load_config(PretrainConfig, Path("configs/pretrain/demo.yaml"), []).model.arch == "vit_tiny"
+    assert cli._settings(PretrainConfig, Path("configs/pretrain/demo.yaml"), []).model.arch == "vit_tiny"
     with pytest.raises(ConfigError, match="config file configs/nope.yaml does not exist"):
-        cli._load_config(PretrainConfig, Path("configs/nope.yaml"), [])
+        cli._settings(PretrainConfig, Path("configs/nope.yaml"), [])
 
 
 def _install_torch_module():

@@ -17,72 +17,22 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers.labels import ingest_folder, label_cfg, noise_images, write_clip_dir
 from PIL import Image
 
+import labeling.label as label_stage
 from labeling import quality
 from labeling.clip_model import load_clip
-from labeling.label import LabelConfig, assign_shards, labelset_id, labelset_identity, run_labeling
+from labeling.label import LabelConfig, assign_shards, labelset_id, labelset_identity, run_labeling, vocabulary_doc
 from pipeline.errors import ClaspError
 from pipeline.formats import LABELSET_FILE, image_shard_path, label_shard_path, labels_dir, read_sizes
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.vocab import DEFAULT_PARTS, load_attributes, load_parts
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": [64, 32], "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-def write_clip_dir(path: Path, *, seed: int = 0, zero_pos: bool = False, pool: str = "tok") -> Path:
-    """A random tiny CLIP in open_clip's local-dir layout; ``zero_pos`` makes patch features position-free."""
-    path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    cfg = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "pool_type": pool}}
-    model = open_clip.CLIP(**cfg)
-    if zero_pos:
-        with torch.no_grad():
-            model.visual.positional_embedding.zero_()
-    torch.save(model.state_dict(), path / "open_clip_pytorch_model.bin")
-    config = {"arch": "test-tiny", "model_cfg": cfg, "preprocess_cfg": {}}
-    (path / "open_clip_config.json").write_text(json.dumps(config))
-    return path
-
-
-def ingest_folder(images: dict[str, np.ndarray], root: Path, corpus: str, per_shard: int) -> Path:
-    src = root / f"src-{corpus}"
-    for name, arr in images.items():
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr).save(src / name, **({"quality": 95} if name.endswith(".jpg") else {}))
-    ingest(
-        IngestConfig(source=str(src), corpus=corpus, root=str(root), images_per_shard=per_shard, workers=1, quiet=True)
-    )
-    return root
-
-
-def noise_images(n: int, seed: int = 0, size: tuple[int, int] = (64, 32)) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {f"cam{i % 3}/img{i:03d}.jpg": rng.integers(0, 256, (*size, 3), dtype=np.uint8) for i in range(n)}
-
-
-def label_cfg(root: Path, corpus: str, clip_dir: Path, **kw) -> LabelConfig:
-    base = dict(
-        root=str(root),
-        corpus=corpus,
-        clip_checkpoint=str(clip_dir),
-        allow_random_weights=True,
-        resolution=(64, 32),
-        workers=0,
-        batch_size=8,
-        quiet=True,
-    )
-    base.update(kw)
-    return LabelConfig(**base)
 
 
 def tar_image_keys(path: Path) -> list[str]:
@@ -102,7 +52,22 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def labelled(corpus: Path, clip_dir: Path) -> tuple[Path, str]:
-    return corpus, run_labeling(label_cfg(corpus, "toy", clip_dir, workers=1))
+    return corpus, run_labeling(label_cfg(corpus, "toy", clip_dir, workers=1)).labelset
+
+
+def test_one_run_builds_one_dense_clip(tmp_path: Path, clip_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the label-set identity, the loop and labelset.json all take the dense mode from the run's one DenseClip
+    built = []
+    original = label_stage.DenseClip.__init__
+
+    def count(self, *args, **kwargs):
+        built.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(label_stage.DenseClip, "__init__", count)
+    root = ingest_folder(noise_images(4, seed=3), tmp_path, "once", per_shard=4)
+    run = run_labeling(label_cfg(root, "once", clip_dir))
+    assert run.complete and run.images == 4 and len(built) == 1
 
 
 def test_label_shards_match_image_shards_row_for_row(labelled: tuple[Path, str]) -> None:
@@ -147,7 +112,7 @@ def test_upside_down_image_gives_upside_down_part_map(tmp_path: Path, pool: str)
     root = ingest_folder({"a/up.png": image, "a/down.png": image[::-1].copy()}, tmp_path, "flip", per_shard=8)
     set_id = run_labeling(
         label_cfg(root, "flip", write_clip_dir(tmp_path / "clip", zero_pos=True, pool=pool), label_grid=(8, 4))
-    )
+    ).labelset
     table = pq.read_table(label_shard_path(root, "flip", set_id, 0)).to_pylist()
     maps = {r["key"]: np.frombuffer(r["part_map"], np.uint8).reshape(8, 4) for r in table}
     up, down = maps["a_up"], maps["a_down"]
@@ -187,7 +152,8 @@ def test_two_processes_write_the_same_label_shards_as_one(tmp_path: Path, clip_d
     # a re-run with nothing left to label does not rewrite labelset.json (its mtime picks the latest label set)
     cfg = LabelConfig(root=str(root), corpus="two", clip_checkpoint=str(clip_dir), allow_random_weights=True,
                       resolution=(64, 32), workers=0, batch_size=4, quiet=True)  # fmt: skip
-    assert run_labeling(cfg) == set_id
+    run = run_labeling(cfg)
+    assert run.labelset == set_id and (run.images, run.shards, run.complete) == (0, 0, True)
     assert (doc.read_bytes(), doc.stat().st_mtime_ns) == before
 
 
@@ -210,13 +176,18 @@ def test_changing_a_prompt_makes_a_new_labelset(tmp_path: Path, clip_dir: Path) 
     loaded = load_clip("test-tiny", clip_dir, allow_random_weights=True)
     attrs = load_attributes()
     cfg = label_cfg(tmp_path, "x", clip_dir)
-    base = labelset_id(labelset_identity(cfg, loaded, attrs, load_parts(), (64, 32)))
-    assert base == labelset_id(labelset_identity(cfg, loaded, attrs, load_parts(), (64, 32)))
+
+    def set_id(parts_file: Path = DEFAULT_PARTS, resolution: tuple[int, int] = (64, 32)) -> str:
+        vocab = vocabulary_doc(attrs, load_parts(parts_file))
+        return labelset_id(labelset_identity(cfg, loaded, vocab, resolution, "value"))
+
+    base = set_id()
+    assert base == set_id()
     edited = tmp_path / "parts.yaml"
     edited.write_text(DEFAULT_PARTS.read_text().replace('"a person\'s face"', '"a face seen from the front"'))
     assert edited.read_text() != DEFAULT_PARTS.read_text()
-    assert labelset_id(labelset_identity(cfg, loaded, attrs, load_parts(edited), (64, 32))) != base
-    assert labelset_id(labelset_identity(cfg, loaded, attrs, load_parts(), (128, 64))) != base
+    assert set_id(edited) != base
+    assert set_id(resolution=(128, 64)) != base
 
 
 def test_undecodable_image_keeps_its_row_with_zero_confidence(tmp_path: Path, clip_dir: Path) -> None:
@@ -227,18 +198,20 @@ def test_undecodable_image_keeps_its_row_with_zero_confidence(tmp_path: Path, cl
     with open(shard, "r+b") as fh:
         fh.seek(member.offset_data + member.size // 2)
         fh.write(b"\x00" * (member.size // 2))
-    set_id = run_labeling(label_cfg(root, "bad", clip_dir))
+    run = run_labeling(label_cfg(root, "bad", clip_dir))
+    set_id = run.labelset
     doc = json.loads((labels_dir(root, "bad", set_id) / LABELSET_FILE).read_text())
     table = pq.read_table(label_shard_path(root, "bad", set_id, 0)).to_pylist()
     assert table[0]["key"] == member.name.rsplit(".", 1)[0] and len(table) == 5
     if doc["failures"]:  # PIL may still decode a half-zeroed JPEG; if it did not, the row is blank
         assert doc["failures"][0]["key"] == table[0]["key"]
         assert set(table[0]["part_conf"]) == {0}
+    assert run.undecodable == len(doc["failures"]) and run.images == 5 and run.complete
 
 
 def test_rerun_after_ingest_overwrite_relabels_shards_of_the_old_ingest(tmp_path: Path, clip_dir: Path) -> None:
     root = ingest_folder(noise_images(10, seed=1), tmp_path, "re", per_shard=4)
-    set_id = run_labeling(label_cfg(root, "re", clip_dir))
+    set_id = run_labeling(label_cfg(root, "re", clip_dir)).labelset
     labelset = labels_dir(root, "re", set_id) / LABELSET_FILE
     old_keys = pq.read_table(label_shard_path(root, "re", set_id, 0)).column("key").to_pylist()
     # another source with as many images per shard: the old label shards' row counts still match
@@ -251,13 +224,14 @@ def test_rerun_after_ingest_overwrite_relabels_shards_of_the_old_ingest(tmp_path
             source=str(src), corpus="re", root=str(root), images_per_shard=4, workers=1, quiet=True, overwrite=True
         )
     )
-    assert run_labeling(label_cfg(root, "re", clip_dir)) == set_id
+    run = run_labeling(label_cfg(root, "re", clip_dir))
+    assert run.labelset == set_id and run.shards == 3  # every shard of the old ingest is labelled again
     assert labelset.is_file()
     for shard in range(3):
         keys = pq.read_table(label_shard_path(root, "re", set_id, shard)).column("key").to_pylist()
         assert keys == tar_image_keys(image_shard_path(root, "re", shard)) and keys != old_keys
     before = label_shard_path(root, "re", set_id, 0).stat().st_mtime_ns
-    run_labeling(label_cfg(root, "re", clip_dir))  # nothing stale now: nothing is redone
+    assert run_labeling(label_cfg(root, "re", clip_dir)).images == 0  # nothing stale now: nothing is redone
     assert label_shard_path(root, "re", set_id, 0).stat().st_mtime_ns == before
 
 
@@ -290,3 +264,29 @@ def test_miou_confusion_grid_and_baseline() -> None:
     assert base[0, 4] == 1 and base[-1, 4] == 7 and base[8, 0] == 0
     learned = quality.geometry_baseline((4, 2), 4, gt_maps=np.stack([grid, grid, np.zeros_like(grid)]))
     np.testing.assert_array_equal(learned, grid)
+
+
+@pytest.mark.parametrize("world_size,local_rank,expected", [(1, 0, "cuda:3"), (2, 1, "cuda:1")])
+def test_a_bare_cuda_device_becomes_an_indexed_one_before_set_device(
+    corpus: Path, clip_dir: Path, monkeypatch: pytest.MonkeyPatch, world_size: int, local_rank: int, expected: str
+) -> None:
+    # torch.cuda.set_device refuses a bare "cuda" (found on an H200: `clasp label` on one GPU stopped there);
+    # one process keeps the current device, several take their local rank's GPU
+    import labeling.label as label_stage
+
+    seen: list[torch.device] = []
+    monkeypatch.setattr(label_stage, "resolve_device", lambda _: "cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", seen.append)
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("RANK", str(local_rank))
+
+    def stop(*args: object, device: str, **kwargs: object) -> None:
+        raise RuntimeError(f"stop at load_clip on {device}")
+
+    monkeypatch.setattr(label_stage, "load_clip", stop)
+    with pytest.raises(RuntimeError, match=f"stop at load_clip on {expected}$"):
+        run_labeling(label_cfg(corpus, "toy", clip_dir))
+    assert seen == [torch.device(expected)]

@@ -3,7 +3,7 @@
 import torch
 
 from transfer.backbone import BackboneConfig, build_backbone
-from transfer.common import OptimConfig, build_optimizer
+from transfer.optim import OptimConfig, build_optimizer
 
 
 def test_frozen_backbone_stays_fixed_and_in_eval_mode() -> None:

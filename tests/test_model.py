@@ -8,6 +8,7 @@ import math
 import pytest
 import timm
 import torch
+from helpers.model import IMG, NUM_ATTRS, NUM_PARTS, checkpoint_dict, random_batch, tiny_cfg
 from safetensors.torch import load_file
 
 from pipeline.config import load_config, to_dict
@@ -18,33 +19,6 @@ from pretrain.losses import DinoLoss, attribute_loss, part_loss, teacher_temp_at
 from pretrain.meta_arch import LOSS_TERMS, ClaspMetaArch
 from pretrain.model_config import LossConfig, ModelConfig, MoEConfig
 from pretrain.moe import PromptMoE, TaskPrompts
-
-IMG = (64, 32)  # 4x2 token grid: tiny but not square
-NUM_PARTS, NUM_ATTRS = 9, 5
-
-
-def tiny_cfg(**moe_kwargs: object) -> ModelConfig:
-    loss = LossConfig(dino_out_dim=64, dino_hidden_dim=32, dino_bottleneck_dim=16)
-    moe = MoEConfig(**{"blocks": "last_half", **moe_kwargs})
-    return ModelConfig(arch="vit_micro", img_size=IMG, drop_path=0.0, moe=moe, loss=loss)
-
-
-def random_batch(batch_size: int = 3, n_local: int = 2, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    gh, gw = IMG[0] // 16, IMG[1] // 16
-    return {
-        "global_crops": torch.randn(batch_size, 2, 3, *IMG, generator=g),
-        "local_crops": torch.randn(batch_size, n_local, 3, IMG[0] // 2, IMG[1] // 2, generator=g),
-        "part_map": torch.randint(-1, NUM_PARTS, (batch_size, 2, gh, gw), generator=g),
-        "part_conf": torch.rand(batch_size, 2, gh, gw, generator=g),
-        "attr_prob": torch.rand(batch_size, NUM_ATTRS, generator=g),
-        "key": [f"k{i}" for i in range(batch_size)],
-    }
-
-
-def checkpoint_dict(model: ClaspMetaArch, cfg: ModelConfig, step: int) -> dict:
-    return {"model": model.state_dict(), "config": {"model": to_dict(cfg)}, "step": step}
-
 
 # ---- backbone and export
 
@@ -517,7 +491,8 @@ def test_flop_counter_sees_the_dropless_expert_matmuls():
         moe(torch.randn(2, 8, 32), torch.randn(2, 5))
     experts = 2 * (2 * 8 * 2) * (32 * 48 + 48 * 32)  # 2 x assignments x (fc1 + fc2) multiply-adds
     router = 2 * (2 * 8) * 32 * 4 + 2 * 2 * 5 * 4
-    assert counter.get_total_flops() == experts + router
+    biases = 2 * (2 * 8 * 2) * 4 * (48 + 32)  # per-row expert biases as one-hot (assignments x E) matmuls
+    assert counter.get_total_flops() == experts + router + biases
 
 
 def test_balance_loss_comes_only_from_the_mixed_prompt_batch():

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers.labels import label_cfg, write_clip_dir
 from PIL import Image
-from test_label import label_cfg, write_clip_dir
 
 from labeling.label import run_labeling
 from labeling.oracle import cell_parts, degrade_mask, write_gt_labelset
@@ -32,7 +32,7 @@ def test_gt_labelset_mirrors_the_clip_set_and_holds_the_truth(
 ) -> None:
     root, corpus = ingested
     clip = write_clip_dir(tmp_path / "clip")
-    source = run_labeling(label_cfg(root, corpus, clip, resolution=(64, 32)))
+    source = run_labeling(label_cfg(root, corpus, clip, resolution=(64, 32))).labelset
     set_id = write_gt_labelset(root, corpus, source, synth_world / "gt.parquet")
     assert set_id.startswith("gt-")
     assert write_gt_labelset(root, corpus, source, synth_world / "gt.parquet") == set_id  # reused
@@ -90,7 +90,7 @@ def test_noisy_gt_labelset_flips_attributes_at_the_asked_rate(
     ingested: tuple[Path, str], synth_world: Path, tmp_path: Path
 ) -> None:
     root, corpus = ingested
-    source = run_labeling(label_cfg(root, corpus, write_clip_dir(tmp_path / "clip"), resolution=(64, 32)))
+    source = run_labeling(label_cfg(root, corpus, write_clip_dir(tmp_path / "clip"), resolution=(64, 32))).labelset
     clean = write_gt_labelset(root, corpus, source, synth_world / "gt.parquet")
     noisy = write_gt_labelset(root, corpus, source, synth_world / "gt.parquet", attr_flip=0.3, part_noise=0.5)
     assert noisy != clean and noisy.startswith("gt-")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_label import ingest_folder, label_cfg, noise_images, write_clip_dir
+from helpers.labels import ingest_folder, label_cfg, noise_images, write_clip_dir
 
 from labeling.label import run_labeling
 from labeling.labelers import Labeler, above_chance
@@ -63,7 +63,7 @@ def test_flip_pairs_of_the_vocabulary_reach_the_pre_training_flip(tmp_path: Path
     parts = load_parts(vocab)
     assert parts.flip == {"left_arm": "right_arm", "right_arm": "left_arm"}
     root = ingest_folder(noise_images(6), tmp_path / "root", "toy", per_shard=6)
-    labelset = run_labeling(label_cfg(root, "toy", clip_dir, parts=str(vocab)))
+    labelset = run_labeling(label_cfg(root, "toy", clip_dir, parts=str(vocab))).labelset
     meta = json.loads((labels_dir(root, "toy", labelset) / LABELSET_FILE).read_text())
     assert meta["parts"]["flip"] == parts.flip
     info = read_labelset_info(root, "toy", labelset, part_flip={})

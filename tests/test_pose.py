@@ -22,14 +22,11 @@ from transfer.pose.datasets import (
     apply_affine,
     box_to_center_size,
     crop_affine,
-    decode_heatmaps,
-    encode_heatmaps,
     flip_permutation,
-    from_heatmap_coords,
     load_coco_keypoints,
-    to_heatmap_coords,
     warp_image,
 )
+from transfer.pose.heatmaps import decode_heatmaps, encode_heatmaps, from_heatmap_coords, to_heatmap_coords
 from transfer.pose.metrics import COCO_KEYPOINT_NAMES, coco_keypoint_ap
 
 TINY = [

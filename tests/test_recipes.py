@@ -9,7 +9,6 @@ import re
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +20,10 @@ from torch import nn
 from pipeline.config import load_config
 from pipeline.errors import ClaspError
 from transfer.backbone import BackboneConfig, build_backbone, layer_lr_scales
-from transfer.common import OptimConfig, build_optimizer, fine_tune, per_process_batch, task_entry
+from transfer.data import per_process_batch
+from transfer.loop import LoopConfig, Training, fine_tune
+from transfer.optim import OptimConfig, build_optimizer
+from transfer.registry import task_entry
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_ROWS = {
@@ -253,7 +255,7 @@ def test_layer_decay_outside_0_1_is_rejected() -> None:
 
 
 def test_udp_encode_decode_round_trip_is_exact_where_the_classic_decoder_is_not() -> None:
-    from transfer.pose.datasets import (
+    from transfer.pose.heatmaps import (
         decode_heatmaps,
         decode_heatmaps_dark,
         encode_heatmaps,
@@ -276,7 +278,7 @@ def test_udp_encode_decode_round_trip_is_exact_where_the_classic_decoder_is_not(
 
 
 def test_udp_flipped_heatmap_lines_up_with_the_flipped_crop() -> None:
-    from transfer.pose.datasets import to_heatmap_coords, udp_scale
+    from transfer.pose.heatmaps import to_heatmap_coords, udp_scale
 
     scale = udp_scale((256, 192), 4)
     x = np.array([[10.0, 5.0], [100.25, 7.0]])
@@ -330,19 +332,6 @@ def test_parsing_multi_scale_test_averages_the_logits_of_each_scale() -> None:
 # --- detection: mean-teacher EMA ----------------------------------------------------------------------------------
 
 
-@dataclass
-class _TinyOptim:
-    grad_clip: float = 0.0
-
-
-@dataclass
-class _TinyCfg:
-    out_dir: str = ""
-    epochs: int = 2
-    quiet: bool = True
-    optim: _TinyOptim = field(default_factory=_TinyOptim)
-
-
 def test_fine_tune_keeps_a_mean_teacher_ema_and_resumes_it(tmp_path: Path) -> None:
     from accelerate import Accelerator
     from timm.utils import ModelEmaV3
@@ -359,9 +348,10 @@ def test_fine_tune_keeps_a_mean_teacher_ema_and_resumes_it(tmp_path: Path) -> No
         return {"loss": ((net(x) - y) ** 2).mean()}
 
     schedule = SimpleNamespace(step_update=lambda num_updates: None)
-    cfg = _TinyCfg(out_dir=str(tmp_path))
-    kwargs = dict(optimizer=optimizer, schedule=schedule, loader=data, loss_fn=loss_fn, steps_per_epoch=3)
-    fine_tune(Accelerator(cpu=True), cfg, model=model, **kwargs, set_epoch=lambda e: None, name="t", ema=ema)
+    loop = LoopConfig(epochs=2)
+    kwargs = dict(loss_fn=loss_fn, out_dir=tmp_path, run_config=loop, name="t", quiet=True)
+    training = Training(model, optimizer, schedule, data, steps_per_epoch=3, set_epoch=lambda e: None)
+    fine_tune(Accelerator(cpu=True), loop, training, **kwargs, ema=ema)
     weights = seen[1:] + [model.weight.detach()]  # the weights after each of the 6 steps
     expected = seen[0]
     for w in weights:
@@ -373,8 +363,8 @@ def test_fine_tune_keeps_a_mean_teacher_ema_and_resumes_it(tmp_path: Path) -> No
     torch.testing.assert_close(state["ema"]["module.weight"], expected)
     again = nn.Linear(3, 1)
     fresh = ModelEmaV3(again, decay=0.9)
-    kwargs["optimizer"] = torch.optim.SGD(again.parameters(), lr=0.1)
-    fine_tune(Accelerator(cpu=True), cfg, model=again, **kwargs, set_epoch=lambda e: None, name="t", ema=fresh)
+    training = Training(again, torch.optim.SGD(again.parameters(), lr=0.1), schedule, data, 3, lambda e: None)
+    fine_tune(Accelerator(cpu=True), loop, training, **kwargs, ema=fresh)
     torch.testing.assert_close(fresh.module.weight, expected)  # both epochs were done: the resume only loads
 
 

@@ -19,14 +19,14 @@ def test_mosaic_candidates_take_one_frame_per_video_first() -> None:
 
 
 def test_transfer_folder_of_a_random_backbone_has_no_colon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import transfer.common
+    import transfer.registry
     from pipeline import ablate
     from pipeline.ablate import AblationConfig, TransferRun
     from transfer.reid.train import ReidConfig
 
     seen = {}
     monkeypatch.setattr(
-        transfer.common, "task_entry", lambda task: (ReidConfig, lambda cfg: seen.update(out=cfg.out_dir))
+        transfer.registry, "task_entry", lambda task: (ReidConfig, lambda cfg: seen.update(out=cfg.out_dir))
     )
     ablate._transfer(AblationConfig(), TransferRun(task="reid"), "random:vit_micro", 0, tmp_path, tmp_path / "out")
     assert ":" not in Path(seen["out"]).name and Path(seen["out"]).name.startswith("random-vit_micro-")

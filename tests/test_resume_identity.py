@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_pretrain_data import LABELSET, tiny_config, write_corpus
-from test_trainer import TINY_MODEL
+from helpers.pretraining import LABELSET, TINY_MODEL, tiny_config, write_corpus
 
 from pipeline import formats
 from pipeline.errors import ClaspError

@@ -10,7 +10,7 @@ import torch
 
 from labeling.clip_train import STATE_FILE, ClipTrainConfig, _maybe_resume, _save_state
 from pipeline.errors import ClaspError
-from transfer.common import CHECKPOINT, load_checkpoint
+from transfer.loop import CHECKPOINT, load_checkpoint
 
 
 class _RunsCode:

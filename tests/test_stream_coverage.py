@@ -5,28 +5,16 @@ split. The 2-process trainer run that checks the simulator end to end is in test
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_pretrain_data import stream_for, tiny_config, write_corpus
+from helpers.pretraining import stream_for, tiny_config, write_corpus
 
+from benchmarks.stream_coverage import measure
 from pretrain.data import Shard, StreamLayout
-
-
-def _simulator():  # noqa: ANN202 - the benchmarks/stream_coverage.py module
-    """benchmarks/ is not an installed package: the simulator is loaded from its file."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stream_coverage.py"
-    spec = importlib.util.spec_from_file_location("stream_coverage", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-measure = _simulator().measure
 
 ODD = {
     # more readers than shards: 3 processes x 2 workers over 2 shards (shards cut at sample granularity)

@@ -81,7 +81,7 @@ def test_text_search_end_to_end_on_synthetic_cuhk_pedes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["synthetic", "cuhk_pedes", "icfg_pedes", "rstpreid"])
 def test_shipped_configs_load(name: str) -> None:
     from pipeline.config import load_config
-    from transfer.common import task_entry
+    from transfer.registry import task_entry
 
     config_cls, _ = task_entry("text-search")
     cfg = load_config(config_cls, Path(__file__).parents[1] / "configs" / "transfer" / f"text_search_{name}.yaml")
@@ -116,10 +116,10 @@ def test_text_tower_loads_a_local_clip_folder_with_its_weights(tmp_path: Path) -
 
 def test_an_evaluation_split_the_file_lacks_is_named(tmp_path: Path) -> None:
     from pipeline.config import load_config
-    from transfer.text_search.train import CONFIG, run
+    from transfer.text_search.train import TextSearchConfig, run
 
     data = write_cuhk_pedes(tmp_path / "CUHK-PEDES", seed=2, train_ids=2, val_ids=0, test_ids=2, images_per_id=(1, 1))
-    cfg = load_config(CONFIG, overrides=[f"data_dir={data}", f"out_dir={tmp_path / 'out'}", "eval.split=val"])
+    cfg = load_config(TextSearchConfig, overrides=[f"data_dir={data}", f"out_dir={tmp_path / 'out'}", "eval.split=val"])
     with pytest.raises(ClaspError, match="has no 'val' split; set eval.split to one of \\['test'\\]"):
         run(cfg)
 
@@ -130,7 +130,7 @@ def test_two_processes_evaluate_as_one(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from launching import accelerate_launch
+    from helpers.launching import accelerate_launch
 
     repo = Path(__file__).resolve().parents[1]
     data = write_cuhk_pedes(tmp_path / "CUHK-PEDES", seed=5, train_ids=4, val_ids=0, test_ids=5)

@@ -1,11 +1,12 @@
 """The pre-training loop: exact resume, non-finite stop, two launched processes, export to stock timm.
 
 Tiny model (``vit_micro`` at 32x16 with 8px patches, a small DINO head) on hand-built shards
-(see test_pretrain_data.write_corpus), a few steps each.
+(helpers/pretraining.py), a few steps each.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -14,30 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import accelerate_launch
-from test_pretrain_data import tiny_config, write_corpus
+import yaml
+from helpers.launching import accelerate_launch
+from helpers.pretraining import REPO, SPY, TINY_MODEL, losses, tiny_config, write_corpus
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pretrain.trainer import NonFiniteLossError, list_checkpoints, train
-
-REPO = Path(__file__).resolve().parent.parent
-TINY_MODEL = [
-    "model.arch=vit_micro",
-    "model.loss.dino_out_dim=128",
-    "model.loss.dino_hidden_dim=64",
-    "model.loss.dino_bottleneck_dim=32",
-    "optim.epochs=2",
-    "optim.warmup_epochs=0.5",
-    "log_every=1",
-    "tensorboard=false",
-    "quiet=true",
-]
-
-
-def losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss/total"] for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +49,17 @@ def test_stop_and_resume_follows_the_uninterrupted_trajectory(corpus: Path, tmp_
     assert {"model", "optimizer", "step", "config", "scaler", "data"} <= set(ckpt)
     assert ckpt["step"] == 4 and ckpt["config"]["data"]["labelset"] == "testset0001"
     assert (tmp_path / "split" / "config.yaml").is_file()
+
+
+def test_train_resolves_into_a_copy_and_leaves_the_callers_config_as_it_is(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = tiny_config(corpus, *TINY_MODEL, f"out={out}", "max_steps=1", "model.loss.freeze_last_layer_epochs=0.5")
+    before = copy.deepcopy(cfg)
+    summary = train(cfg)
+    assert cfg == before  # label set, steps per epoch, frozen steps: resolved in the run's own copy
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["data"]["labelset"] is not None and resolved["data"]["steps_per_epoch"] == summary.steps_per_epoch
+    assert resolved["model"]["loss"]["freeze_last_layer_steps"] == 4  # 0.5 x 8 steps per epoch
 
 
 def test_non_finite_loss_stops_with_step_terms_and_last_checkpoint(corpus: Path, tmp_path: Path) -> None:
@@ -115,29 +110,6 @@ def test_export_loads_strict_into_stock_timm(corpus: Path, tmp_path: Path) -> No
     assert torch.equal(model.pos_embed, ckpt["model"]["teacher.backbone.pos_embed"])  # the teacher was exported
     config = json.loads((tmp_path / "release" / "config.json").read_text())
     assert config["img_size"] == [256, 128] and config["step"] == 1
-
-
-SPY = """
-    import json, sys
-    sys.path.insert(0, {tests!r})
-    from accelerate import PartialState
-    from test_pretrain_data import tiny_config
-    import pretrain.trainer as trainer
-
-    seen = []
-    original = trainer.to_model_batch
-
-    def spy(batch, *args, **kwargs):
-        seen.append(list(batch["key"]))
-        return original(batch, *args, **kwargs)
-
-    trainer.to_model_batch = spy
-    cfg = tiny_config(sys.argv[1], *sys.argv[2:])
-    summary = trainer.train(cfg)
-    rank = PartialState().process_index
-    with open(f"{{cfg.out}}/keys-{{rank}}.json", "w") as fh:
-        json.dump({{"keys": seen, "step": summary.step, "loss": summary.last_terms["total"]}}, fh)
-"""
 
 
 def test_two_launched_processes_read_disjoint_data(corpus: Path, tmp_path: Path) -> None:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_pretrain_data import tiny_config, write_corpus
-from test_trainer import TINY_MODEL
+from helpers.pretraining import TINY_MODEL, tiny_config, write_corpus
 
 import pretrain.meta_arch as meta_arch
 import pretrain.trainer as trainer

@@ -12,48 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers.transfer_data import TINY_REID, TINY_VIT, id_color, reid_overrides, write_image, write_market, write_pa100k
 
 from pipeline.config import load_config
 from pipeline.errors import ClaspError
 from transfer.attributes.datasets import load_attr_dataset
 from transfer.backbone import BackboneConfig, build_backbone
 from transfer.reid.datasets import load_reid_dataset
-
-TINY_VIT = ["backbone.spec=random:vit_tiny_patch16_224", "backbone.timm_kwargs={depth: 2, embed_dim: 64, num_heads: 2}"]
-
-# --- fixtures: tiny datasets in the official layouts ---------------------------------------------
-
-
-def _image(path: Path, color: tuple[int, int, int], rng: np.random.Generator) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.clip(np.array(color) + rng.normal(0, 12, (32, 16, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(arr).save(path)
-
-
-def _color(pid: int) -> tuple[int, int, int]:
-    return ((pid * 67) % 256, (pid * 151) % 256, (pid * 29 + 80) % 256)
-
-
-def write_market(base: Path, *, ext: str = ".jpg", duke_names: bool = False) -> Path:
-    """8 training ids x 2 cameras x 2 images; 4 test ids (query cam 1, gallery cam 2); one distractor, junk."""
-    rng = np.random.default_rng(0)
-
-    def name(pid: int, cam: int, n: int) -> str:
-        return f"{pid:04d}_c{cam}_f{n:07d}{ext}" if duke_names else f"{pid:04d}_c{cam}s1_{n:06d}_00{ext}"
-
-    for pid in range(1, 9):
-        for cam in (1, 2):
-            for n in range(2):
-                _image(base / "bounding_box_train" / name(pid, cam, n), _color(pid), rng)
-    for pid in range(11, 15):
-        _image(base / "query" / name(pid, 1, 0), _color(pid), rng)
-        for n in range(2):
-            _image(base / "bounding_box_test" / name(pid, 2, n), _color(pid), rng)
-    _image(base / "bounding_box_test" / name(0, 2, 9), (0, 0, 0), rng)  # distractor
-    _image(base / "bounding_box_test" / f"-1_c1s1_000001_00{ext}", (9, 9, 9), rng)  # junk
-    _image(base / "query" / f"-1_c2s1_000002_00{ext}", (9, 9, 9), rng)
-    return base
 
 
 def write_msmt17(root: Path, version: str) -> Path:
@@ -64,38 +29,16 @@ def write_msmt17(root: Path, version: str) -> Path:
     for pid in range(4):
         for cam in (1, 3):
             rel = f"{pid:04d}/{pid:04d}_{cam:03d}_{cam:02d}_0303morning_0015_0.jpg"
-            _image(base / train_dir / rel, _color(pid), rng)
+            write_image(base / train_dir / rel, id_color(pid), rng)
             lists["train" if cam == 1 else "val"].append(f"{rel} {pid}")
     for pid in range(2):
         for cam, part in ((2, "query"), (5, "gallery"), (6, "gallery")):
             rel = f"{pid:04d}/{pid:04d}_{cam:03d}_{cam:02d}_0303noon_0020_1.jpg"
-            _image(base / test_dir / rel, _color(pid + 50), rng)
+            write_image(base / test_dir / rel, id_color(pid + 50), rng)
             lists[part].append(f"{rel} {pid}")
     for part, lines in lists.items():
         (base / f"list_{part}.txt").write_text("\n".join(lines) + "\n")
     return base
-
-
-def write_pa100k(root: Path, *, sizes: tuple[int, int, int] = (24, 6, 10)) -> Path:
-    """annotation.mat written like MATLAB cells (scipy object arrays) + data/ images; 4 attributes."""
-    from scipy.io import savemat
-
-    rng = np.random.default_rng(2)
-    mat, offset = {}, 0
-    for part, n in zip(("train", "val", "test"), sizes, strict=True):
-        names = np.empty((n, 1), dtype=object)
-        labels = rng.integers(0, 2, (n, 4)).astype(np.uint8)
-        labels[:, 3] = 0  # an attribute without positives
-        for i in range(n):
-            names[i, 0] = np.array([f"{offset + i + 1:06d}.jpg"])
-            _image(root / "data" / names[i, 0][0], (200 * labels[i, 0], 200 * labels[i, 1], 200 * labels[i, 2]), rng)
-        mat[f"{part}_images_name"], mat[f"{part}_label"] = names, labels
-        offset += n
-    attrs = np.empty((4, 1), dtype=object)
-    for i, a in enumerate(["Female", "Hat", "Backpack", "boots"]):
-        attrs[i, 0] = np.array([a])
-    savemat(root / "annotation.mat", {**mat, "attributes": attrs})
-    return root
 
 
 def write_rethinking_pickle(
@@ -133,7 +76,7 @@ def write_rethinking_pickle(
             info.partition.trainval = [np.arange(0, 14), np.arange(6, 20)]
             info.partition.test = [np.arange(14, 20), np.arange(0, 6)]
         for name in info.image_name:
-            _image(folder / image_dir / name, (100, 100, 100), rng)
+            write_image(folder / image_dir / name, (100, 100, 100), rng)
         path = folder / file_name
         path.write_bytes(pickle.dumps(info, protocol=protocol))
     finally:
@@ -181,7 +124,7 @@ def test_market_reader_names_the_missing_folder(tmp_path: Path) -> None:
 
 def test_market_reader_rejects_foreign_file_names(tmp_path: Path) -> None:
     base = write_market(tmp_path / "Market-1501-v15.09.15")
-    _image(base / "query" / "IMG_0001.jpg", (0, 0, 0), np.random.default_rng(0))
+    write_image(base / "query" / "IMG_0001.jpg", (0, 0, 0), np.random.default_rng(0))
     with pytest.raises(ClaspError, match="IMG_0001.jpg.*<pid>_c<camera>"):
         load_reid_dataset("market1501", tmp_path)
 
@@ -398,7 +341,7 @@ def test_weighted_bce_uses_positive_ratio_weights() -> None:
 
 
 def test_schedule_warms_up_then_follows_cosine() -> None:
-    from transfer.common import OptimConfig, build_optimizer
+    from transfer.optim import OptimConfig, build_optimizer
 
     model = torch.nn.Linear(2, 2)
     cfg = OptimConfig(name="sgd", lr=0.1, warmup_epochs=1, warmup_lr_factor=0.01, min_lr_factor=0.0)
@@ -422,15 +365,7 @@ def _reid_cfg(data: Path, out: Path, *extra: str):
         f"data_dir={data}",
         f"out_dir={out}",
         "dataset=market1501",
-        *TINY_VIT,
-        "data.img_size=[32,16]",
-        "data.p_identities=4",
-        "data.k_instances=2",
-        "data.workers=0",
-        "epochs=2",
-        "optim.warmup_epochs=0.5",
-        "eval.batch_size=16",
-        "device=cpu",
+        *TINY_REID,
         "quiet=true",
         *extra,
     ]
@@ -444,7 +379,7 @@ def test_reid_end_to_end_writes_results_with_protocol(market: Path, tmp_path: Pa
 
     out = tmp_path / "reid"
     args = ["transfer", "reid", "--data", str(market), "--dataset", "market1501", "--out", str(out), "--quiet"]
-    args += [a for a in _reid_overrides()]
+    args += [a for a in reid_overrides()]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "results.json").read_text())
@@ -465,23 +400,6 @@ def test_reid_end_to_end_writes_results_with_protocol(market: Path, tmp_path: Pa
     assert again["created_utc"] == record["created_utc"]
     with pytest.raises(ClaspError, match="different configuration"):
         run(_reid_cfg(market, out, "epochs=3"))
-
-
-def _reid_overrides() -> list[str]:
-    return [
-        *TINY_VIT,
-        "data.img_size=[32,16]",
-        "data.p_identities=4",
-        "data.k_instances=2",
-        "data.workers=0",
-        "epochs=2",
-        "optim.warmup_epochs=0.5",
-        "eval.batch_size=16",
-        "eval.rerank=true",
-        "eval.k1=4",
-        "eval.k2=2",
-        "device=cpu",
-    ]
 
 
 def test_reid_resumes_after_an_interruption(market: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -574,7 +492,7 @@ def test_synthetic_world_end_to_end(
     synth = pytest.importorskip("pipeline.synth", reason="the synthetic world generator has not landed yet")
     if not hasattr(synth, "write_world"):
         pytest.skip("pipeline.synth.write_world has not landed yet")
-    from transfer.common import task_entry
+    from transfer.registry import task_entry
 
     world = request.getfixturevalue("synth_world")
     config_cls, run = task_entry(task)

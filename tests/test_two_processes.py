@@ -1,7 +1,7 @@
 """Two launched CPU processes (gloo, ``accelerate launch --num_processes 2``): a pre-training run killed after a
 checkpoint and resumed equals the uninterrupted run, batch by batch and loss by loss; its batches are the
 ones the stream simulator predicts; and a resume on another process count is refused, or rescaled when
-accepted. Tiny corpus and model of test_trainer.py.
+accepted. Tiny corpus and model of helpers/pretraining.py.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import accelerate_launch
-from test_pretrain_data import tiny_config, write_corpus
-from test_stream_coverage import measure
-from test_trainer import REPO, SPY, TINY_MODEL, losses
+from helpers.fault_injection import pause_write_env
+from helpers.launching import accelerate_launch
+from helpers.pretraining import REPO, SPY, TINY_MODEL, losses, tiny_config, write_corpus
 
+from benchmarks.stream_coverage import measure
 from pipeline.errors import ClaspError
-from pipeline.formats import PAUSE_WRITE_ENV
 from pretrain.trainer import list_checkpoints, train
 
 
@@ -36,7 +35,7 @@ def launch(script: Path, corpus: Path, *overrides: str, **env_extra: str) -> sub
 
 def kill_when_paused(proc: subprocess.Popen, out: Path, timeout_s: float = 300) -> None:
     """kill -9 the launcher, both ranks and their loader workers once rank 0 stalls at the write chosen by
-    PAUSE_WRITE_ENV (rank 1 is then waiting for it)."""
+    pause_write_env (rank 1 is then waiting for it)."""
     deadline = time.monotonic() + timeout_s
     while not list(out.rglob("*.paused")):
         assert proc.poll() is None, f"the run ended before the stalled write: {proc.communicate()[1][-3000:]}"
@@ -85,7 +84,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     script.write_text(textwrap.dedent(SPY.format(tests=str(REPO / "tests"))))
     common = ["data.workers=1", "data.photometric=true", "checkpoint_every=3"]
     full = launch(script, corpus, *common, f"out={tmp / 'full'}", "max_steps=6")
-    killed = launch(script, corpus, *common, f"out={tmp / 'split'}", "max_steps=6", **{PAUSE_WRITE_ENV: "step-*.pt:2"})
+    killed = launch(script, corpus, *common, f"out={tmp / 'split'}", "max_steps=6", **pause_write_env("step-*.pt", 2))
     kill_when_paused(killed, tmp / "split")
     finish(full)
     assert [p.name for p in list_checkpoints(tmp / "split")] == ["step-000000003.pt"]
@@ -143,14 +142,14 @@ def test_reid_with_two_processes_evaluates_as_with_one(tmp_path: Path) -> None:
     initialisation, which DDP broadcasts; ``epochs=0`` is refused since it would evaluate an untrained head).
     Fine-tuning cannot match exactly and is only run: each process normalises its own half batch in the BNNeck
     and mines triplets within it, and augmentations are seeded per rank (seed + rank)."""
-    from test_transfer import _reid_overrides, write_market
+    from helpers.transfer_data import reid_overrides, write_market
 
     write_market(tmp_path / "market" / "Market-1501-v15.09.15")
     common = ["transfer", "reid", "--data", str(tmp_path / "market"), "--dataset", "market1501", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
     def start(out: str, processes: int, *extra: str) -> subprocess.Popen:
-        args = [*common, "--out", str(tmp_path / out), *_reid_overrides(), *extra]
+        args = [*common, "--out", str(tmp_path / out), *reid_overrides(), *extra]
         if processes == 1:
             cmd = [sys.executable, "-m", "pipeline.cli", *args]
         else:

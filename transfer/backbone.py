@@ -43,10 +43,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import ClaspError
+from pretrain.model_config import IMAGENET_MEAN, IMAGENET_STD, TASK_PROMPTS
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_PROMPTS = ("instance", "part", "attribute")
 _UNLISTED_PROMPT_WEIGHT = 0.01  # learned mixes start every prompt above zero so all stay trainable
 _ROUTER_PARAMS = (".router_token.", ".router_prompt.", "task_prompts.")
 
@@ -378,7 +376,7 @@ def _resolve_prompt(
     """(prompt names, mode, initial weights) for the requested prompt choice on this model."""
     # stock timm ViTs (CLASP exports with the MoE off) have no prompt argument; ClaspViT reports has_moe
     takes_prompt = "prompt" in inspect.signature(model.forward_features).parameters and getattr(model, "has_moe", True)
-    names = tuple(getattr(model, "prompt_names", None) or _file_prompt_names(file_cfg) or DEFAULT_PROMPTS)
+    names = tuple(getattr(model, "prompt_names", None) or _file_prompt_names(file_cfg) or TASK_PROMPTS)
     choice = cfg.prompt.strip().lower()
     unknown = sorted(set(cfg.prompt_mix) - set(names))
     if unknown:

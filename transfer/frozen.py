@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from pipeline.errors import ClaspError
 from transfer.backbone import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig, build_backbone
-from transfer.common import ImageDataset, finished_results, pct, seed_everything, write_results
+from transfer.data import ImageDataset
+from transfer.loop import seed_everything
+from transfer.results import finished_results, pct, write_results
+from transfer.task import TaskConfig, start
 
 RETRIEVAL_PROTOCOL = (
     "frozen backbone, pooled features L2-normalised, no training; Market-1501 protocol (torchreid eval_market1501: "
@@ -45,18 +47,14 @@ RIDGE_PROTOCOL = (
 
 
 @dataclass
-class FrozenConfig:
-    data_dir: str = ""
+class FrozenConfig(TaskConfig):
     dataset: str = "market1501"  # a re-ID (market1501, msmt17, ...) or attribute (pa100k, peta, rap, ...) dataset
-    out_dir: str = ""
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(freeze=True, drop_path_rate=0.0))
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast of the backbone on cuda (never on cpu)
     img_size: tuple[int, int] = (256, 128)  # (height, width) fed to the backbone; ignored by pixels:HxW
     batch_size: int = 64
     workers: int = 2
     ridge_strengths: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0])
-    seed: int = 0
-    device: str = "auto"  # auto = cuda when available
-    quiet: bool = False
 
 
 CONFIG = FrozenConfig
@@ -94,6 +92,8 @@ class FeatureExtractor:
             mean, std, size = self.model.mean, self.model.std, tuple(cfg.img_size)
             self.source = self.model.source
         self.transform = T.Compose([T.Resize(size), T.ToTensor(), T.Normalize(mean, std)])
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        self.autocast_dtype = dtypes.get(cfg.mixed_precision) if self.device.type == "cuda" else None
 
     @torch.no_grad()
     def extract(self, paths: list[str]) -> np.ndarray:
@@ -104,7 +104,7 @@ class FeatureExtractor:
             if self.model is None:
                 chunks.append(images.flatten(1))
                 continue
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 chunks.append(self.model(images.to(self.device)).float().cpu())
         return torch.cat(chunks).numpy().astype(np.float32)
 
@@ -189,37 +189,46 @@ def ridge_readout(extract: FeatureExtractor, data_dir: str, dataset: str, streng
     }
 
 
-def run(cfg: FrozenConfig) -> dict[str, Any]:
-    """Evaluate the frozen backbone on ``cfg.dataset``; writes results.json / results.md to ``cfg.out_dir``."""
-    from transfer.attributes.datasets import ATTR_DATASETS
-    from transfer.reid.datasets import REID_DATASETS
+class FrozenTask:
+    """No training: retrieval mAP or a closed-form attribute read-out of frozen features."""
 
-    if not cfg.data_dir or not cfg.out_dir:
-        raise ClaspError("transfer frozen needs --data (dataset folder) and --out (output folder)")
-    key = cfg.dataset.lower().replace("-", "_")
-    if key not in REID_DATASETS and key not in ATTR_DATASETS:
-        raise ClaspError(
-            f"transfer frozen: unknown dataset '{cfg.dataset}': choose a re-ID ({', '.join(REID_DATASETS)}) "
-            f"or attribute dataset ({', '.join(ATTR_DATASETS)})"
-        )
-    out = Path(cfg.out_dir)
-    finished = finished_results(out, cfg)
-    if finished is not None:
-        return finished
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    start = time.perf_counter()
-    extract = FeatureExtractor(cfg)
-    if key in REID_DATASETS:
-        record = retrieval(extract, cfg.data_dir, cfg.dataset)
-        headline = "mAP"
-    else:
-        record = ridge_readout(extract, cfg.data_dir, cfg.dataset, cfg.ridge_strengths)
-        headline = "mA"
-    record = {**record, headline: record["metrics"][headline], "backbone": extract.source}
-    record["wall_s"] = round(time.perf_counter() - start, 1)
-    table = [(name, pct(value)) for name, value in record["metrics"].items()]
-    record = write_results(out, cfg, record, title=f"Frozen-feature read-out: {cfg.dataset}", table=table)
-    if not cfg.quiet:
-        print(f"frozen {cfg.dataset}: {headline} {pct(record[headline])} ({extract.source}, {record['wall_s']} s)")
-    return record
+    name = "frozen"
+    config = FrozenConfig
+    data_hint = "dataset folder"
+    datasets = ()  # checked in run: any re-ID or attribute dataset
+
+    def run(self, cfg: FrozenConfig) -> dict[str, Any]:
+        """Evaluate the frozen backbone on ``cfg.dataset``; writes results.json / results.md to ``cfg.out_dir``."""
+        from transfer.attributes.datasets import ATTR_DATASETS
+        from transfer.reid.datasets import REID_DATASETS
+
+        out = start(self, cfg)
+        key = cfg.dataset.lower().replace("-", "_")
+        if key not in REID_DATASETS and key not in ATTR_DATASETS:
+            raise ClaspError(
+                f"transfer frozen: unknown dataset '{cfg.dataset}': choose a re-ID ({', '.join(REID_DATASETS)}) "
+                f"or attribute dataset ({', '.join(ATTR_DATASETS)})"
+            )
+        finished = finished_results(out, cfg)
+        if finished is not None:
+            return finished
+        out.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        t0 = time.perf_counter()
+        extract = FeatureExtractor(cfg)
+        if key in REID_DATASETS:
+            record = retrieval(extract, cfg.data_dir, cfg.dataset)
+            headline = "mAP"
+        else:
+            record = ridge_readout(extract, cfg.data_dir, cfg.dataset, cfg.ridge_strengths)
+            headline = "mA"
+        record = {**record, headline: record["metrics"][headline], "backbone": extract.source}
+        record["wall_s"] = round(time.perf_counter() - t0, 1)
+        table = [(name, pct(value)) for name, value in record["metrics"].items()]
+        record = write_results(out, cfg, record, title=f"Frozen-feature read-out: {cfg.dataset}", table=table)
+        if not cfg.quiet:
+            print(f"frozen {cfg.dataset}: {headline} {pct(record[headline])} ({extract.source}, {record['wall_s']} s)")
+        return record
+
+
+run = FrozenTask().run

@@ -26,14 +26,13 @@ dataset is never mistaken for a finished one.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from pipeline.errors import ClaspError
+from pipeline.formats import atomic_dir
 from pipeline.synth.crowd import Scene, compose_scene
 from pipeline.synth.scene import make_camera
 
@@ -80,23 +79,13 @@ def write_citypersons(
         raise ClaspError("write_citypersons needs train_images, val_images and cities of at least 1")
     if cities > len(VAL_CITIES) and cities > len(TRAIN_CITIES):
         raise ClaspError(f"write_citypersons: at most {len(TRAIN_CITIES)} cities per split")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ClaspError(f"{out_dir} already exists and is not empty; delete it or choose another folder")
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out_dir) as tmp:
         for split, count in zip(SPLITS, (train_images, val_images), strict=True):
             gt = _write_split(tmp, split, count, seed=seed, height=height, width=width, cities=cities,
                               extra=extra, min_person=min_person)  # fmt: skip
             path = gt_path(tmp, split)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(gt))
-        if out_dir.exists():
-            out_dir.rmdir()
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

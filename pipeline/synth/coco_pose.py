@@ -19,14 +19,12 @@ partial dataset is never mistaken for a finished one.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import ClaspError
+from pipeline.formats import atomic_dir
 from pipeline.synth.crowd import Scene, compose_scene
 from pipeline.synth.scene import make_camera
 
@@ -74,11 +72,7 @@ def write_coco_pose(
     are not drawn as annotated people. Deterministic in all arguments. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ClaspError(f"{out_dir} already exists and is not empty; delete it or choose another folder")
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out_dir) as tmp:
         image_id, ann_id = 1, 1
         for split, count in zip(SPLITS, (train_images, val_images), strict=True):
             (tmp / split).mkdir(parents=True)
@@ -105,11 +99,6 @@ def write_coco_pose(
             path = annotation_path(tmp, split)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record))
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from pipeline.errors import ClaspError
+from pipeline.formats import atomic_dir
 from pipeline.synth.crowd import compose_scene
 from pipeline.synth.look import random_look
 from pipeline.synth.render import random_shot, render_shot
@@ -131,47 +130,41 @@ def write_lip(
             return out_dir
         if any(out_dir.iterdir()) and not overwrite:
             raise ClaspError(f"{out_dir} already holds other data; pass overwrite=True or choose another folder")
-    tmp = out_dir.parent / f".{out_dir.name}-partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    cams = [make_camera(seed, k, group=CAMERA_GROUP) for k in range(cameras)]
-    class_pixels = {split: np.zeros(NUM_LIP_CLASSES, np.int64) for split in SPLITS}
-    counts = {"train": train_images, "val": val_images}
-    sources = {"single": 0, "upper_body": 0, "scene": 0}
-    number = 0
-    for split_index, split in enumerate(SPLITS):
-        for folder in (image_path(tmp, split, "x").parent, label_path(tmp, split, "x").parent):
-            folder.mkdir(parents=True)
-        ids = []
-        for i in range(counts[split]):
-            rng = np.random.default_rng([seed, CAMERA_GROUP, split_index, i])
-            camera = cams[int(rng.integers(cameras))]
-            draw, crop = rng.random(), None
-            if draw < scene_p:
-                crop = _from_scene(rng, camera, heights, max(48, heights[0]))
-                sources["scene"] += crop is not None
-            if crop is None:
-                upper = draw >= 1.0 - upper_body_p
-                crop = _single(rng, camera, heights, aspects, upper)
-                sources["upper_body" if upper else "single"] += 1
-            rgb, lip = crop
-            number += 1
-            image_id = f"{number:06d}_{int(rng.integers(10**6)):06d}"
-            _write_image(image_path(tmp, split, image_id), rgb, camera.jpeg_quality)
-            Image.fromarray(lip).save(label_path(tmp, split, image_id))
-            class_pixels[split] += np.bincount(lip.ravel(), minlength=NUM_LIP_CLASSES)[:NUM_LIP_CLASSES]
-            ids.append(image_id)
-        (tmp / f"{split}_id.txt").write_text("\n".join(ids) + "\n")
-    summary = {
-        "dataset": "lip (synthetic)",
-        "args": args,
-        "counts": counts,
-        "sources": sources,
-        "class_pixels": {split: values.tolist() for split, values in class_pixels.items()},
-    }
-    (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir, replace=True) as tmp:  # other data in out_dir was refused above
+        cams = [make_camera(seed, k, group=CAMERA_GROUP) for k in range(cameras)]
+        class_pixels = {split: np.zeros(NUM_LIP_CLASSES, np.int64) for split in SPLITS}
+        counts = {"train": train_images, "val": val_images}
+        sources = {"single": 0, "upper_body": 0, "scene": 0}
+        number = 0
+        for split_index, split in enumerate(SPLITS):
+            for folder in (image_path(tmp, split, "x").parent, label_path(tmp, split, "x").parent):
+                folder.mkdir(parents=True)
+            ids = []
+            for i in range(counts[split]):
+                rng = np.random.default_rng([seed, CAMERA_GROUP, split_index, i])
+                camera = cams[int(rng.integers(cameras))]
+                draw, crop = rng.random(), None
+                if draw < scene_p:
+                    crop = _from_scene(rng, camera, heights, max(48, heights[0]))
+                    sources["scene"] += crop is not None
+                if crop is None:
+                    upper = draw >= 1.0 - upper_body_p
+                    crop = _single(rng, camera, heights, aspects, upper)
+                    sources["upper_body" if upper else "single"] += 1
+                rgb, lip = crop
+                number += 1
+                image_id = f"{number:06d}_{int(rng.integers(10**6)):06d}"
+                _write_image(image_path(tmp, split, image_id), rgb, camera.jpeg_quality)
+                Image.fromarray(lip).save(label_path(tmp, split, image_id))
+                class_pixels[split] += np.bincount(lip.ravel(), minlength=NUM_LIP_CLASSES)[:NUM_LIP_CLASSES]
+                ids.append(image_id)
+            (tmp / f"{split}_id.txt").write_text("\n".join(ids) + "\n")
+        summary = {
+            "dataset": "lip (synthetic)",
+            "args": args,
+            "counts": counts,
+            "sources": sources,
+            "class_pixels": {split: values.tolist() for split, values in class_pixels.items()},
+        }
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return out_dir

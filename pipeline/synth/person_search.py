@@ -37,10 +37,6 @@ partial set is never mistaken for a complete one. Output is deterministic in the
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import ClaspError
+from pipeline.formats import atomic_dir
 from pipeline.synth.crowd import compose_scene
 from pipeline.synth.look import Look, random_look
 from pipeline.synth.scene import make_camera
@@ -144,25 +141,6 @@ def _demote(frames: list[_Frame], pids: set[int]) -> None:
         frame.boxes = [(-1 if pid in pids else pid, box) for pid, box in frame.boxes]
 
 
-@contextmanager
-def _staging(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """A hidden sibling folder renamed onto ``out_dir`` when the block succeeds."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ClaspError(f"{out_dir} already exists and is not empty; delete it, choose another folder or overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _save_jpeg(path: Path, rgb: np.ndarray, quality: int) -> None:
     Image.fromarray(rgb).save(path, quality=quality)
 
@@ -252,7 +230,7 @@ def write_cuhk_sysu(
     if too_big:
         raise ClaspError(f"gallery sizes {too_big} need more than {pool_size} test scenes; lower gallery_sizes")
 
-    with _staging(out_dir, overwrite) as root:
+    with atomic_dir(out_dir, replace=overwrite) as root:
         (root / "Image" / "SSM").mkdir(parents=True)
         frames: list[_Frame] = []
         for index, ((split, cast), number) in enumerate(zip(casts, numbers, strict=True)):
@@ -344,7 +322,7 @@ def write_prw(
     order = rng.permutation(len(casts))  # train and test frames interleave along each camera's timeline
     frame_no = [0] * cameras
 
-    with _staging(out_dir, overwrite) as root:
+    with atomic_dir(out_dir, replace=overwrite) as root:
         for sub in ("frames", "annotations", "query_box"):
             (root / sub).mkdir()
         frames: list[_Frame] = []

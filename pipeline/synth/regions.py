@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.synth import pen
+import pipeline.synth.pen as pen
 from pipeline.synth.look import Look, _hat_phrase, _lower_phrase, _shoe_phrase, _top_phrase
 
 Box = tuple[int, int, int, int]

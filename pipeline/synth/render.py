@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageChops, ImageFilter
 
-from pipeline.synth import pen
+import pipeline.synth.pen as pen
 from pipeline.synth.body import draw_person
 from pipeline.synth.canvas import Canvas
 from pipeline.synth.look import HAIR_COLORS, Look, random_look

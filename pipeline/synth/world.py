@@ -22,9 +22,10 @@ Output (everything under ``--out``)::
     synth_config.yaml, world.json                     resolved config; counts (written last: the world is complete)
     preview.png                                       with --preview: samples, part masks, keypoints
 
-The world is built in a hidden folder under ``--out`` and moved into place at the end, so an interrupted
-run never leaves a partial world that looks complete. Rendering may use several worker processes; every
-image is fully determined by the seed and its plan, so the bytes do not depend on ``workers``.
+The world is built in a sibling folder ``<out>.tmp-<pid>`` renamed onto ``--out`` at the end
+(``pipeline.formats.atomic_dir``), so an interrupted run never leaves a partial world that looks complete.
+Rendering may use several worker processes; every image is fully determined by the seed and its plan, so
+the bytes do not depend on ``workers``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ import csv
 import dataclasses
 import io
 import multiprocessing as mp
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,7 +45,8 @@ from PIL import Image
 
 from pipeline.config import POSITIVE, ConfigError, at_least, save_config
 from pipeline.errors import ClaspError
-from pipeline.formats import atomic_path, write_json_atomic
+from pipeline.formats import atomic_dir, atomic_path, write_json_atomic
+from pipeline.progress import progress
 from pipeline.synth.layouts import GtWriter, LmdbWriter, write_pa100k_mat
 from pipeline.synth.look import attributes, caption
 from pipeline.synth.plan import LUPERSON, MARKET, PA100K, Job, plan_corpus, plan_market, plan_pa100k
@@ -166,32 +166,26 @@ def _render_all(jobs: list[Job], workers: int) -> Iterator[Rendered]:
         yield from pool.imap(render_job, jobs, chunksize=16)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    ours = [out / name for name in OUTPUTS if (out / name).exists()]
-    others = [p for p in out.iterdir() if p.name not in OUTPUTS and not p.name.startswith(".synth-partial")]
-    if others:
-        raise ClaspError(f"--out {out}: not empty ({others[0].name} ...); choose a new directory for the world")
-    if ours and not overwrite:
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``out`` may be new, empty, or (with ``overwrite``) hold a previous world and nothing else."""
+    found = list(out.iterdir()) if out.is_dir() else []
+    others = [p for p in found if p.name not in OUTPUTS]
+    if others or (out.exists() and not out.is_dir()):
+        name = others[0].name if others else out.name
+        raise ClaspError(f"--out {out}: not empty ({name} ...); choose a new directory for the world")
+    if found and not overwrite:
         raise ClaspError(f"--out {out}: already holds a synthetic world; pass overwrite=true to replace it")
-    for p in ours:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    tmp = out / f".synth-partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
 
 
 def write_world(cfg: SynthConfig, out: Path) -> dict:
     """Render the whole world under ``out`` (see the module docstring) and return its counts."""
     _validate(cfg)
     out = Path(out)
-    tmp = _prepare_out(out, cfg.overwrite)
-    try:
+    _check_out(out, cfg.overwrite)
+    # a failed or interrupted run leaves no partial folder behind (it can be tens of MB) and the previous world
+    # stays until the new one is complete
+    with atomic_dir(out, replace=True) as tmp:
         return _write_world(cfg, out, tmp)
-    finally:  # a failed or interrupted run leaves no hidden partial folder behind (it can be tens of MB)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_world(cfg: SynthConfig, out: Path, tmp: Path) -> dict:
@@ -201,35 +195,28 @@ def _write_world(cfg: SynthConfig, out: Path, tmp: Path) -> dict:
     market = plan_market(cfg)
     pa100k = plan_pa100k(cfg)
     jobs = corpus + market + pa100k
-    bar = None
-    if not cfg.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), desc="synth", unit="img", smoothing=0.1)
     lmdb = LmdbWriter(tmp / "luperson_lmdb", len(corpus))
     gt = {LUPERSON: GtWriter(tmp / "gt.parquet"), MARKET: GtWriter(tmp / "market1501_gt.parquet"),
           PA100K: GtWriter(tmp / "pa100k_gt.parquet")}  # fmt: skip
     rows: dict[str, list[dict]] = {LUPERSON: [], MARKET: [], PA100K: []}  # without the masks, for the summary
     made_dirs: set[Path] = set()
     try:
-        for job, done in zip(jobs, _render_all(jobs, cfg.workers), strict=True):
-            path = tmp / job.path
-            if path.parent not in made_dirs:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                made_dirs.add(path.parent)
-            path.write_bytes(done.jpeg)
-            if job.dataset == LUPERSON:
-                lmdb.put(job.key, done.jpeg)
-            gt[job.dataset].add(done.row)
-            rows[job.dataset].append({k: v for k, v in done.row.items() if k not in ("part_mask", "keypoints")})
-            if bar is not None:
-                bar.update(1)
+        with progress(len(jobs), "synth", quiet=cfg.quiet) as advance:
+            for job, done in zip(jobs, _render_all(jobs, cfg.workers), strict=True):
+                path = tmp / job.path
+                if path.parent not in made_dirs:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    made_dirs.add(path.parent)
+                path.write_bytes(done.jpeg)
+                if job.dataset == LUPERSON:
+                    lmdb.put(job.key, done.jpeg)
+                gt[job.dataset].add(done.row)
+                rows[job.dataset].append({k: v for k, v in done.row.items() if k not in ("part_mask", "keypoints")})
+                advance()
     finally:
         lmdb.close()
         for writer in gt.values():
             writer.close()
-        if bar is not None:
-            bar.close()
     with atomic_path(tmp / "pairs.csv") as p, open(p, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "caption", "box"])
@@ -250,10 +237,7 @@ def _write_world(cfg: SynthConfig, out: Path, tmp: Path) -> dict:
     dense = _write_dense(cfg, tmp)
     save_config(cfg, tmp / "synth_config.yaml")
     summary = {**_summary(cfg, corpus, n_videos, rows), "dense": sorted(dense)}
-    for name in OUTPUTS:  # move into place; world.json last, so its presence means "complete"
-        if (tmp / name).exists() and name != "world.json":
-            os.replace(tmp / name, out / name)
-    write_json_atomic(out / "world.json", summary)
+    write_json_atomic(tmp / "world.json", summary)  # last, so its presence means "complete"
     seconds = time.perf_counter() - start
     if not cfg.quiet:
         print(f"synth: {len(jobs)} images in {seconds:.1f} s ({len(jobs) / seconds:.0f} img/s) -> {out}")

@@ -2,8 +2,8 @@
 
 32 synthetic person crops (4 identities) in 4 shards of 8, a random tiny open_clip model (2 blocks,
 width 64) for labels, and a ``vit_micro`` at 32x16 for pre-training: every stage runs for real, in
-seconds. reliability_kit.py starts stages in child processes and kills them at chosen writes (the
-``CLASP_TEST_PAUSE_WRITE`` hook of pipeline.formats.atomic_path).
+seconds. helpers/reliability.py starts stages in child processes and kills them at chosen writes (the
+tests' own hook, helpers/fault_injection.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from reliability_kit import CORPUS, PER_SHARD, label_config, write_clip_dir
+from helpers.reliability import CORPUS, PER_SHARD, label_config, write_clip_dir
 
 
 @pytest.fixture(scope="session")
@@ -48,4 +48,4 @@ def labelled(world: Path, clip_dir: Path, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("rel_root")
     ingest(IngestConfig(source=str(world / "luperson"), corpus=CORPUS, root=str(root), images_per_shard=PER_SHARD,
                         workers=1, quiet=True))  # fmt: skip
-    return root, run_labeling(label_config(root, clip_dir))
+    return root, run_labeling(label_config(root, clip_dir)).labelset

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from reliability_kit import CORPUS, PER_SHARD, assert_user_error, clasp_in_process, label_config, pretrain_overrides
+from helpers.reliability import CORPUS, PER_SHARD, assert_user_error, clasp_in_process, label_config, pretrain_overrides
 
 from labeling import label as label_stage
 from pipeline.errors import ClaspError
@@ -96,8 +96,9 @@ def test_corrupt_label_shard_is_refused_then_relabelled(
     line = pretrain_error(root, tmp_path / "run")
     assert str(shard) in line and "unreadable" in line and "re-run `clasp label`" in line
 
-    assert label_stage.run_labeling(label_config(root, clip_dir)) == set_id
-    assert label_stage.LAST_RUN["images"] == PER_SHARD  # only the damaged shard was labelled again
+    run = label_stage.run_labeling(label_config(root, clip_dir))
+    assert run.labelset == set_id
+    assert run.images == PER_SHARD  # only the damaged shard was labelled again
     assert shard.read_bytes() == intact
 
 

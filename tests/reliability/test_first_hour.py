@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import yaml
-from reliability_kit import (
+from helpers.fault_injection import pause_write_env
+from helpers.reliability import (
     CLASP,
     CORPUS,
     REPO,
@@ -143,7 +144,7 @@ def test_transfer_prints_its_headline_and_where_the_table_is(world: Path, tmp_pa
 
 def test_ctrl_c_prints_one_line_and_leaves_nothing_half_written(labelled: tuple[Path, str], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    env = child_env(CLASP_TEST_PAUSE_WRITE="step-*.pt:2")  # stall in the middle of the second checkpoint write
+    env = child_env(**pause_write_env("step-*.pt", 2))  # stall in the middle of the second checkpoint write
     args = pretrain_overrides(labelled[0], out, "data.workers=2", "checkpoint_every=4")  # workers busy mid-epoch
     proc = subprocess.Popen([str(CLASP), "pretrain", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from reliability_kit import (
+from helpers.reliability import (
     CORPUS,
     ingest_code,
     kill_at_write,
@@ -91,8 +91,9 @@ def test_labeling_killed_mid_write_resumes_to_identical_labels(
     done = sorted(p.name for p in out.glob("*.parquet"))
     assert len(done) == (nth - 1 if pattern == "*.parquet" else 4)
 
-    assert label_stage.run_labeling(label_config(tmp_path, clip_dir)) == set_id
-    assert label_stage.LAST_RUN["images"] == 32 - 8 * len(done)  # finished shards are not labelled again
+    run = label_stage.run_labeling(label_config(tmp_path, clip_dir))
+    assert run.labelset == set_id
+    assert run.images == 32 - 8 * len(done)  # finished shards are not labelled again
     shards = sorted(p.name for p in clean.glob("*.parquet"))
     assert sorted(p.name for p in out.glob("*.parquet")) == shards and len(shards) == 4
     keys = []

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from reliability_kit import (
+from helpers.reliability import (
     CORPUS,
     PER_SHARD,
     assert_user_error,

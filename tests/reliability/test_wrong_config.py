@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_kit import CORPUS, assert_user_error, clasp, clasp_all, pretrain_overrides
+from helpers.reliability import CORPUS, assert_user_error, clasp, clasp_all, pretrain_overrides
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 

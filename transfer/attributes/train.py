@@ -17,38 +17,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
-from pipeline.errors import ClaspError
+from pipeline.config import AT_LEAST_ONE, POSITIVE
 from transfer.attributes import metrics as attr_metrics
 from transfer.attributes.datasets import AttrData, load_attr_dataset
 from transfer.backbone import BackboneConfig, FeatureBackbone, build_backbone
-from transfer.common import (
-    ImageDataset,
-    OptimConfig,
-    fine_tune,
-    finished_results,
-    make_accelerator,
-    pct,
-    predict_in_order,
-    prepare_training,
-    save_final_model,
-    write_results,
-)
+from transfer.data import BatchConfig, ImageDataset
+from transfer.loop import FineTuneResult, LossFn, Training, predict_in_order, prepare_training
+from transfer.optim import OptimConfig
+from transfer.results import pct, save_final_model, write_results
+from transfer.task import FineTuneConfig, FineTuneTask
 
 
 @dataclass
-class AttrDataConfig:
+class AttrDataConfig(BatchConfig):
     img_size: Annotated[tuple[int, int], POSITIVE] = (256, 192)  # (height, width), Rethinking_of_PAR; SOLIDER: 256x128
-    batch_size: Annotated[int, POSITIVE] = 64
-    global_batch: Annotated[int, NON_NEGATIVE] = 0  # >0: images per step over all processes (per-process derived)
-    workers: int = 8
     flip_prob: float = 0.5
     padding_px: int = 10
     train_split: str = "trainval"
@@ -58,25 +47,18 @@ class AttrDataConfig:
 
 
 @dataclass
-class AttrConfig:
-    data_dir: str = ""
+class AttrConfig(FineTuneConfig):
     dataset: str = "pa100k"
-    out_dir: str = ""
     backbone: BackboneConfig = field(
         default_factory=lambda: BackboneConfig(prompt="learned", prompt_mix={"attribute": 0.8, "instance": 0.2})
     )
-    data: AttrDataConfig = field(default_factory=AttrDataConfig)
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(name="adamw", lr=1e-4, weight_decay=5e-4, warmup_epochs=1.0)
     )
+    epochs: Annotated[int, AT_LEAST_ONE] = 30
+    data: AttrDataConfig = field(default_factory=AttrDataConfig)
     weighted_loss: bool = True
     threshold: float = 0.5
-    epochs: Annotated[int, AT_LEAST_ONE] = 30
-    max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
-    seed: int = 0
-    device: str = "auto"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    quiet: bool = False
 
 
 CONFIG = AttrConfig
@@ -115,52 +97,44 @@ def transforms(backbone: FeatureBackbone, cfg: AttrDataConfig, *, train: bool) -
     return T.Compose(ops)
 
 
-def run(cfg: AttrConfig) -> dict[str, Any]:
-    """Fine-tune on ``cfg.dataset`` and write results.json / results.md / model.safetensors to ``cfg.out_dir``."""
-    if not cfg.data_dir or not cfg.out_dir:
-        raise ClaspError("transfer attributes needs --data (dataset folder) and --out (output folder)")
-    out = Path(cfg.out_dir)
-    finished = finished_results(out, cfg)
-    if finished is not None:
-        return finished
-    data = load_attr_dataset(cfg.dataset, cfg.data_dir, pickle_file=cfg.data.pickle_file, partition=cfg.data.partition)
-    accelerator, device = make_accelerator(cfg)
+class AttrTask(FineTuneTask[AttrConfig, AttrData]):
+    name = "attributes"
+    config = AttrConfig
 
-    # --- model, data, optimiser
-    backbone = build_backbone(cfg.backbone, tuple(cfg.data.img_size))
-    model = AttrModel(backbone, len(data.attr_names))
-    train_paths, train_labels = data.split(cfg.data.train_split)
-    targets = train_labels.astype(np.float32)
-    pos_ratio = torch.from_numpy(targets.mean(axis=0)).to(accelerator.device) if cfg.weighted_loss else None
-    train_set = ImageDataset(train_paths, list(targets), transforms(backbone, cfg.data, train=True))
-    prepared = prepare_training(accelerator, cfg, model, train_set)
-    model, optimizer, schedule, loader = prepared.model, prepared.optimizer, prepared.schedule, prepared.loader
-    steps_per_epoch, generator = prepared.steps_per_epoch, prepared.generator
+    def load_data(self, cfg: AttrConfig) -> AttrData:
+        return load_attr_dataset(
+            cfg.dataset, cfg.data_dir, pickle_file=cfg.data.pickle_file, partition=cfg.data.partition
+        )
 
-    def loss_fn(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss": weighted_bce(net(images), labels.float(), pos_ratio)}
+    def build_model(self, cfg: AttrConfig, data: AttrData) -> AttrModel:
+        return AttrModel(build_backbone(cfg.backbone, tuple(cfg.data.img_size)), len(data.attr_names))
 
-    # --- train, evaluate, write
-    training = fine_tune(
-        accelerator,
-        cfg,
-        model=model,
-        optimizer=optimizer,
-        schedule=schedule,
-        loader=loader,
-        loss_fn=loss_fn,
-        steps_per_epoch=steps_per_epoch,
-        set_epoch=lambda epoch: generator.manual_seed(cfg.seed * 1000 + epoch),  # same shuffles after a resume
-        name="attributes",
-    )
-    model = accelerator.unwrap_model(model)
-    gt, probs = predict(model, data, cfg, accelerator)
-    scores = attr_metrics.attribute_metrics(gt, probs, threshold=cfg.threshold)
-    record: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        record = _write(out, cfg, data, model, scores, {**training, "device": device})
-    accelerator.wait_for_everyone()
-    return record
+    def prepare(self, cfg: AttrConfig, data: AttrData, model: AttrModel, accelerator: Any) -> Training:
+        paths, labels = data.split(cfg.data.train_split)
+        transform = transforms(model.backbone, cfg.data, train=True)
+        train_set = ImageDataset(paths, list(labels.astype(np.float32)), transform)
+        return prepare_training(accelerator, cfg, cfg.data, model, train_set, seed=cfg.seed, quiet=cfg.quiet)
+
+    def loss_fn(self, cfg: AttrConfig, data: AttrData, accelerator: Any) -> LossFn:
+        targets = data.split(cfg.data.train_split)[1].astype(np.float32)
+        pos_ratio = torch.from_numpy(targets.mean(axis=0)).to(accelerator.device) if cfg.weighted_loss else None
+
+        def loss_fn(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"loss": weighted_bce(net(images), labels.float(), pos_ratio)}
+
+        return loss_fn
+
+    def evaluate(self, cfg: AttrConfig, data: AttrData, model: AttrModel, accelerator: Any) -> dict[str, Any]:
+        gt, probs = predict(model, data, cfg, accelerator)
+        return attr_metrics.attribute_metrics(gt, probs, threshold=cfg.threshold)
+
+    def write(
+        self, out: Path, cfg: AttrConfig, data: AttrData, model: AttrModel, scores: Any, training: FineTuneResult
+    ) -> dict[str, Any]:
+        return _write(out, cfg, data, model, scores, training)
+
+
+run = AttrTask().run
 
 
 def predict(model: AttrModel, data: AttrData, cfg: AttrConfig, accelerator: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +153,7 @@ def predict(model: AttrModel, data: AttrData, cfg: AttrConfig, accelerator: Any)
 
 
 def _write(
-    out: Path, cfg: AttrConfig, data: AttrData, model: AttrModel, scores: dict[str, Any], training: dict[str, Any]
+    out: Path, cfg: AttrConfig, data: AttrData, model: AttrModel, scores: dict[str, Any], training: FineTuneResult
 ) -> dict[str, Any]:
     h, w = cfg.data.img_size
     protocol = (
@@ -195,7 +169,6 @@ def _write(
             data.attr_names, scores["label_mA"], scores["label_pos_recall"], scores["label_neg_recall"], strict=True
         )
     }
-    history = training["history"]
     record = {
         "task": "attributes",
         "dataset": data.name,
@@ -206,14 +179,8 @@ def _write(
         "metrics": summary,
         "per_attribute": per_attribute,
         "data": data.summary(),
-        "training": {
-            "epochs": cfg.epochs,
-            "steps": training["steps"],
-            "wall_s": training["wall_s"],
-            "device": training["device"],
-            "final_loss": round(history[-1]["loss"], 4) if history else None,
-        },
-        "history": history,
+        "training": training.record(cfg.epochs),
+        "history": training.history,
     }
     labels = (("mA", "mA"), ("Acc", "accuracy"), ("Prec", "precision"), ("Rec", "recall"), ("F1", "f1"))
     save_final_model(out, model)

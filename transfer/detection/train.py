@@ -21,28 +21,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
-from pipeline.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
+from pipeline.config import AT_LEAST_ONE, POSITIVE
 from pipeline.errors import ClaspError
 from pipeline.formats import write_json_atomic
 from transfer.backbone import BackboneConfig, part_prompt_backbone
-from transfer.common import (
-    OptimConfig,
-    fine_tune,
-    finished_results,
-    make_accelerator,
-    pct,
-    prepare_training,
-    save_final_model,
-    write_results,
-)
+from transfer.data import BatchConfig
 from transfer.detection.datasets import LAYOUT, CityPersonsDataset, CityPersonsSplit, collate, load_citypersons
 from transfer.detection.metrics import SETUPS, citypersons_all_setups
 from transfer.detection.model import PEDESTRIAN_ASPECT_RATIO, build_detector
+from transfer.loop import FineTuneResult, LossFn, Training, prepare_training
+from transfer.optim import OptimConfig
+from transfer.results import finished_results, pct, save_final_model, write_results
+from transfer.task import FineTuneConfig, FineTuneTask, start
 
 DATASETS = ("citypersons",)
 DETECTIONS_FILE = "detections_val.json"
@@ -54,15 +49,14 @@ PROTOCOL = (
 
 
 @dataclass
-class DetDataConfig:
+class DetDataConfig(BatchConfig):
+    batch_size: Annotated[int, POSITIVE] = 2
+    workers: int = 4
     train_split: str = "train"
     val_split: str = "val"
     train_sizes: tuple[int, ...] = (1024,)  # shorter side(s) in training; several = multi-scale training
     test_size: int = 1024  # shorter side at test time (1024 = CityPersons' original 2048x1024)
     max_size: int = 2048
-    batch_size: Annotated[int, POSITIVE] = 2
-    global_batch: Annotated[int, NON_NEGATIVE] = 0  # >0: images per step over all processes (per-process derived)
-    workers: int = 4
     flip_prob: float = 0.5
     min_height_px: float = 50.0  # training positives (Pedestron / CSP "h50"); the rest are ignore regions
     min_vis_ratio: float = 0.0
@@ -81,28 +75,21 @@ class DetModelConfig:
 
 
 @dataclass
-class DetConfig:
-    data_dir: str = ""
+class DetConfig(FineTuneConfig):
     dataset: str = "citypersons"
-    out_dir: str = ""
     backbone: BackboneConfig = field(default_factory=part_prompt_backbone)
-    data: DetDataConfig = field(default_factory=DetDataConfig)
-    model: DetModelConfig = field(default_factory=DetModelConfig)
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
             name="adamw", lr=1e-4, weight_decay=0.1, warmup_epochs=1.0, min_lr_factor=0.01, grad_clip=1.0
         )
     )
     epochs: Annotated[int, AT_LEAST_ONE] = 12
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    model: DetModelConfig = field(default_factory=DetModelConfig)
     # Mean teacher (SOLIDER/Pedestron's CSP: alpha 0.999): an exponential moving average of the weights,
     # updated after every step; the average is what is evaluated and saved. 0 = off (the final weights).
     ema_decay: float = 0.0
-    max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
     detections: str = ""  # score this detections file on the val split instead of training
-    seed: int = 0
-    device: str = "auto"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    quiet: bool = False
 
 
 CONFIG = DetConfig
@@ -134,72 +121,78 @@ def _vit_size(cfg: DetConfig, data: CityPersonsSplit) -> tuple[int, int]:
     return (int(math.ceil(height * scale / 32) * 32), int(math.ceil(width * scale / 32) * 32))
 
 
-def run(cfg: DetConfig) -> dict[str, Any]:
-    """Fine-tune on CityPersons train (or take ``cfg.detections``), score val, write results to ``cfg.out_dir``."""
-    if not cfg.data_dir or not cfg.out_dir:
-        raise ClaspError("transfer detection needs --data (CityPersons folder) and --out (output folder)")
-    if cfg.dataset not in DATASETS:
-        raise ClaspError(f"transfer detection: unknown dataset '{cfg.dataset}'; choose one of {', '.join(DATASETS)}")
-    out = Path(cfg.out_dir)
-    finished = finished_results(out, cfg)
-    if finished is not None:
-        return finished
-    val = load_citypersons(cfg.data_dir, cfg.data.val_split)
-    if cfg.detections:
+@dataclass
+class DetData:
+    val: CityPersonsSplit
+    train: CityPersonsDataset  # the training images with positives, as the loader reads them
+
+
+class DetectionTask(FineTuneTask[DetConfig, DetData]):
+    name = "detection"
+    config = DetConfig
+    data_hint = "CityPersons folder"
+    datasets = DATASETS
+
+    def run(self, cfg: DetConfig) -> dict[str, Any]:
+        """Fine-tune on CityPersons train (or take ``cfg.detections``), score val, write results to ``cfg.out_dir``."""
+        if not cfg.detections:
+            return super().run(cfg)
+        out = start(self, cfg)
+        finished = finished_results(out, cfg)
+        if finished is not None:
+            return finished
+        val = load_citypersons(cfg.data_dir, cfg.data.val_split)
         path = Path(cfg.detections)
         if not path.is_file():
             raise ClaspError(f"detections file {path} does not exist (set detections= to a JSON results file)")
         return _write(out, cfg, val, citypersons_all_setups(val.gt, path), {"detections": str(path)}, None)
 
-    train = load_citypersons(cfg.data_dir, cfg.data.train_split)
-    accelerator, device = make_accelerator(cfg)
-    model = detector_for(cfg, _vit_size(cfg, val))
-    train_set = CityPersonsDataset(
-        train,
-        train=True,
-        flip_prob=cfg.data.flip_prob,
-        min_height_px=cfg.data.min_height_px,
-        min_vis_ratio=cfg.data.min_vis_ratio,
-        skip_empty=cfg.data.skip_empty,
-    )
-    if len(train_set) == 0:
-        raise ClaspError(f"{train.gt_file}: no image has a pedestrian >= {cfg.data.min_height_px} px to train on")
-    prepared = prepare_training(accelerator, cfg, model, train_set, collate_fn=collate)
-    model, optimizer, schedule, loader = prepared.model, prepared.optimizer, prepared.schedule, prepared.loader
-    ema = None
-    if cfg.ema_decay > 0:  # copied after prepare, so the average lives on the training device
+    def load_data(self, cfg: DetConfig) -> DetData:
+        val = load_citypersons(cfg.data_dir, cfg.data.val_split)
+        train = load_citypersons(cfg.data_dir, cfg.data.train_split)
+        d = cfg.data
+        train_set = CityPersonsDataset(
+            train, train=True, flip_prob=d.flip_prob, min_height_px=d.min_height_px, min_vis_ratio=d.min_vis_ratio,
+            skip_empty=d.skip_empty,
+        )  # fmt: skip
+        if len(train_set) == 0:
+            raise ClaspError(f"{train.gt_file}: no image has a pedestrian >= {d.min_height_px} px to train on")
+        return DetData(val, train_set)
+
+    def build_model(self, cfg: DetConfig, data: DetData) -> nn.Module:
+        return detector_for(cfg, _vit_size(cfg, data.val))
+
+    def prepare(self, cfg: DetConfig, data: DetData, model: nn.Module, accelerator: Any) -> Training:
+        return prepare_training(
+            accelerator, cfg, cfg.data, model, data.train, seed=cfg.seed, quiet=cfg.quiet, collate_fn=collate
+        )
+
+    def make_ema(self, cfg: DetConfig, model: nn.Module) -> Any:
+        if cfg.ema_decay <= 0:
+            return None
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema_decay)
-    steps_per_epoch, generator = prepared.steps_per_epoch, prepared.generator
+        return ModelEmaV3(model, decay=cfg.ema_decay)
 
-    def loss_fn(net: nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        losses = net(list(images), targets)
-        return {"loss": sum(losses.values()), **losses}
+    def loss_fn(self, cfg: DetConfig, data: DetData, accelerator: Any) -> LossFn:
+        def loss_fn(net: nn.Module, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+            losses = net(list(images), targets)
+            return {"loss": sum(losses.values()), **losses}
 
-    training = fine_tune(
-        accelerator,
-        cfg,
-        model=model,
-        optimizer=optimizer,
-        schedule=schedule,
-        loader=loader,
-        loss_fn=loss_fn,
-        steps_per_epoch=steps_per_epoch,
-        set_epoch=lambda epoch: generator.manual_seed(cfg.seed * 1000 + epoch),  # same shuffles after a resume
-        name="detection",
-        ema=ema,
-    )
-    model = accelerator.unwrap_model(model) if ema is None else ema.module
-    detections = predict(model, val, cfg, accelerator)
-    record: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        write_json_atomic(out / DETECTIONS_FILE, detections)
-        scores = citypersons_all_setups(val.gt, detections)
-        extra = {"train": train_set.data.summary() | {"training_images": len(train_set)}}
-        record = _write(out, cfg, val, scores, {**training, "device": device, **extra}, model)
-    accelerator.wait_for_everyone()
-    return record
+        return loss_fn
+
+    def evaluate(self, cfg: DetConfig, data: DetData, model: nn.Module, accelerator: Any) -> list[dict[str, Any]]:
+        return predict(model, data.val, cfg, accelerator)
+
+    def write(
+        self, out: Path, cfg: DetConfig, data: DetData, model: nn.Module, scores: Any, training: FineTuneResult
+    ) -> dict[str, Any]:
+        write_json_atomic(out / DETECTIONS_FILE, scores)
+        extra = {"train": data.train.data.summary() | {"training_images": len(data.train)}}
+        return _write(out, cfg, data.val, citypersons_all_setups(data.val.gt, scores), extra, model, training)
+
+
+run = DetectionTask().run
 
 
 @torch.no_grad()
@@ -243,12 +236,13 @@ def _write(
     cfg: DetConfig,
     val: CityPersonsSplit,
     scores: dict[str, float],
-    training: dict[str, Any],
+    source: dict[str, Any],
     model: nn.Module | None,
+    training: FineTuneResult | None = None,
 ) -> dict[str, Any]:
+    """``source``: {"train": training data summary} after a fine-tune, {"detections": path} for a scored file."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = {name: (None if math.isnan(v) else float(v)) for name, v in scores.items()}
-    history = training.pop("history", [])
     protocol = f"{PROTOCOL}; {val.split} split ({len(val)} images, {val.gt_file.name})"
     if model is not None:
         weights = f"mean-teacher EMA {cfg.ema_decay}" if cfg.ema_decay > 0 else "final model"
@@ -269,19 +263,13 @@ def _write(
         "metrics": {f"MR-2 {name}": value for name, value in metrics.items()},
         "data": val.summary(),
     }
-    if model is not None:
-        record["training"] = {
-            "epochs": cfg.epochs,
-            "steps": training.get("steps"),
-            "wall_s": training.get("wall_s"),
-            "device": training.get("device"),
-            "final_loss": round(history[-1]["loss"], 4) if history else None,
-        }
-        record["train_data"] = training.get("train")
-        record["history"] = history
+    if model is not None and training is not None:
+        record["training"] = training.record(cfg.epochs)
+        record["train_data"] = source["train"]
+        record["history"] = training.history
         record["detections_file"] = DETECTIONS_FILE
         save_final_model(out, model)
     else:
-        record["detections_file"] = training["detections"]
+        record["detections_file"] = source["detections"]
     table = [(f"MR^-2 {name} (%)", "n/a" if metrics[name] is None else pct(metrics[name])) for name in SETUPS]
     return write_results(out, cfg, record, title=f"Pedestrian detection: {cfg.dataset}", table=table)

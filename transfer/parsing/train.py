@@ -21,25 +21,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import AT_LEAST_ONE
-from pipeline.errors import ClaspError
+from pipeline.config import AT_LEAST_ONE, POSITIVE
 from transfer.backbone import BackboneConfig, build_backbone, part_prompt_backbone
-from transfer.common import (
-    OptimConfig,
-    fine_tune,
-    finished_results,
-    make_accelerator,
-    pct,
-    prepare_training,
-    save_final_model,
-    write_results,
-)
+from transfer.data import BatchConfig
+from transfer.loop import FineTuneResult, LossFn, Training, prepare_training
+from transfer.optim import OptimConfig
 from transfer.parsing.datasets import (
     IGNORE_INDEX,
     ParsingAugment,
@@ -52,6 +44,8 @@ from transfer.parsing.datasets import (
 )
 from transfer.parsing.metrics import confusion_matrix, parsing_scores
 from transfer.parsing.model import ParsingModel
+from transfer.results import pct, save_final_model, write_results
+from transfer.task import FineTuneConfig, FineTuneTask
 
 PROTOCOL = (
     "CE2P/SCHP: letterboxed input, logits mapped back to each label's original resolution, one confusion "
@@ -60,11 +54,9 @@ PROTOCOL = (
 
 
 @dataclass
-class ParsingDataConfig:
+class ParsingDataConfig(BatchConfig):
     input_size: tuple[int, int] = (473, 473)  # (height, width); CE2P/SCHP. Padded inside the model to /16
-    batch_size: int = 16
-    global_batch: int = 0  # >0: images per step over all processes (batch_size per process is then derived)
-    workers: int = 8
+    batch_size: Annotated[int, POSITIVE] = 16
     augment: ParsingAugment = field(default_factory=ParsingAugment)
     train_split: str = "train"
     eval_split: str = "val"
@@ -86,23 +78,16 @@ class ParsingEvalConfig:
 
 
 @dataclass
-class ParsingConfig:
-    data_dir: str = ""
+class ParsingConfig(FineTuneConfig):
     dataset: str = "lip"
-    out_dir: str = ""
     backbone: BackboneConfig = field(default_factory=part_prompt_backbone)
-    data: ParsingDataConfig = field(default_factory=ParsingDataConfig)
-    head: ParsingHeadConfig = field(default_factory=ParsingHeadConfig)
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(name="adamw", lr=2e-4, weight_decay=0.05, warmup_epochs=2.0)
     )
-    eval: ParsingEvalConfig = field(default_factory=ParsingEvalConfig)
     epochs: Annotated[int, AT_LEAST_ONE] = 50
-    max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
-    seed: int = 0
-    device: str = "auto"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    quiet: bool = False
+    data: ParsingDataConfig = field(default_factory=ParsingDataConfig)
+    head: ParsingHeadConfig = field(default_factory=ParsingHeadConfig)
+    eval: ParsingEvalConfig = field(default_factory=ParsingEvalConfig)
 
 
 CONFIG = ParsingConfig
@@ -112,53 +97,43 @@ def _padded(size: tuple[int, int], patch: int = 16) -> tuple[int, int]:
     return (size[0] + (-size[0]) % patch, size[1] + (-size[1]) % patch)
 
 
-def run(cfg: ParsingConfig) -> dict[str, Any]:
-    """Fine-tune on ``cfg.dataset`` and write results.json / results.md / model.safetensors to ``cfg.out_dir``."""
-    if not cfg.data_dir or not cfg.out_dir:
-        raise ClaspError("transfer parsing needs --data (the LIP folder) and --out (output folder)")
-    out = Path(cfg.out_dir)
-    finished = finished_results(out, cfg)
-    if finished is not None:
-        return finished
-    data = load_parsing_dataset(cfg.dataset, cfg.data_dir)
-    accelerator, device = make_accelerator(cfg)
+class ParsingTask(FineTuneTask[ParsingConfig, ParsingData]):
+    name = "parsing"
+    config = ParsingConfig
+    data_hint = "the LIP folder"
 
-    # --- model, data, optimiser
-    input_size = tuple(cfg.data.input_size)
-    backbone = build_backbone(cfg.backbone, _padded(input_size))
-    if list(cfg.eval.scales) != [1.0]:
-        backbone.allow_any_input_size()  # the multi-scale test feeds other sizes
-    model = ParsingModel(backbone, len(data.classes), levels=cfg.head.levels, dim=cfg.head.dim)
-    train_set = ParsingDataset(
-        data.split(cfg.data.train_split), input_size, backbone.mean, backbone.std, cfg.data.augment, seed=cfg.seed
-    )
-    prepared = prepare_training(accelerator, cfg, model, train_set)
-    model, optimizer, schedule, loader = prepared.model, prepared.optimizer, prepared.schedule, prepared.loader
-    steps_per_epoch = prepared.steps_per_epoch
+    def load_data(self, cfg: ParsingConfig) -> ParsingData:
+        return load_parsing_dataset(cfg.dataset, cfg.data_dir)
 
-    def loss_fn(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss": F.cross_entropy(net(images).float(), labels, ignore_index=IGNORE_INDEX)}
+    def build_model(self, cfg: ParsingConfig, data: ParsingData) -> ParsingModel:
+        backbone = build_backbone(cfg.backbone, _padded(tuple(cfg.data.input_size)))
+        if list(cfg.eval.scales) != [1.0]:
+            backbone.allow_any_input_size()  # the multi-scale test feeds other sizes
+        return ParsingModel(backbone, len(data.classes), levels=cfg.head.levels, dim=cfg.head.dim)
 
-    # --- train, evaluate, write
-    training = fine_tune(
-        accelerator,
-        cfg,
-        model=model,
-        optimizer=optimizer,
-        schedule=schedule,
-        loader=loader,
-        loss_fn=loss_fn,
-        steps_per_epoch=steps_per_epoch,
-        set_epoch=train_set.set_epoch,
-        name="parsing",
-    )
-    model = accelerator.unwrap_model(model)
-    conf = evaluate(model, data, cfg, accelerator)
-    record: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        record = _write(out, cfg, data, model, conf, {**training, "device": device})
-    accelerator.wait_for_everyone()
-    return record
+    def prepare(self, cfg: ParsingConfig, data: ParsingData, model: ParsingModel, accelerator: Any) -> Training:
+        bb, input_size = model.backbone, tuple(cfg.data.input_size)
+        items = data.split(cfg.data.train_split)
+        train_set = ParsingDataset(items, input_size, bb.mean, bb.std, cfg.data.augment, seed=cfg.seed)
+        return prepare_training(accelerator, cfg, cfg.data, model, train_set, seed=cfg.seed, quiet=cfg.quiet)
+
+    def loss_fn(self, cfg: ParsingConfig, data: ParsingData, accelerator: Any) -> LossFn:
+        def loss_fn(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"loss": F.cross_entropy(net(images).float(), labels, ignore_index=IGNORE_INDEX)}
+
+        return loss_fn
+
+    def evaluate(self, cfg: ParsingConfig, data: ParsingData, model: ParsingModel, accelerator: Any) -> np.ndarray:
+        return evaluate(model, data, cfg, accelerator)
+
+    def write(
+        self, out: Path, cfg: ParsingConfig, data: ParsingData, model: ParsingModel, scores: Any,
+        training: FineTuneResult,
+    ) -> dict[str, Any]:  # fmt: skip
+        return _write(out, cfg, data, model, scores, training)
+
+
+run = ParsingTask().run
 
 
 @torch.no_grad()
@@ -226,7 +201,7 @@ def summarize(conf: np.ndarray, classes: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _write(
-    out: Path, cfg: ParsingConfig, data: ParsingData, model: ParsingModel, conf: np.ndarray, training: dict[str, Any]
+    out: Path, cfg: ParsingConfig, data: ParsingData, model: ParsingModel, conf: np.ndarray, training: FineTuneResult
 ) -> dict[str, Any]:
     metrics = summarize(conf, data.classes)
     h, w = cfg.data.input_size
@@ -247,7 +222,6 @@ def _write(
         (f"IoU {name}{' (absent from ground truth)' if name in absent else ''}", pct(iou))
         for name, iou in metrics["per_class_iou"].items()
     ]
-    history = training["history"]
     record = {
         "task": "parsing",
         "dataset": data.name,
@@ -261,14 +235,8 @@ def _write(
         "classes_absent_from_ground_truth": absent,
         "confusion_matrix": conf.tolist(),
         "data": data.summary(),
-        "training": {
-            "epochs": cfg.epochs,
-            "steps": training["steps"],
-            "wall_s": training["wall_s"],
-            "device": training["device"],
-            "final_loss": round(history[-1]["loss"], 4) if history else None,
-        },
-        "history": history,
+        "training": training.record(cfg.epochs),
+        "history": training.history,
     }
     save_final_model(out, model)
     return write_results(out, cfg, record, title=f"Human parsing transfer: {data.name}", table=table)

@@ -145,6 +145,22 @@ def _match(boxes_xywh: np.ndarray, box: np.ndarray) -> int:
 # --- CUHK-SYSU --------------------------------------------------------------------------------------
 
 
+def _gallery_sizes(protocol_dir: Path, wanted: Sequence[int] | None) -> list[int]:
+    """The gallery sizes to read: every TestG<size>.mat present, or the ``wanted`` ones (all must be present)."""
+    sizes = sorted(int(m.group(1)) for p in protocol_dir.glob("TestG*.mat") if (m := _TESTG_RE.match(p.name)))
+    if not sizes:
+        raise ClaspError(f"no TestG<size>.mat under {protocol_dir} (the real set has TestG50.mat ... TestG4000.mat)")
+    if wanted is None:
+        return sizes
+    missing_sizes = sorted(set(wanted) - set(sizes))
+    if missing_sizes or not wanted:
+        raise ClaspError(
+            f"gallery size(s) {missing_sizes or list(wanted)} asked for, but {protocol_dir} has galleries of "
+            f"sizes {sizes} only (TestG<size>.mat); pick one of those"
+        )
+    return sorted(set(wanted))
+
+
 def _read_cuhk_sysu(base: Path, wanted: Sequence[int] | None) -> PersonSearchData:
     ann, protocol_dir = base / "annotation", base / "annotation" / "test" / "train_test"
     images = base / "Image" / "SSM"
@@ -171,17 +187,7 @@ def _read_cuhk_sysu(base: Path, wanted: Sequence[int] | None) -> PersonSearchDat
         for scene in item[0, 0]["scene"].ravel():
             assign(str(scene["imname"][0]), scene["idlocate"].ravel(), n + 1, train_mat)
 
-    sizes = sorted(int(m.group(1)) for p in protocol_dir.glob("TestG*.mat") if (m := _TESTG_RE.match(p.name)))
-    if not sizes:
-        raise ClaspError(f"no TestG<size>.mat under {protocol_dir} (the real set has TestG50.mat ... TestG4000.mat)")
-    if wanted is not None:
-        missing_sizes = sorted(set(wanted) - set(sizes))
-        if missing_sizes or not wanted:
-            raise ClaspError(
-                f"gallery size(s) {missing_sizes or list(wanted)} asked for, but {protocol_dir} has galleries of "
-                f"sizes {sizes} only (TestG<size>.mat); pick one of those"
-            )
-        sizes = sorted(set(wanted))
+    sizes = _gallery_sizes(protocol_dir, wanted)
     query_frames: list[str] = []
     queries: list[SearchQueryItem] = []
     galleries: dict[int, list[list[GalleryItem]]] = {}

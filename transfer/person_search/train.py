@@ -32,37 +32,29 @@ import torch
 
 from pipeline.config import AT_LEAST_ONE, NON_NEGATIVE
 from pipeline.errors import ClaspError
+from pipeline.progress import progress
 from transfer.backbone import BackboneConfig, build_backbone
-from transfer.common import (
-    OptimConfig,
-    build_optimizer,
-    describe_batch,
-    fine_tune,
-    finished_results,
-    make_accelerator,
-    pct,
-    per_process_batch,
-    progress,
-    write_results,
-)
+from transfer.data import describe_batch, per_process_batch, read_rgb
+from transfer.loop import FineTuneResult, LoopConfig, Training, fine_tune, make_accelerator
+from transfer.optim import OptimConfig, build_optimizer
 from transfer.person_search import metrics as ps_metrics
 from transfer.person_search.datasets import UNLABELED, PersonSearchData, SceneAnnotation, load_person_search
 from transfer.person_search.model import TwoStageSearcher, crop_people
-from transfer.reid.losses import ReidLoss
+from transfer.person_search.training_data import CropDataset, SceneDataset, collate_scenes
+from transfer.reid import identity
 from transfer.reid.model import ReidModel
-from transfer.reid.sampler import PKBatchSampler
-from transfer.reid.train import ReidLossConfig, transforms
+from transfer.results import finished_results, pct, save_final_model, write_results
+from transfer.task import TaskConfig, start
 
 
 @dataclass
-class DetectorConfig:
+class DetectorConfig(LoopConfig):
     img_size: tuple[int, int] = (896, 1504)  # (height, width) the ViT is built for; other sizes are resampled
     min_size: int = 900  # torchvision resize: shorter side (SeqNet's 900 x 1500)
     max_size: int = 1500
     batch_size: int = 4  # scenes per process (when global_batch is 0)
     global_batch: Annotated[int, NON_NEGATIVE] = 0  # >0: scenes per step over all processes (per-process derived)
     epochs: Annotated[int, AT_LEAST_ONE] = 20
-    max_steps_per_epoch: int = 0  # 0 = full epochs
     flip_prob: float = 0.5
     prompt: str = "learned"  # MoE prompt of the detector's backbone copy (overrides backbone.prompt)
     prompt_mix: dict[str, float] = field(default_factory=lambda: {"part": 1.0})
@@ -77,25 +69,12 @@ class DetectorConfig:
 
 
 @dataclass
-class CropConfig:
-    """Re-ID crops and their P x K batches (stage 3a's augmentation: flip, pad + crop, random erasing)."""
+class EmbedConfig(LoopConfig):
+    """The re-ID embedding stage: stage 3a's recipe on ground-truth crops (flip, pad + crop, random erasing)."""
 
-    img_size: tuple[int, int] = (256, 128)  # (height, width)
-    p_identities: int = 16  # identities per process (when global_batch is 0)
-    k_instances: int = 4
-    global_batch: Annotated[int, NON_NEGATIVE] = 0  # >0: P x K crops over all processes; P per process derived
-    flip_prob: float = 0.5
-    padding_px: int = 10
-    erasing_prob: float = 0.5
-
-
-@dataclass
-class EmbedConfig:
-    data: CropConfig = field(default_factory=CropConfig)
-    loss: ReidLossConfig = field(default_factory=ReidLossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: Annotated[int, AT_LEAST_ONE] = 60
-    max_steps_per_epoch: int = 0
+    data: identity.IdentityBatchConfig = field(default_factory=identity.IdentityBatchConfig)
+    loss: identity.ReidLossConfig = field(default_factory=identity.ReidLossConfig)
 
 
 @dataclass
@@ -108,10 +87,8 @@ class SearchEvalConfig:
 
 
 @dataclass
-class PersonSearchConfig:
-    data_dir: str = ""
+class PersonSearchConfig(TaskConfig):
     dataset: Literal["cuhk_sysu", "prw"] = "cuhk_sysu"
-    out_dir: str = ""
     backbone: BackboneConfig = field(
         default_factory=lambda: BackboneConfig(prompt="learned", prompt_mix={"instance": 0.8, "attribute": 0.2})
     )  # spec and settings of both stages; prompt / prompt_mix are the re-ID embedding's
@@ -119,101 +96,12 @@ class PersonSearchConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     eval: SearchEvalConfig = field(default_factory=SearchEvalConfig)
     workers: int = 4
-    seed: int = 0
-    device: str = "auto"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    quiet: bool = False
 
 
 CONFIG = PersonSearchConfig
 
 
-@dataclass
-class _Stage:
-    """What ``fine_tune`` reads, per stage: its own folder (checkpoint), epochs and optimiser."""
-
-    out_dir: str
-    epochs: int
-    optim: OptimConfig
-    quiet: bool
-    run: dict[str, Any]  # the whole run's config, so a checkpoint of another run is refused
-
-
-# --- training data --------------------------------------------------------------------------------
-
-
-class SceneDataset(torch.utils.data.Dataset):
-    """Training scenes -> (0..1 RGB tensor, {"boxes", "labels", "size"}, index), random horizontal flip."""
-
-    def __init__(self, scenes: list[SceneAnnotation], *, flip_prob: float) -> None:
-        self.scenes, self.flip_prob = scenes, flip_prob
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        scene = self.scenes[index]
-        image = _read_tensor(scene.path)
-        boxes = torch.as_tensor(scene.boxes_xyxy, dtype=torch.float32).reshape(-1, 4).clone()
-        width = image.shape[-1]
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image.shape[-2])
-        if torch.rand(()) < self.flip_prob:
-            image = image.flip(-1)
-            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-        target = {
-            "boxes": boxes,
-            "labels": torch.ones(len(boxes), dtype=torch.int64),
-            "size": torch.tensor(image.shape[-2:]),
-        }
-        return image, target, index
-
-
-def collate_scenes(batch: list) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]], torch.Tensor]:
-    """Pad to the largest image of the batch (bottom/right); each target keeps its image's true ``size``."""
-    height = max(image.shape[1] for image, _, _ in batch)
-    width = max(image.shape[2] for image, _, _ in batch)
-    images = torch.zeros(len(batch), 3, height, width)
-    for i, (image, _, _) in enumerate(batch):
-        images[i, :, : image.shape[1], : image.shape[2]] = image
-    return images, [t for _, t, _ in batch], torch.tensor([i for _, _, i in batch])
-
-
-class CropDataset(torch.utils.data.Dataset):
-    """(scene path, box xyxy, label) -> (transformed crop, label, index)."""
-
-    def __init__(self, items: list[tuple[str, np.ndarray, int]], transform: Any) -> None:
-        self.items, self.transform = items, transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        path, box, label = self.items[index]
-        return crop_people(_read_image(path), box[None], self.transform)[0], label, index
-
-
-def _read_image(path: str) -> Any:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except OSError as exc:
-        raise ClaspError(f"cannot read image {path}: {exc}") from None
-
-
-def _read_tensor(path: str) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(_read_image(path)).copy()).permute(2, 0, 1).float().div(255.0)
-
-
 # --- the two stages -------------------------------------------------------------------------------
-
-
-def _stage(cfg: PersonSearchConfig, name: str, epochs: int, optim: OptimConfig) -> _Stage:
-    from pipeline.config import to_dict
-
-    return _Stage(str(Path(cfg.out_dir) / name), epochs, optim, cfg.quiet, to_dict(cfg))
 
 
 def build_searcher(cfg: PersonSearchConfig, num_train_ids: int) -> TwoStageSearcher:
@@ -250,22 +138,14 @@ def detector_batch(cfg: PersonSearchConfig, accelerator: Any) -> int:
 
 def embedding_identities(cfg: PersonSearchConfig, accelerator: Any) -> int:
     """P of the embedding stage's per-process P x K batch (``embed.data.global_batch`` split over the processes)."""
-    data, n = cfg.embed.data, accelerator.num_processes
-    batch = per_process_batch(
-        global_batch=data.global_batch,
-        batch_size=data.p_identities * data.k_instances,
-        num_processes=n,
-        key="embed.data.global_batch",
-        unit=data.k_instances,
+    return identity.identities_per_process(
+        cfg.embed.data, accelerator, key="embed.data.global_batch", quiet=cfg.quiet, label="embedding: "
     )
-    if accelerator.is_main_process and not cfg.quiet:
-        print(f"embedding: {describe_batch(batch, n, data.global_batch)}")
-    return batch // data.k_instances
 
 
 def train_detector(
     searcher: TwoStageSearcher, data: PersonSearchData, cfg: PersonSearchConfig, accelerator: Any
-) -> dict[str, Any]:
+) -> FineTuneResult:
     """Fine-tune the detector on every annotated person of the training scenes (labelled or not)."""
     dcfg = cfg.detector
     scenes = [s for s in data.train if len(s.pids)]
@@ -278,9 +158,7 @@ def train_detector(
         collate_fn=collate_scenes,
         drop_last=len(scenes) > batch_size,
     )
-    steps = math.ceil(len(loader) / accelerator.num_processes)
-    if dcfg.max_steps_per_epoch > 0:
-        steps = min(steps, dcfg.max_steps_per_epoch)
+    steps = dcfg.cap(math.ceil(len(loader) / accelerator.num_processes))
     optimizer, schedule = build_optimizer(searcher.detector, dcfg.optim, steps_per_epoch=steps, epochs=dcfg.epochs)
     model, optimizer, loader = accelerator.prepare(searcher.detector, optimizer, loader)
 
@@ -290,26 +168,19 @@ def train_detector(
         losses = net(inputs, [{k: v for k, v in t.items() if k != "size"} for t in targets])
         return {"loss": sum(losses.values()), **{k: v.detach() for k, v in losses.items()}}
 
-    training = fine_tune(
-        accelerator,
-        _stage(cfg, "detector", dcfg.epochs, dcfg.optim),
-        model=model,
-        optimizer=optimizer,
-        schedule=schedule,
-        loader=loader,
-        loss_fn=loss_fn,
-        steps_per_epoch=steps,
-        set_epoch=lambda epoch: None,
-        name="detector",
-    )
+    training = Training(model, optimizer, schedule, loader, steps, set_epoch=lambda epoch: None)
+    result = fine_tune(
+        accelerator, dcfg, training, loss_fn=loss_fn, out_dir=Path(cfg.out_dir) / "detector", run_config=cfg,
+        name="detector", quiet=cfg.quiet,
+    )  # fmt: skip
     searcher.detector = accelerator.unwrap_model(model)
-    return training
+    return result
 
 
 def train_embedding(
     searcher: TwoStageSearcher, data: PersonSearchData, cfg: PersonSearchConfig, accelerator: Any
-) -> dict[str, Any]:
-    """Fine-tune the re-ID model on ground-truth crops of the training identities."""
+) -> FineTuneResult:
+    """Fine-tune the re-ID model on ground-truth crops of the training identities (re-ID's P x K recipe)."""
     ecfg = cfg.embed
     labels = {pid: i for i, pid in enumerate(data.train_ids)}
     items = [
@@ -320,40 +191,19 @@ def train_embedding(
     ]
     if len(labels) < 2:
         raise ClaspError(f"{data.root}: person search training needs at least 2 labelled identities")
-    p = embedding_identities(cfg, accelerator)
-    sampler = PKBatchSampler([it[2] for it in items], p, ecfg.data.k_instances, seed=cfg.seed)
-    crops = CropDataset(items, transforms(searcher.reid.backbone, ecfg.data, train=True))
-    loader = torch.utils.data.DataLoader(crops, batch_sampler=sampler, num_workers=cfg.workers)
-    steps = math.ceil(len(sampler) / accelerator.num_processes)
-    if ecfg.max_steps_per_epoch > 0:
-        steps = min(steps, ecfg.max_steps_per_epoch)
-    optimizer, schedule = build_optimizer(searcher.reid, ecfg.optim, steps_per_epoch=steps, epochs=ecfg.epochs)
-    criterion = ReidLoss(
-        label_smoothing=ecfg.loss.label_smoothing,
-        triplet_margin=ecfg.loss.triplet_margin,
-        id_weight=ecfg.loss.id_weight,
-        triplet_weight=ecfg.loss.triplet_weight,
-    )
-    model, optimizer, loader = accelerator.prepare(searcher.reid, optimizer, loader)
-
-    def loss_fn(net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits, feats = net(images)
-        return criterion(logits, feats, targets)
-
-    training = fine_tune(
-        accelerator,
-        _stage(cfg, "embedding", ecfg.epochs, ecfg.optim),
-        model=model,
-        optimizer=optimizer,
-        schedule=schedule,
-        loader=loader,
-        loss_fn=loss_fn,
-        steps_per_epoch=steps,
-        set_epoch=sampler.set_epoch,
-        name="embedding",
-    )
-    searcher.reid = accelerator.unwrap_model(model)
-    return training
+    identities = embedding_identities(cfg, accelerator)
+    crops = CropDataset(items, identity.transforms(searcher.reid.backbone, ecfg.data, train=True))
+    training = identity.identity_training(
+        accelerator, ecfg, searcher.reid, crops, [it[2] for it in items], identities=identities,
+        k_instances=ecfg.data.k_instances, workers=cfg.workers, seed=cfg.seed,
+    )  # fmt: skip
+    loss_fn = identity.id_triplet_loss(ecfg.loss)
+    result = fine_tune(
+        accelerator, ecfg, training, loss_fn=loss_fn, out_dir=Path(cfg.out_dir) / "embedding", run_config=cfg,
+        name="embedding", quiet=cfg.quiet,
+    )  # fmt: skip
+    searcher.reid = accelerator.unwrap_model(training.model)
+    return result
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -406,14 +256,14 @@ def evaluate(searcher: TwoStageSearcher, data: PersonSearchData, cfg: PersonSear
     from torchvision.ops import box_iou
 
     device = next(searcher.parameters()).device
-    transform = transforms(searcher.reid.backbone, cfg.embed.data, train=False)
+    transform = identity.transforms(searcher.reid.backbone, cfg.embed.data, train=False)
     frames = gallery_frames(data, cfg)
     detected, on_gt = {}, {}
     found = total = n_boxes = 0
     t0 = time.perf_counter()
     with progress(len(frames), "search gallery", quiet=cfg.quiet, unit="frame") as advance:
         for scene in frames:
-            image = _read_image(scene.path)
+            image = read_rgb(scene.path)
             tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255.0).to(device)
             boxes, scores = searcher.detect([tensor])[0]
             keep = scores >= cfg.eval.det_thresh
@@ -433,7 +283,7 @@ def evaluate(searcher: TwoStageSearcher, data: PersonSearchData, cfg: PersonSear
                     iou = box_iou(torch.as_tensor(scene.boxes_xyxy), torch.as_tensor(boxes))
                     found += int((iou.max(dim=1).values >= 0.5).sum())
             advance(1)
-    query_crops = torch.cat([crop_people(_read_image(q.path), q.box_xyxy[None], transform) for q in data.queries])
+    query_crops = torch.cat([crop_people(read_rgb(q.path), q.box_xyxy[None], transform) for q in data.queries])
     query_feats = searcher.embed(query_crops, batch_size=cfg.eval.batch_size)
     scores = {"detected": search_scores(data, query_feats, detected, cfg)}
     if cfg.eval.gt_boxes:
@@ -450,27 +300,37 @@ def evaluate(searcher: TwoStageSearcher, data: PersonSearchData, cfg: PersonSear
 # --- run ------------------------------------------------------------------------------------------
 
 
-def run(cfg: PersonSearchConfig) -> dict[str, Any]:
-    """Train both stages on ``cfg.dataset`` and write results.json / results.md / models to ``cfg.out_dir``."""
-    if not cfg.data_dir or not cfg.out_dir:
-        raise ClaspError("transfer person-search needs --data (dataset folder) and --out (output folder)")
-    out = Path(cfg.out_dir)
-    finished = finished_results(out, cfg)
-    if finished is not None:
-        return finished
-    size = cfg.eval.gallery_size
-    data = load_person_search(cfg.dataset, cfg.data_dir, gallery_sizes=[50 if size == -1 else size])
-    gallery_frames(data, cfg)  # a wrong gallery size fails before training
-    accelerator, device = make_accelerator(cfg)
-    searcher = build_searcher(cfg, len(data.train_ids))
-    det_training = train_detector(searcher, data, cfg, accelerator)
-    emb_training = train_embedding(searcher, data, cfg, accelerator)
-    record: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        scores = evaluate(searcher, data, cfg)
-        record = _write(out, cfg, data, searcher, scores, {"detector": det_training, "embedding": emb_training}, device)
-    accelerator.wait_for_everyone()
-    return record
+class PersonSearchTask:
+    """Two stages from one backbone, each through the shared fine-tune loop with its own checkpoint folder."""
+
+    name = "person-search"
+    config = PersonSearchConfig
+    data_hint = "dataset folder"
+    datasets = ()  # the reader names the choices
+
+    def run(self, cfg: PersonSearchConfig) -> dict[str, Any]:
+        """Train both stages on ``cfg.dataset`` and write results.json / results.md / models to ``cfg.out_dir``."""
+        out = start(self, cfg)
+        finished = finished_results(out, cfg)
+        if finished is not None:
+            return finished
+        size = cfg.eval.gallery_size
+        data = load_person_search(cfg.dataset, cfg.data_dir, gallery_sizes=[50 if size == -1 else size])
+        gallery_frames(data, cfg)  # a wrong gallery size fails before training
+        accelerator, device = make_accelerator(device=cfg.device, mixed_precision=cfg.mixed_precision, seed=cfg.seed)
+        searcher = build_searcher(cfg, len(data.train_ids))
+        training = {
+            "detector": train_detector(searcher, data, cfg, accelerator),
+            "embedding": train_embedding(searcher, data, cfg, accelerator),
+        }
+        record: dict[str, Any] = {}
+        if accelerator.is_main_process:
+            record = _write(out, cfg, data, searcher, evaluate(searcher, data, cfg), training, device)
+        accelerator.wait_for_everyone()
+        return record
+
+
+run = PersonSearchTask().run
 
 
 def _protocol(data: PersonSearchData, cfg: PersonSearchConfig) -> str:
@@ -500,11 +360,9 @@ def _write(
     data: PersonSearchData,
     searcher: TwoStageSearcher,
     scores: dict[str, Any],
-    training: dict[str, dict[str, Any]],
+    training: dict[str, FineTuneResult],
     device: str,
 ) -> dict[str, Any]:
-    from transfer.common import save_final_model
-
     metrics = _summary(scores["detected"])
     gt = _summary(scores["gt_boxes"]) if "gt_boxes" in scores else None
     table = [(f"{n} (detected boxes)", pct(metrics[n])) for n in ("mAP", "top1")]
@@ -512,10 +370,8 @@ def _write(
         table += [(f"{n} (ground-truth boxes)", pct(gt[n])) for n in ("mAP", "top1")]
     table.append(("detection recall at IoU 0.5 (score >= det_thresh)", pct(scores["detection"]["recall_iou0.5"])))
 
-    def stage(t: dict[str, Any]) -> dict[str, Any]:
-        history = t["history"]
-        final = round(history[-1]["loss"], 4) if history else None
-        return {"steps": t["steps"], "wall_s": t["wall_s"], "final_loss": final}
+    def stage(t: FineTuneResult) -> dict[str, Any]:
+        return {"steps": t.steps, "wall_s": t.wall_s, "final_loss": t.final_loss()}
 
     record = {
         "task": "person-search",
@@ -537,7 +393,7 @@ def _write(
             "detector": stage(training["detector"]),
             "embedding": stage(training["embedding"]),
         },
-        "history": {name: t["history"] for name, t in training.items()},
+        "history": {name: t.history for name, t in training.items()},
     }
     save_final_model(out, searcher)
     record = write_results(out, cfg, record, title=f"Person search transfer: {data.name}", table=table)

@@ -30,17 +30,9 @@ from pipeline.config import AT_LEAST_ONE, POSITIVE
 from pipeline.errors import ClaspError
 from pipeline.formats import write_json_atomic
 from transfer.backbone import BackboneConfig, build_backbone, part_prompt_backbone
-from transfer.common import (
-    OptimConfig,
-    fine_tune,
-    finished_results,
-    make_accelerator,
-    pct,
-    predict_in_order,
-    prepare_training,
-    save_final_model,
-    write_results,
-)
+from transfer.data import BatchConfig
+from transfer.loop import FineTuneResult, LossFn, Training, predict_in_order, prepare_training
+from transfer.optim import OptimConfig
 from transfer.pose.datasets import (
     NUM_JOINTS,
     CropSettings,
@@ -48,24 +40,21 @@ from transfer.pose.datasets import (
     PoseCrops,
     PoseData,
     apply_affine,
-    decode_heatmaps,
-    decode_heatmaps_dark,
     flip_permutation,
-    from_heatmap_coords,
     load_coco_keypoints,
 )
+from transfer.pose.heatmaps import decode_heatmaps, decode_heatmaps_dark, from_heatmap_coords
 from transfer.pose.metrics import COCO_KEYPOINT_SIGMAS, KEYPOINT_STAT_NAMES, coco_keypoint_ap
 from transfer.pose.model import PoseModel
+from transfer.results import pct, save_final_model, write_results
+from transfer.task import FineTuneConfig, FineTuneTask
 
 
 @dataclass
-class PoseDataConfig:
+class PoseDataConfig(BatchConfig):
     img_size: Annotated[tuple[int, int], POSITIVE] = (256, 192)  # (height, width) of the crop
     sigma: float = 2.0  # Gaussian target, heatmap pixels
     padding: float = 1.25
-    batch_size: int = 64
-    global_batch: int = 0  # >0: images per step over all processes (batch_size per process is then derived)
-    workers: int = 8
     flip_prob: float = 0.5
     scale_factor: float = 0.35
     rotation_factor: float = 40.0
@@ -93,23 +82,16 @@ class PoseEvalConfig:
 
 
 @dataclass
-class PoseConfig:
-    data_dir: str = ""
+class PoseConfig(FineTuneConfig):
     dataset: str = "coco"
-    out_dir: str = ""
     backbone: BackboneConfig = field(default_factory=part_prompt_backbone)
-    data: PoseDataConfig = field(default_factory=PoseDataConfig)
-    head: PoseHeadConfig = field(default_factory=PoseHeadConfig)
-    eval: PoseEvalConfig = field(default_factory=PoseEvalConfig)
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(name="adamw", lr=5e-4, weight_decay=0.1, warmup_epochs=1.0)
     )
     epochs: Annotated[int, AT_LEAST_ONE] = 210
-    max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
-    seed: int = 0
-    device: str = "auto"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    quiet: bool = False
+    data: PoseDataConfig = field(default_factory=PoseDataConfig)
+    head: PoseHeadConfig = field(default_factory=PoseHeadConfig)
+    eval: PoseEvalConfig = field(default_factory=PoseEvalConfig)
 
 
 CONFIG = PoseConfig
@@ -126,67 +108,54 @@ def heatmap_loss(heatmaps: torch.Tensor, targets: torch.Tensor, weights: torch.T
     return 0.5 * diff.pow(2).mean()
 
 
-def run(cfg: PoseConfig) -> dict[str, Any]:
-    """Fine-tune on COCO keypoints and write results.json / results.md / model.safetensors to ``cfg.out_dir``."""
-    if not cfg.data_dir or not cfg.out_dir:
-        raise ClaspError("transfer pose needs --data (COCO folder) and --out (output folder)")
-    if cfg.dataset not in DATASETS:
-        raise ClaspError(f"transfer pose: unknown --dataset '{cfg.dataset}'; choose one of {', '.join(DATASETS)}")
-    out = Path(cfg.out_dir)
-    finished = finished_results(out, cfg)
-    if finished is not None:
-        return finished
-    data = load_coco_keypoints(
-        cfg.data_dir,
-        train_split=cfg.data.train_split,
-        test_split=cfg.data.test_split,
-        detections=cfg.data.detections,
-        det_score_thr=cfg.data.det_score_thr,
-    )
-    accelerator, device = make_accelerator(cfg)
+class PoseTask(FineTuneTask[PoseConfig, PoseData]):
+    name = "pose"
+    config = PoseConfig
+    data_hint = "COCO folder"
+    datasets = DATASETS
 
-    # --- model, data, optimiser
-    backbone = build_backbone(cfg.backbone, tuple(cfg.data.img_size))
-    h, w = cfg.data.img_size
-    if h % backbone.patch_size or w % backbone.patch_size:
-        raise ClaspError(f"data.img_size {h}x{w} must be a multiple of the backbone's patch size {backbone.patch_size}")
-    model = PoseModel(backbone, NUM_JOINTS, head=cfg.head.kind, channels=cfg.head.channels)
-    settings = crop_settings(cfg, model.stride)
-    train_set = PoseCrops(data.train, settings, mean=backbone.mean, std=backbone.std, train=True, seed=cfg.seed)
-    prepared = prepare_training(accelerator, cfg, model, train_set)
-    model, optimizer, schedule, loader = prepared.model, prepared.optimizer, prepared.schedule, prepared.loader
-    steps_per_epoch, generator = prepared.steps_per_epoch, prepared.generator
+    def load_data(self, cfg: PoseConfig) -> PoseData:
+        return load_coco_keypoints(
+            cfg.data_dir,
+            train_split=cfg.data.train_split,
+            test_split=cfg.data.test_split,
+            detections=cfg.data.detections,
+            det_score_thr=cfg.data.det_score_thr,
+        )
 
-    def loss_fn(net: nn.Module, images: torch.Tensor, targets: Any) -> dict[str, torch.Tensor]:
-        heatmaps, weights = targets
-        return {"loss": heatmap_loss(net(images), heatmaps, weights)}
+    def build_model(self, cfg: PoseConfig, data: PoseData) -> PoseModel:
+        backbone = build_backbone(cfg.backbone, tuple(cfg.data.img_size))
+        h, w = cfg.data.img_size
+        if h % backbone.patch_size or w % backbone.patch_size:
+            raise ClaspError(
+                f"data.img_size {h}x{w} must be a multiple of the backbone's patch size {backbone.patch_size}"
+            )
+        return PoseModel(backbone, NUM_JOINTS, head=cfg.head.kind, channels=cfg.head.channels)
 
-    def set_epoch(epoch: int) -> None:  # same shuffles and augmentations after a resume
-        generator.manual_seed(cfg.seed * 1000 + epoch)
-        train_set.set_epoch(epoch)
+    def prepare(self, cfg: PoseConfig, data: PoseData, model: PoseModel, accelerator: Any) -> Training:
+        settings = crop_settings(cfg, model.stride)
+        bb = model.backbone
+        train_set = PoseCrops(data.train, settings, mean=bb.mean, std=bb.std, train=True, seed=cfg.seed)
+        return prepare_training(accelerator, cfg, cfg.data, model, train_set, seed=cfg.seed, quiet=cfg.quiet)
 
-    # --- train, evaluate, write
-    training = fine_tune(
-        accelerator,
-        cfg,
-        model=model,
-        optimizer=optimizer,
-        schedule=schedule,
-        loader=loader,
-        loss_fn=loss_fn,
-        steps_per_epoch=steps_per_epoch,
-        set_epoch=set_epoch,
-        name="pose",
-    )
-    model = accelerator.unwrap_model(model)
-    results = predict_keypoints(model, data.test, cfg, accelerator)
-    record: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        results_path = write_json_atomic(out / f"keypoints_{cfg.data.test_split}_results.json", results)
-        scores = coco_keypoint_ap(data.test_gt, results)
-        record = _write(out, cfg, data, model, scores, results_path, {**training, "device": device})
-    accelerator.wait_for_everyone()
-    return record
+    def loss_fn(self, cfg: PoseConfig, data: PoseData, accelerator: Any) -> LossFn:
+        def loss_fn(net: nn.Module, images: torch.Tensor, targets: Any) -> dict[str, torch.Tensor]:
+            heatmaps, weights = targets
+            return {"loss": heatmap_loss(net(images), heatmaps, weights)}
+
+        return loss_fn
+
+    def evaluate(self, cfg: PoseConfig, data: PoseData, model: PoseModel, accelerator: Any) -> list[dict[str, Any]]:
+        return predict_keypoints(model, data.test, cfg, accelerator)
+
+    def write(
+        self, out: Path, cfg: PoseConfig, data: PoseData, model: PoseModel, scores: Any, training: FineTuneResult
+    ) -> dict[str, Any]:
+        results_path = write_json_atomic(out / f"keypoints_{cfg.data.test_split}_results.json", scores)
+        return _write(out, cfg, data, model, coco_keypoint_ap(data.test_gt, scores), results_path, training)
+
+
+run = PoseTask().run
 
 
 def crop_settings(cfg: PoseConfig, stride: int) -> CropSettings:
@@ -288,7 +257,7 @@ def _write(
     model: PoseModel,
     scores: dict[str, float],
     results_path: Path,
-    training: dict[str, Any],
+    training: FineTuneResult,
 ) -> dict[str, Any]:
     h, w = cfg.data.img_size
     protocol = (
@@ -299,7 +268,6 @@ def _write(
         f"mean joint confidence above {cfg.eval.in_vis_thr}; "
         + (f"OKS-NMS {cfg.eval.oks_nms_thr}" if cfg.eval.oks_nms_thr > 0 else "no OKS-NMS")
     )
-    history = training["history"]
     record = {
         "task": "pose",
         "dataset": data.name,
@@ -311,14 +279,8 @@ def _write(
         "metrics": scores,
         "results_file": results_path.name,
         "data": data.summary(),
-        "training": {
-            "epochs": cfg.epochs,
-            "steps": training["steps"],
-            "wall_s": training["wall_s"],
-            "device": training["device"],
-            "final_loss": round(history[-1]["loss"], 6) if history else None,
-        },
-        "history": history,
+        "training": training.record(cfg.epochs, loss_digits=6),
+        "history": training.history,
     }
     save_final_model(out, model)
     # pycocotools reports -1 where no ground truth falls in an area range (e.g. no large people)

@@ -18,58 +18,36 @@ SGD 4e-4, 20 warm-up epochs, no label smoothing, soft margin, before-BN feature,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-import torch
 
-from pipeline.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
-from pipeline.errors import ClaspError
-from transfer.backbone import BackboneConfig, FeatureBackbone, build_backbone
-from transfer.common import (
-    ImageDataset,
-    OptimConfig,
-    build_optimizer,
-    describe_batch,
-    fine_tune,
-    finished_results,
-    make_accelerator,
-    pct,
-    per_process_batch,
-    predict_in_order,
-    save_final_model,
-    write_results,
-)
+from pipeline.config import AT_LEAST_ONE, POSITIVE
+from transfer.backbone import BackboneConfig, build_backbone
+from transfer.data import ImageDataset
+from transfer.loop import FineTuneResult, LossFn, Training, predict_in_order
 from transfer.reid import metrics as reid_metrics
 from transfer.reid.datasets import ReidData, load_reid_dataset
-from transfer.reid.losses import ReidLoss
+from transfer.reid.identity import (
+    IdentityBatchConfig,
+    ReidLossConfig,
+    id_triplet_loss,
+    identities_per_process,
+    identity_training,
+    transforms,
+)
 from transfer.reid.model import ReidModel
 from transfer.reid.rerank import k_reciprocal_rerank
-from transfer.reid.sampler import PKBatchSampler
+from transfer.results import pct, save_final_model, write_results
+from transfer.task import FineTuneConfig, FineTuneTask
 
 
 @dataclass
-class ReidDataConfig:
-    img_size: Annotated[tuple[int, int], POSITIVE] = (256, 128)  # (height, width); 384x128 is the other common setting
-    p_identities: Annotated[int, POSITIVE] = 16
-    k_instances: Annotated[int, POSITIVE] = 4
-    global_batch: Annotated[int, NON_NEGATIVE] = 0  # >0: P x K images over all processes; P per process derived
+class ReidDataConfig(IdentityBatchConfig):
     workers: int = 8
-    flip_prob: float = 0.5
-    padding_px: int = 10
-    erasing_prob: float = 0.5
     msmt17_with_val: bool = True  # MSMT17: train on list_train + list_val (TransReID / SOLIDER)
-
-
-@dataclass
-class ReidLossConfig:
-    label_smoothing: float = 0.1
-    triplet_margin: float | None = 0.3  # null = soft margin
-    id_weight: float = 1.0
-    triplet_weight: float = 1.0
 
 
 @dataclass
@@ -85,112 +63,58 @@ class ReidEvalConfig:
 
 
 @dataclass
-class ReidConfig:
-    data_dir: str = ""
+class ReidConfig(FineTuneConfig):
     dataset: str = "market1501"
-    out_dir: str = ""
     backbone: BackboneConfig = field(
         default_factory=lambda: BackboneConfig(prompt="learned", prompt_mix={"instance": 0.8, "attribute": 0.2})
     )
+    epochs: Annotated[int, AT_LEAST_ONE] = 120
     data: ReidDataConfig = field(default_factory=ReidDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     loss: ReidLossConfig = field(default_factory=ReidLossConfig)
     eval: ReidEvalConfig = field(default_factory=ReidEvalConfig)
-    epochs: Annotated[int, AT_LEAST_ONE] = 120
-    max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
-    seed: int = 0
-    device: str = "auto"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    quiet: bool = False
 
 
 CONFIG = ReidConfig
 
 
-def transforms(backbone: FeatureBackbone, cfg: ReidDataConfig, *, train: bool) -> Any:
-    import torchvision.transforms as T
-    from timm.data.random_erasing import RandomErasing
-
-    size = tuple(cfg.img_size)
-    ops: list[Any] = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
-    if train:
-        ops += [T.RandomHorizontalFlip(cfg.flip_prob), T.Pad(cfg.padding_px), T.RandomCrop(size)]
-    ops += [T.ToTensor(), T.Normalize(backbone.mean, backbone.std)]
-    if train and cfg.erasing_prob > 0:
-        ops.append(RandomErasing(probability=cfg.erasing_prob, mode="pixel", max_count=1, device="cpu"))
-    return T.Compose(ops)
-
-
 def identities_per_batch(cfg: ReidConfig, accelerator: Any) -> int:
     """P of the per-process P x K batch (``data.global_batch`` split over the processes, else
     ``data.p_identities``); the global batch is printed on the main process."""
-    k, n = cfg.data.k_instances, accelerator.num_processes
-    batch = per_process_batch(
-        global_batch=cfg.data.global_batch,
-        batch_size=cfg.data.p_identities * k,
-        num_processes=n,
-        key="data.global_batch",
-        unit=k,
-    )
-    if accelerator.is_main_process and not cfg.quiet:
-        print(f"{describe_batch(batch, n, cfg.data.global_batch)}: {batch // k} identities x {k} images per process")
-    return batch // k
+    return identities_per_process(cfg.data, accelerator, key="data.global_batch", quiet=cfg.quiet)
 
 
-def run(cfg: ReidConfig) -> dict[str, Any]:
-    """Fine-tune on ``cfg.dataset`` and write results.json / results.md / model.safetensors to ``cfg.out_dir``."""
-    if not cfg.data_dir or not cfg.out_dir:
-        raise ClaspError("transfer reid needs --data (dataset folder) and --out (output folder)")
-    out = Path(cfg.out_dir)
-    finished = finished_results(out, cfg)
-    if finished is not None:
-        return finished
-    data = load_reid_dataset(cfg.dataset, cfg.data_dir, msmt17_with_val=cfg.data.msmt17_with_val)
-    accelerator, device = make_accelerator(cfg)
+class ReidTask(FineTuneTask[ReidConfig, ReidData]):
+    name = "reid"
+    config = ReidConfig
 
-    # --- model, P x K data, optimiser
-    backbone = build_backbone(cfg.backbone, tuple(cfg.data.img_size))
-    model = ReidModel(backbone, data.num_train_ids)
-    pids = [pid for _, pid, _ in data.train]
-    sampler = PKBatchSampler(pids, identities_per_batch(cfg, accelerator), cfg.data.k_instances, seed=cfg.seed)
-    train_set = ImageDataset([p for p, _, _ in data.train], pids, transforms(backbone, cfg.data, train=True))
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.workers)
-    steps_per_epoch = math.ceil(len(sampler) / accelerator.num_processes)
-    if cfg.max_steps_per_epoch > 0:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    optimizer, schedule = build_optimizer(model, cfg.optim, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs)
-    criterion = ReidLoss(
-        label_smoothing=cfg.loss.label_smoothing,
-        triplet_margin=cfg.loss.triplet_margin,
-        id_weight=cfg.loss.id_weight,
-        triplet_weight=cfg.loss.triplet_weight,
-    )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    def load_data(self, cfg: ReidConfig) -> ReidData:
+        return load_reid_dataset(cfg.dataset, cfg.data_dir, msmt17_with_val=cfg.data.msmt17_with_val)
 
-    def loss_fn(net: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits, feats = net(images)
-        return criterion(logits, feats, targets)
+    def build_model(self, cfg: ReidConfig, data: ReidData) -> ReidModel:
+        return ReidModel(build_backbone(cfg.backbone, tuple(cfg.data.img_size)), data.num_train_ids)
 
-    # --- train, evaluate, write
-    training = fine_tune(
-        accelerator,
-        cfg,
-        model=model,
-        optimizer=optimizer,
-        schedule=schedule,
-        loader=loader,
-        loss_fn=loss_fn,
-        steps_per_epoch=steps_per_epoch,
-        set_epoch=sampler.set_epoch,
-        name="reid",
-    )
-    model = accelerator.unwrap_model(model)
-    scores = evaluate(model, data, cfg, accelerator)
-    record: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        record = _write(out, cfg, data, model, scores, {**training, "device": device})
-    accelerator.wait_for_everyone()
-    return record
+    def prepare(self, cfg: ReidConfig, data: ReidData, model: ReidModel, accelerator: Any) -> Training:
+        pids = [pid for _, pid, _ in data.train]
+        identities = identities_per_batch(cfg, accelerator)
+        train_set = ImageDataset([p for p, _, _ in data.train], pids, transforms(model.backbone, cfg.data, train=True))
+        return identity_training(
+            accelerator, cfg, model, train_set, pids, identities=identities, k_instances=cfg.data.k_instances,
+            workers=cfg.data.workers, seed=cfg.seed,
+        )  # fmt: skip
+
+    def loss_fn(self, cfg: ReidConfig, data: ReidData, accelerator: Any) -> LossFn:
+        return id_triplet_loss(cfg.loss)
+
+    def evaluate(self, cfg: ReidConfig, data: ReidData, model: ReidModel, accelerator: Any) -> dict[str, Any]:
+        return evaluate(model, data, cfg, accelerator)
+
+    def write(
+        self, out: Path, cfg: ReidConfig, data: ReidData, model: ReidModel, scores: Any, training: FineTuneResult
+    ) -> dict[str, Any]:
+        return _write(out, cfg, data, model, scores, training)
+
+
+run = ReidTask().run
 
 
 def extract_features(model: ReidModel, items: list, cfg: ReidConfig, accelerator: Any) -> np.ndarray:
@@ -233,7 +157,7 @@ def _summary(result: dict[str, Any]) -> dict[str, float]:
 
 
 def _write(
-    out: Path, cfg: ReidConfig, data: ReidData, model: ReidModel, scores: dict[str, Any], training: dict[str, Any]
+    out: Path, cfg: ReidConfig, data: ReidData, model: ReidModel, scores: dict[str, Any], training: FineTuneResult
 ) -> dict[str, Any]:
     h, w = cfg.data.img_size
     protocol = (
@@ -253,7 +177,6 @@ def _write(
         }
         tag = f"k-reciprocal k1={cfg.eval.k1} k2={cfg.eval.k2} lambda={cfg.eval.lambda_value}"
         table += [(f"{n} ({tag})", pct(reranked[n])) for n in ("mAP", "rank1", "mINP")]
-    history = training["history"]
     record = {
         "task": "reid",
         "dataset": data.name,
@@ -265,14 +188,8 @@ def _write(
         "metrics_reranked": reranked,
         "cmc": scores["plain"]["cmc"].tolist(),
         "data": data.summary(),
-        "training": {
-            "epochs": cfg.epochs,
-            "steps": training["steps"],
-            "wall_s": training["wall_s"],
-            "device": training["device"],
-            "final_loss": round(history[-1]["loss"], 4) if history else None,
-        },
-        "history": history,
+        "training": training.record(cfg.epochs),
+        "history": training.history,
     }
     save_final_model(out, model)
     return write_results(out, cfg, record, title=f"Re-ID transfer: {data.name}", table=table)

@@ -26,17 +26,11 @@ import torch.nn.functional as F
 from pipeline.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE
 from pipeline.errors import ClaspError
 from transfer.backbone import BackboneConfig, FeatureBackbone, build_backbone
-from transfer.common import (
-    ImageDataset,
-    OptimConfig,
-    fine_tune,
-    finished_results,
-    make_accelerator,
-    predict_in_order,
-    prepare_training,
-    save_final_model,
-    write_results,
-)
+from transfer.data import BatchConfig, ImageDataset
+from transfer.loop import FineTuneResult, LossFn, Training, predict_in_order, prepare_training
+from transfer.optim import OptimConfig
+from transfer.results import save_final_model, write_results
+from transfer.task import FineTuneConfig, FineTuneTask
 from transfer.text_search import metrics
 from transfer.text_search.datasets import TextSearchData, load_text_search_dataset
 from transfer.text_search.losses import id_loss, sdm_loss
@@ -44,11 +38,9 @@ from transfer.text_search.model import TextSearchModel, TextTowerConfig, build_t
 
 
 @dataclass
-class TextDataConfig:
+class TextDataConfig(BatchConfig):
     img_size: Annotated[tuple[int, int], POSITIVE] = (384, 128)  # (height, width), IRRA
     batch_size: Annotated[int, POSITIVE] = 128  # (image, caption) pairs per process
-    global_batch: Annotated[int, NON_NEGATIVE] = 0  # >0: pairs per step over all processes (per-process derived)
-    workers: int = 8
     flip_prob: float = 0.5
     padding_px: int = 10
     erasing_prob: float = 0.5
@@ -68,10 +60,8 @@ class TextEvalConfig:
 
 
 @dataclass
-class TextSearchConfig:
-    data_dir: str = ""
+class TextSearchConfig(FineTuneConfig):
     dataset: str = "cuhk-pedes"
-    out_dir: str = ""
     backbone: BackboneConfig = field(
         default_factory=lambda: BackboneConfig(prompt="learned", prompt_mix={"instance": 0.5, "attribute": 0.5})
     )
@@ -85,14 +75,6 @@ class TextSearchConfig:
     loss: TextLossConfig = field(default_factory=TextLossConfig)
     eval: TextEvalConfig = field(default_factory=TextEvalConfig)
     epochs: Annotated[int, AT_LEAST_ONE] = 60
-    max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps them (smoke tests)
-    seed: int = 0
-    device: str = "auto"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    quiet: bool = False
-
-
-CONFIG = TextSearchConfig
 
 
 def transforms(backbone: FeatureBackbone, cfg: TextDataConfig, *, train: bool) -> Any:
@@ -108,59 +90,65 @@ def transforms(backbone: FeatureBackbone, cfg: TextDataConfig, *, train: bool) -
     return T.Compose(ops)
 
 
-def run(cfg: TextSearchConfig) -> dict[str, Any]:
-    """Fine-tune on ``cfg.dataset`` and write results.json / results.md / model.safetensors to ``cfg.out_dir``."""
-    if not cfg.data_dir or not cfg.out_dir:
-        raise ClaspError("transfer text-search needs --data (dataset folder) and --out (output folder)")
-    out = Path(cfg.out_dir)
-    finished = finished_results(out, cfg)
-    if finished is not None:
-        return finished
-    data = load_text_search_dataset(cfg.dataset, cfg.data_dir)
-    if cfg.eval.split not in data.splits:
-        raise ClaspError(f"{data.layout} has no '{cfg.eval.split}' split; set eval.split to one of {list(data.splits)}")
-    accelerator, device = make_accelerator(cfg)
+class TextSearchTask(FineTuneTask[TextSearchConfig, TextSearchData]):
+    name = "text-search"
+    config = TextSearchConfig
+    data_hint = "CUHK-PEDES / ICFG-PEDES / RSTPReid folder"
 
-    # --- model, (image, caption) pairs, optimiser
-    text, tokenizer, text_identity = build_text_tower(cfg.text)
-    backbone = build_backbone(cfg.backbone, tuple(cfg.data.img_size))
-    model = TextSearchModel(backbone, text, data.num_train_ids, id_head=cfg.loss.id_weight > 0)
-    tokens = tokenizer([caption for _, _, caption in data.train])
-    targets = [(pid, tokens[i]) for i, (_, pid, _) in enumerate(data.train)]
-    train_set = ImageDataset([p for p, _, _ in data.train], targets, transforms(backbone, cfg.data, train=True))
-    prepared = prepare_training(accelerator, cfg, model, train_set)
-    model, generator = prepared.model, prepared.generator
+    def load_data(self, cfg: TextSearchConfig) -> TextSearchData:
+        data = load_text_search_dataset(cfg.dataset, cfg.data_dir)
+        if cfg.eval.split not in data.splits:
+            raise ClaspError(
+                f"{data.layout} has no '{cfg.eval.split}' split; set eval.split to one of {list(data.splits)}"
+            )
+        return data
 
-    def loss_fn(net: torch.nn.Module, images: torch.Tensor, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        pids, caption_tokens = batch
-        out = net(images, caption_tokens)
-        losses = {"sdm": sdm_loss(out["image"], out["text"], pids, logit_scale=1.0 / cfg.loss.temperature)}
-        total = cfg.loss.sdm_weight * losses["sdm"]
-        if cfg.loss.id_weight > 0:
-            losses["id"] = id_loss(out["image_logits"].float(), out["text_logits"].float(), pids)
-            total = total + cfg.loss.id_weight * losses["id"]
-        return {"loss": total, **losses}
+    def build_model(self, cfg: TextSearchConfig, data: TextSearchData) -> TextSearchModel:
+        text, self.tokenizer, self.text_identity = build_text_tower(cfg.text)
+        backbone = build_backbone(cfg.backbone, tuple(cfg.data.img_size))
+        return TextSearchModel(backbone, text, data.num_train_ids, id_head=cfg.loss.id_weight > 0)
 
-    # --- train, evaluate, write
-    training = fine_tune(
-        accelerator,
-        cfg,
-        model=model,
-        optimizer=prepared.optimizer,
-        schedule=prepared.schedule,
-        loader=prepared.loader,
-        loss_fn=loss_fn,
-        steps_per_epoch=prepared.steps_per_epoch,
-        set_epoch=lambda epoch: generator.manual_seed(cfg.seed * 1000 + epoch),  # same shuffles after a resume
-        name="text-search",
-    )
-    model = accelerator.unwrap_model(model)
-    scores = evaluate(model, data, cfg, tokenizer, accelerator)
-    record: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        record = _write(out, cfg, data, model, scores, {**training, "device": device}, text_identity)
-    accelerator.wait_for_everyone()
-    return record
+    def prepare(
+        self, cfg: TextSearchConfig, data: TextSearchData, model: TextSearchModel, accelerator: Any
+    ) -> Training:
+        tokens = self.tokenizer([caption for _, _, caption in data.train])
+        targets = [(pid, tokens[i]) for i, (_, pid, _) in enumerate(data.train)]
+        train_set = ImageDataset(
+            [p for p, _, _ in data.train], targets, transforms(model.backbone, cfg.data, train=True)
+        )
+        return prepare_training(accelerator, cfg, cfg.data, model, train_set, seed=cfg.seed, quiet=cfg.quiet)
+
+    def loss_fn(self, cfg: TextSearchConfig, data: TextSearchData, accelerator: Any) -> LossFn:
+        def loss_fn(net: torch.nn.Module, images: torch.Tensor, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            pids, caption_tokens = batch
+            out = net(images, caption_tokens)
+            losses = {"sdm": sdm_loss(out["image"], out["text"], pids, logit_scale=1.0 / cfg.loss.temperature)}
+            total = cfg.loss.sdm_weight * losses["sdm"]
+            if cfg.loss.id_weight > 0:
+                losses["id"] = id_loss(out["image_logits"].float(), out["text_logits"].float(), pids)
+                total = total + cfg.loss.id_weight * losses["id"]
+            return {"loss": total, **losses}
+
+        return loss_fn
+
+    def evaluate(
+        self, cfg: TextSearchConfig, data: TextSearchData, model: TextSearchModel, accelerator: Any
+    ) -> dict[str, float]:
+        return evaluate(model, data, cfg, self.tokenizer, accelerator)
+
+    def write(
+        self,
+        out: Path,
+        cfg: TextSearchConfig,
+        data: TextSearchData,
+        model: TextSearchModel,
+        scores: Any,
+        training: FineTuneResult,
+    ) -> dict[str, Any]:
+        return _write(out, cfg, data, model, scores, training, self.text_identity)
+
+
+run = TextSearchTask().run
 
 
 @torch.no_grad()
@@ -194,7 +182,7 @@ def _write(
     data: TextSearchData,
     model: TextSearchModel,
     scores: dict[str, float],
-    training: dict[str, Any],
+    training: FineTuneResult,
     text_identity: dict[str, Any],
 ) -> dict[str, Any]:
     h, w = cfg.data.img_size
@@ -204,7 +192,6 @@ def _write(
         f"images; input {h}x{w}"
     )
     table = [(name, f"{scores[name]:.2f}") for name in ("R1", "R5", "R10", "mAP", "mINP")]
-    history = training["history"]
     record = {
         "task": "text-search",
         "dataset": data.name,
@@ -215,14 +202,8 @@ def _write(
         "text_tower": text_identity,
         "metrics": scores,
         "data": data.summary(),
-        "training": {
-            "epochs": cfg.epochs,
-            "steps": training["steps"],
-            "wall_s": training["wall_s"],
-            "device": training["device"],
-            "final_loss": round(history[-1]["loss"], 4) if history else None,
-        },
-        "history": history,
+        "training": training.record(cfg.epochs),
+        "history": training.history,
     }
     save_final_model(out, model)
     return write_results(out, cfg, record, title=f"Text-to-person retrieval: {data.name}", table=table)

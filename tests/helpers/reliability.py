@@ -4,7 +4,6 @@ run the ``clasp`` console script; the tiny CLIP and pre-training settings every 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -13,36 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.formats import PAUSE_WRITE_ENV
+from helpers import labels
+from helpers.fault_injection import pause_write_env
+from helpers.pretraining import TINY_DATA, TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = "rel"
 PER_SHARD = 8
 CLASP = Path(sys.executable).with_name("clasp")  # the console script of this environment
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": [64, 32], "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-TINY_PRETRAIN = [
-    f"data.corpus={CORPUS}",
-    "data.batch_size=4",
-    "data.workers=0",
-    "data.num_local_crops=2",
-    "data.photometric=false",
-    "data.shuffle_buffer=4",
-    "model.img_size=[32,16]",
-    "model.patch_size=8",
-    "model.arch=vit_micro",
-    "model.loss.dino_out_dim=128",
-    "model.loss.dino_hidden_dim=64",
-    "model.loss.dino_bottleneck_dim=32",
-    "optim.epochs=2",
-    "optim.warmup_epochs=0.5",
-    "log_every=1",
-    "tensorboard=false",
-    "quiet=true",
-]
+TINY_PRETRAIN = [f"data.corpus={CORPUS}", *TINY_DATA, *TINY_MODEL]
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -60,7 +38,7 @@ def start_python(code: str, **env: str) -> subprocess.Popen:
 def kill_at_write(code: str, watch: Path, pattern: str, nth: int = 1, timeout_s: float = 240) -> Path:
     """Run ``code`` in a child, let it stall at the ``nth`` atomic write of a file matching ``pattern``
     (temporary file complete, not yet renamed), kill -9 it there; returns the stalled temporary file."""
-    proc = start_python(code, **{PAUSE_WRITE_ENV: f"{pattern}:{nth}"})
+    proc = start_python(code, **pause_write_env(pattern, nth))
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and proc.poll() is None:
@@ -139,17 +117,8 @@ def assert_user_error(done: subprocess.CompletedProcess | tuple[int, str], *need
 
 
 def write_clip_dir(path: Path, seed: int = 0) -> Path:
-    """A random tiny CLIP in open_clip's local-dir layout (labels are meaningless; the plumbing is real)."""
-    import open_clip
-    import torch
-
-    path.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**TINY_CLIP)
-    torch.save(model.state_dict(), path / "open_clip_pytorch_model.bin")
-    config = {"arch": "rel-tiny", "model_cfg": TINY_CLIP, "preprocess_cfg": {}}
-    (path / "open_clip_config.json").write_text(json.dumps(config))
-    return path
+    """The labeling tests' random tiny CLIP, named rel-tiny."""
+    return labels.write_clip_dir(path, seed=seed, arch="rel-tiny")
 
 
 def ingest_code(source: Path, root: Path, **kw: object) -> str:
