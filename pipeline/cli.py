@@ -336,7 +336,7 @@ def export(
 def transfer(
     task: str = typer.Argument(
         ...,
-        help="reid, attributes, pose, detection, person-search, parsing, "
+        help="reid, attributes, pose, detection, person-search, parsing, text-search, "
         "or frozen (no-training read-outs: retrieval mAP, ridge mA).",
     ),
     data: Path = typer.Option(None, "--data", "-d", help="Dataset folder in its official layout."),

@@ -23,6 +23,7 @@ TASKS: dict[str, str] = {
     "detection": "transfer.detection.train:DetectionTask",
     "person-search": "transfer.person_search.train:PersonSearchTask",
     "parsing": "transfer.parsing.train:ParsingTask",
+    "text-search": "transfer.text_search.train:TextSearchTask",
     "frozen": "transfer.frozen:FrozenTask",  # no training: retrieval mAP / ridge attribute read-out of frozen features
 }
 

@@ -9,6 +9,7 @@ and every attribute is something the renderer draws, so it can be learned from p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -308,3 +309,18 @@ def caption(look: Look, view: str, variant: int = 0) -> str:
     elif variant % 3 == 2:
         text = f"a photo of {text}, {where}"
     return text
+
+
+def caption_parts(look: Look, view: str) -> dict[str, Any]:
+    """The phrases ``caption`` is made of, for writers that word them differently (``pipeline.synth.pedes``):
+    ``subject`` ('an elderly woman'), ``hair`` ('with long black hair' or ''), ``top``, ``lower``, ``shoes``,
+    ``extras`` (hat, glasses as seen from ``view``) and ``carry`` (bags, a held box)."""
+    extras = [_hat_phrase(look)] if look.hat is not None else []
+    if look.glasses is not None and view != "back":
+        extras.append(look.glasses)
+    bags = (("backpack", look.backpack), ("shoulder bag", look.shoulder_bag), ("handbag", look.handbag))
+    carry = [f"a {look.bag_color} {item}" for item, has in bags if has]
+    if look.holds_object and view != "back":
+        carry.append("a box in front of them")
+    return {"subject": _person_noun(look), "hair": _hair_phrase(look), "top": _top_phrase(look),
+            "lower": _lower_phrase(look), "shoes": _shoe_phrase(look), "extras": extras, "carry": carry}  # fmt: skip

@@ -17,6 +17,8 @@ Output (everything under ``--out``)::
     pa100k_gt.parquet
     coco/, citypersons/, cuhk_sysu/, prw/, lip/       multi-person scenes for the dense tasks, each in its real
                                                       layout (``dense``: pose, detection, person search, parsing)
+    cuhk_pedes/{imgs/,reid_raw.json}                  text-based person search, CUHK-PEDES layout, several captions
+                                                      per person in varied wording (also listed in ``dense``)
     synth_config.yaml, world.json                     resolved config; counts (written last: the world is complete)
     preview.png                                       with --preview: samples, part masks, keypoints
 
@@ -53,8 +55,8 @@ from pipeline.synth.render import render_shot
 
 OUTPUTS = ("luperson", "luperson_lmdb", "gt.parquet", "pairs.csv", "market1501", "market1501_gt.parquet", "pa100k",
            "pa100k_gt.parquet", "synth_config.yaml", "world.json", "preview.png", "coco", "citypersons", "cuhk_sysu",
-           "prw", "lip")  # fmt: skip
-DENSE_SETS = ("coco", "citypersons", "cuhk_sysu", "prw", "lip")
+           "prw", "lip", "cuhk_pedes")  # fmt: skip
+DENSE_SETS = ("coco", "citypersons", "cuhk_sysu", "prw", "lip", "cuhk_pedes")
 
 
 @dataclass
@@ -87,6 +89,7 @@ class SynthConfig:
     pa100k_cameras: int = 24
     # Dense-task sets (multi-person scenes, pipeline.synth.crowd) at their writers' default sizes; each writer
     # draws from its own camera group and seed stream. [] skips them (the re-ID/attribute world only).
+    # cuhk_pedes (text-to-person retrieval, pipeline.synth.pedes) is listed here too: its own people and cameras.
     dense: list[str] = field(default_factory=lambda: list(DENSE_SETS))
     # Size of the dense-task sets as a factor on their writers' defaults (1.0: 320 COCO, 96 CityPersons, 750 LIP
     # images, 72 CUHK-SYSU and 48 PRW identities). Independent of `identities`: scenes cost far more per image.
@@ -246,10 +249,11 @@ def _write_dense(cfg: SynthConfig, tmp: Path) -> dict[str, float]:
     from pipeline.synth.citypersons import write_citypersons
     from pipeline.synth.coco_pose import write_coco_pose
     from pipeline.synth.lip import write_lip
+    from pipeline.synth.pedes import write_cuhk_pedes
     from pipeline.synth.person_search import write_cuhk_sysu, write_prw
 
     writers = {"coco": write_coco_pose, "citypersons": write_citypersons, "cuhk_sysu": write_cuhk_sysu,
-               "prw": write_prw, "lip": write_lip}  # fmt: skip
+               "prw": write_prw, "lip": write_lip, "cuhk_pedes": write_cuhk_pedes}  # fmt: skip
     seconds = {}
     for name in cfg.dense:
         start = time.perf_counter()
@@ -267,6 +271,7 @@ DENSE_SIZES = {
     "lip": {"train_images": (600, 4), "val_images": (150, 2)},
     "cuhk_sysu": {"train_ids": (48, 4), "test_ids": (24, 24), "distractor_scenes": (12, 12)},
     "prw": {"train_ids": (32, 4), "test_ids": (16, 4)},
+    "cuhk_pedes": {"train_ids": (64, 2), "val_ids": (16, 0), "test_ids": (16, 2)},
 }
 
 
