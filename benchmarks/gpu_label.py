@@ -30,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from benchmarks.gpu_common import Budget, Results, datasheet_peak, matmul_peak_flops, write_person_folder
@@ -239,31 +240,13 @@ def main() -> None:
             for _ in range(4)
         ]
 
-        def forward(model):
-            def fn(x) -> int:
-                with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=on_gpu):
-                    model(x)
-                return x.shape[0]
-
-            return fn
-
+        forward = partial(_forward_fn, device=device, on_gpu=on_gpu)
         bare = timed_rate(forward(dense), inputs, args.seconds, on_gpu)
         results.update(gflop_per_image=flops / 1e9, bare_images_per_s=bare, e2e_over_bare=e2e / bare)
         print(f"bare forward (eager):    {bare:9.1f} images/s, {flops / 1e9:.1f} GFLOP/image (counted)", flush=True)
         print(f"end-to-end / bare: {e2e / bare:.3f} (target >= 0.9)", flush=True)
 
-        def report_mfu(best: float, which: str) -> None:
-            mfu = {"mfu_matmul": best * flops / peak, "mfu_e2e_matmul": e2e * flops / peak}
-            if datasheet_peak(name):
-                mfu["mfu_datasheet"] = best * flops / datasheet_peak(name)
-            results.update(**mfu)
-            print(
-                f"MFU ({which} bare forward, {best * flops / 1e12:.0f} TFLOP/s): {mfu['mfu_matmul']:.1%} of the "
-                f"measured {peak / 1e12:.0f} TFLOP/s bf16 matmul; end-to-end {mfu['mfu_e2e_matmul']:.1%} "
-                "(target >= 50%)",
-                flush=True,
-            )
-
+        report_mfu = partial(_report_mfu, results, flops=flops, peak=peak if on_gpu else 0.0, e2e=e2e, name=name)
         if on_gpu:
             report_mfu(bare, "eager")
         if not args.no_gpu_decode and budget.allows(10 + args.seconds, "GPU JPEG decode", results):
@@ -285,6 +268,32 @@ def main() -> None:
                 results.note(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}")
                 print(f"torch.compile failed: {type(exc).__name__}: {exc}", flush=True)
     print(results.json_line())
+
+
+def _forward_fn(model, *, device: str, on_gpu: bool):
+    """A timed_rate step: one no-grad forward of ``model`` (bf16 autocast on CUDA); returns the batch size."""
+    import torch
+
+    def fn(x) -> int:
+        with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=on_gpu):
+            model(x)
+        return x.shape[0]
+
+    return fn
+
+
+def _report_mfu(results: Results, best: float, which: str, *, flops: float, peak: float, e2e: float, name: str) -> None:
+    """Record and print the model FLOP utilisation of ``best`` images/s against the measured (and datasheet) peak."""
+    mfu = {"mfu_matmul": best * flops / peak, "mfu_e2e_matmul": e2e * flops / peak}
+    if datasheet_peak(name):
+        mfu["mfu_datasheet"] = best * flops / datasheet_peak(name)
+    results.update(**mfu)
+    print(
+        f"MFU ({which} bare forward, {best * flops / 1e12:.0f} TFLOP/s): {mfu['mfu_matmul']:.1%} of the "
+        f"measured {peak / 1e12:.0f} TFLOP/s bf16 matmul; end-to-end {mfu['mfu_e2e_matmul']:.1%} "
+        "(target >= 50%)",
+        flush=True,
+    )
 
 
 def gpu_decode_rate(dense, encoded: list[bytes], loaded, args: argparse.Namespace, device: str) -> float:

@@ -119,8 +119,6 @@ def write_gt_labelset(
     grid = tuple(header["grid"])
     parts = list(header["parts"]["names"])
     attrs = list(header["attributes"]["names"])
-    schema = label_schema(len(attrs), parts)
-    levels = 16
     paths = []
     for shard in sorted(header["shards"]):
         keys = pq.read_table(src_dir / shard, columns=["key"]).column("key").to_pylist()
@@ -128,30 +126,9 @@ def write_gt_labelset(
         if missing:
             raise ClaspError(f"{gt_path} has no ground truth for {len(missing)} keys of {shard} (e.g. {missing[0]}); "
                              "it belongs to a different synthetic world than this corpus")  # fmt: skip
-        n, k = len(keys), len(parts)
-        attr = np.asarray([gt["attributes"][by_key[key]] for key in keys], np.float32)
-        maps, confs = np.zeros((n, *grid), np.uint8), np.zeros((n, *grid))
-        area, row = np.zeros((n, k - 1)), np.zeros((n, k - 1))
-        for i, key in enumerate(keys):
-            mask = np.asarray(Image.open(io.BytesIO(gt["part_mask"][by_key[key]])))
-            if noisy:
-                rng = np.random.default_rng([noise_seed, int(hashlib.sha1(key.encode()).hexdigest()[:8], 16)])
-                attr[i] = np.where(rng.random(attr.shape[1]) < attr_flip, 1 - attr[i], attr[i])
-                mask = degrade_mask(mask, part_noise, k, rng)
-            maps[i], confs[i] = cell_parts(mask, grid, k)
-            area[i], row[i] = _summaries(maps[i], k)
-        cols = {
-            "key": pa.array(keys, pa.string()),
-            "attr_prob": pa.FixedSizeListArray.from_arrays(pa.array(quantize(attr).reshape(-1)), len(attrs)),
-            "part_map": pa.array([m.tobytes() for m in maps.reshape(n, -1)], pa.binary()),
-            "part_conf": pa.array([c.tobytes() for c in quantize(confs.reshape(n, -1), levels)], pa.binary()),
-            "fg_ratio": pa.array((maps > 0).reshape(n, -1).mean(1).astype(np.float32)),
-        }
-        for j, name in enumerate(parts[1:]):
-            cols[f"area_{name}"] = pa.array(quantize(area[:, j]))
-        for j, name in enumerate(parts[1:]):
-            cols[f"row_{name}"] = pa.array(quantize(row[:, j]), mask=np.isnan(row[:, j]))
-        table = pa.table([cols[f.name] for f in schema], schema=schema)
+        n = len(keys)
+        noise = (attr_flip, part_noise, noise_seed) if noisy else None
+        table = _gt_shard_table(keys, [by_key[key] for key in keys], gt, grid, parts, attrs, noise)
         path = out_dir / shard
         write_shard(path, table, {"labelset": set_id, "rank": 0, "world_size": 1, "rows": n, "undecodable": []})
         paths.append(path)
@@ -167,3 +144,43 @@ def write_gt_labelset(
     }
     finalize_labelset(out_dir, paths, new_header)
     return set_id
+
+
+def _gt_shard_table(
+    keys: list[str],
+    rows: list[int],
+    gt: dict,
+    grid: tuple,
+    parts: list[str],
+    attrs: list[str],
+    noise: tuple[float, float, int] | None,
+) -> pa.Table:
+    """One label shard's table from ground truth ``gt`` rows ``rows`` (for ``keys``), degraded when ``noise``
+    is ``(attr_flip, part_noise, noise_seed)``: each key's noise comes from its own seeded generator."""
+    schema = label_schema(len(attrs), parts)
+    levels = 16
+    n, k = len(keys), len(parts)
+    attr = np.asarray([gt["attributes"][r] for r in rows], np.float32)
+    maps, confs = np.zeros((n, *grid), np.uint8), np.zeros((n, *grid))
+    area, row = np.zeros((n, k - 1)), np.zeros((n, k - 1))
+    for i, (key, r) in enumerate(zip(keys, rows, strict=True)):
+        mask = np.asarray(Image.open(io.BytesIO(gt["part_mask"][r])))
+        if noise is not None:
+            attr_flip, part_noise, noise_seed = noise
+            rng = np.random.default_rng([noise_seed, int(hashlib.sha1(key.encode()).hexdigest()[:8], 16)])
+            attr[i] = np.where(rng.random(attr.shape[1]) < attr_flip, 1 - attr[i], attr[i])
+            mask = degrade_mask(mask, part_noise, k, rng)
+        maps[i], confs[i] = cell_parts(mask, grid, k)
+        area[i], row[i] = _summaries(maps[i], k)
+    cols = {
+        "key": pa.array(keys, pa.string()),
+        "attr_prob": pa.FixedSizeListArray.from_arrays(pa.array(quantize(attr).reshape(-1)), len(attrs)),
+        "part_map": pa.array([m.tobytes() for m in maps.reshape(n, -1)], pa.binary()),
+        "part_conf": pa.array([c.tobytes() for c in quantize(confs.reshape(n, -1), levels)], pa.binary()),
+        "fg_ratio": pa.array((maps > 0).reshape(n, -1).mean(1).astype(np.float32)),
+    }
+    for j, name in enumerate(parts[1:]):
+        cols[f"area_{name}"] = pa.array(quantize(area[:, j]))
+    for j, name in enumerate(parts[1:]):
+        cols[f"row_{name}"] = pa.array(quantize(row[:, j]), mask=np.isnan(row[:, j]))
+    return pa.table([cols[f.name] for f in schema], schema=schema)
