@@ -16,20 +16,18 @@ Measured in one run, same model settings, same process:
   ``--rounds`` loop runs is compared with bare fwd+bwd runs right before and after it (median ratio).
 * ``loader``: the stream alone (batches/s without a model), and its peak RSS at two corpus sizes
   (fresh subprocesses; the RSS must not grow with the corpus); ``--skip-rss``: the small corpus only.
-* ``--compile``: bare fwd+bwd and step again with ``torch.compile`` on the meta-arch, MoE and dense (the
-  trainer itself has no compile switch, so the loop is eager only).
+* ``--compile``: bare fwd+bwd and step again with ``torch.compile`` on the meta-arch, MoE and dense (eager loop).
 * on CUDA, ``peak_mem_*_gib``: the largest ``torch.cuda.max_memory_allocated`` over a model's bare runs.
 * ``distill``: the bare MoE step again with the CLIP-embedding distillation term on (``model.loss.distill``,
   a ``--clip-dim`` embedding per image in the label shards), interleaved with the same step without it.
 
 Figures: ``distill_step_ratio`` = bare step images/s with distillation / without (target >= 0.95: the term
-costs at most 5% of a step), ``distill_flops_ratio`` the same in counted FLOPs; ``moe_ratio`` = bare step
-images/s with MoE / without (target >= 0.67);
-``loop_ratio`` = loop images/s / bare fwd+bwd images/s with MoE (target >= 0.85); on CUDA also ``mfu`` = counted FLOPs
-(torch FlopCounterMode, one training step incl. teacher) x images/s / peak bf16 FLOP/s, against the datasheet
-and against ``--peak-flops`` (the measured matrix-product rate, benchmarks/gpu_common.py) when given.
-``--budget-s`` skips loop rounds and compiled runs that would not fit; ``--out`` gets the figures after every
-section (a run killed by a time guard keeps them). Last line: JSON.
+costs at most 5% of a step), ``distill_flops_ratio`` the same in counted FLOPs; ``moe_ratio`` = bare step images/s
+with MoE / without (target >= 0.67); ``loop_ratio`` = loop images/s / bare fwd+bwd images/s with MoE (target >= 0.85);
+on CUDA also ``mfu`` = counted FLOPs (torch FlopCounterMode, one training step incl. teacher) x images/s / peak bf16
+FLOP/s, against the datasheet and against ``--peak-flops`` (the measured matrix-product rate, benchmarks/gpu_common.py)
+when given. ``--budget-s`` skips loop rounds and compiled runs that would not fit; ``--out`` gets the figures after
+every section (a run killed by a time guard keeps them). Last line: JSON.
 """
 
 from __future__ import annotations

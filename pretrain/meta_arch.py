@@ -126,7 +126,7 @@ class ClaspMetaArch(nn.Module):
         """Total loss (with grad) and its detached terms ``LOSS_TERMS`` as 0-dim tensors (no host sync)."""
         loss_cfg = self.cfg.loss
         global_crops = _crop_major(batch["global_crops"], "global_crops")
-        n_global, batch_size = batch["global_crops"].shape[1], batch["global_crops"].shape[0]
+        n_global = batch["global_crops"].shape[1]
         # Distillation shares the attribute prompt rather than having its own: CLIP's attribute pseudo-labels
         # are this very embedding scored against attribute prompts, so the two objectives agree, and a fourth
         # prompt would add a fourth pass through the MoE tail (the term must stay under 5% of a step).
@@ -142,55 +142,13 @@ class ClaspMetaArch(nn.Module):
         terms = {"dino": zero, "part": zero, "attribute": zero, "distill": zero}
 
         if loss_cfg.dino:
-            with torch.no_grad():
-                teacher_cls = self.teacher_backbone.forward_features(global_crops, "instance")[:, 0]
-                teacher_logits = self.teacher["dino_head"](teacher_cls).unflatten(0, (n_global, batch_size))
-            student_cls = tokens["instance"][:, 0]
-            local_crops = batch.get("local_crops")
-            if local_crops is not None and local_crops.shape[1] > 0:
-                local_tokens, _ = self.student_backbone.forward_tokens(
-                    _crop_major(local_crops, "local_crops"), "instance"
-                )
-                student_cls = torch.cat([student_cls, local_tokens[:, 0]])
-            student_logits = self.student["dino_head"](student_cls).unflatten(0, (-1, batch_size))
-            terms["dino"] = self.dino_loss(student_logits, teacher_logits, teacher_temp)
-            self.dino_loss.update_center(teacher_logits)
-
+            terms["dino"] = self._dino_term(batch, global_crops, tokens["instance"], teacher_temp=teacher_temp)
         if loss_cfg.part:
-            patch_tokens = tokens["part"][:, self.student_backbone.num_prefix_tokens :]
-            part_map, part_conf = self._part_targets(batch, global_crops.shape[-2:], patch_tokens.shape[1])
-            terms["part"] = part_loss(
-                self.student["part_head"](patch_tokens),
-                part_map,
-                part_conf,
-                conf_threshold=loss_cfg.part_conf_threshold,
-                conf_weighting=loss_cfg.part_conf_weighting,
-            )
-
+            terms["part"] = self._part_term(batch, global_crops, tokens["part"])
         if loss_cfg.attribute:
-            attr_prob = batch["attr_prob"]
-            if attr_prob.shape != (batch_size, self.num_attributes):
-                raise ClaspError(
-                    f"batch attr_prob has shape {tuple(attr_prob.shape)}, expected "
-                    f"({batch_size}, {self.num_attributes}): the label set's attribute vocabulary differs from "
-                    "the one the model was built with"
-                )
-            logits = self.student["attribute_head"](tokens["attribute"][:, 0])
-            terms["attribute"] = attribute_loss(
-                logits, attr_prob.repeat(n_global, 1), conf_weighting=loss_cfg.attribute_conf_weighting
-            )
-
+            terms["attribute"] = self._attribute_term(batch, tokens["attribute"], n_global=n_global)
         if loss_cfg.distill:
-            clip_embed = batch.get("clip_embed")
-            head = self.student["distill_head"]
-            if clip_embed is None or clip_embed.shape != (batch_size, head.linear.out_features):
-                got = "no clip_embed" if clip_embed is None else f"clip_embed of shape {tuple(clip_embed.shape)}"
-                raise ClaspError(
-                    f"model.loss.distill=true but the batch has {got}, expected ({batch_size}, "
-                    f"{head.linear.out_features}): label with `clasp label --store-embeddings` and the same CLIP"
-                )
-            pred = head(tokens["attribute"][:, 0])
-            terms["distill"] = embed_distill_loss(pred, clip_embed.repeat(n_global, 1))
+            terms["distill"] = self._distill_term(batch, tokens["attribute"], n_global=n_global)
 
         terms["moe_balance"] = balance
         total = (
@@ -203,6 +161,63 @@ class ClaspMetaArch(nn.Module):
             total = total + self.cfg.moe.balance_loss_weight * terms["moe_balance"]
         terms["total"] = total
         return total, {k: v.detach() for k, v in terms.items()}
+
+    def _dino_term(self, batch: dict, global_crops: Tensor, instance_tokens: Tensor, *, teacher_temp: float) -> Tensor:
+        """DINO self-distillation: student global + local CLS against the teacher's global CLS; updates the center."""
+        n_global, batch_size = batch["global_crops"].shape[1], batch["global_crops"].shape[0]
+        with torch.no_grad():
+            teacher_cls = self.teacher_backbone.forward_features(global_crops, "instance")[:, 0]
+            teacher_logits = self.teacher["dino_head"](teacher_cls).unflatten(0, (n_global, batch_size))
+        student_cls = instance_tokens[:, 0]
+        local_crops = batch.get("local_crops")
+        if local_crops is not None and local_crops.shape[1] > 0:
+            local_tokens, _ = self.student_backbone.forward_tokens(_crop_major(local_crops, "local_crops"), "instance")
+            student_cls = torch.cat([student_cls, local_tokens[:, 0]])
+        student_logits = self.student["dino_head"](student_cls).unflatten(0, (-1, batch_size))
+        loss = self.dino_loss(student_logits, teacher_logits, teacher_temp)
+        self.dino_loss.update_center(teacher_logits)
+        return loss
+
+    def _part_term(self, batch: dict, global_crops: Tensor, part_tokens: Tensor) -> Tensor:
+        """Per-patch part classification against the CLIP part map, confidence-gated."""
+        loss_cfg = self.cfg.loss
+        patch_tokens = part_tokens[:, self.student_backbone.num_prefix_tokens :]
+        part_map, part_conf = self._part_targets(batch, global_crops.shape[-2:], patch_tokens.shape[1])
+        return part_loss(
+            self.student["part_head"](patch_tokens),
+            part_map,
+            part_conf,
+            conf_threshold=loss_cfg.part_conf_threshold,
+            conf_weighting=loss_cfg.part_conf_weighting,
+        )
+
+    def _attribute_term(self, batch: dict, attribute_tokens: Tensor, *, n_global: int) -> Tensor:
+        """Multi-label attribute loss of the attribute-prompt CLS against CLIP's soft attribute probabilities."""
+        attr_prob = batch["attr_prob"]
+        batch_size = batch["global_crops"].shape[0]
+        if attr_prob.shape != (batch_size, self.num_attributes):
+            raise ClaspError(
+                f"batch attr_prob has shape {tuple(attr_prob.shape)}, expected "
+                f"({batch_size}, {self.num_attributes}): the label set's attribute vocabulary differs from "
+                "the one the model was built with"
+            )
+        logits = self.student["attribute_head"](attribute_tokens[:, 0])
+        return attribute_loss(
+            logits, attr_prob.repeat(n_global, 1), conf_weighting=self.cfg.loss.attribute_conf_weighting
+        )
+
+    def _distill_term(self, batch: dict, attribute_tokens: Tensor, *, n_global: int) -> Tensor:
+        """Regression of the attribute-prompt CLS onto the stored CLIP image embedding."""
+        clip_embed = batch.get("clip_embed")
+        batch_size = batch["global_crops"].shape[0]
+        head = self.student["distill_head"]
+        if clip_embed is None or clip_embed.shape != (batch_size, head.linear.out_features):
+            got = "no clip_embed" if clip_embed is None else f"clip_embed of shape {tuple(clip_embed.shape)}"
+            raise ClaspError(
+                f"model.loss.distill=true but the batch has {got}, expected ({batch_size}, "
+                f"{head.linear.out_features}): label with `clasp label --store-embeddings` and the same CLIP"
+            )
+        return embed_distill_loss(head(attribute_tokens[:, 0]), clip_embed.repeat(n_global, 1))
 
     def _part_targets(self, batch: dict, crop_hw: torch.Size, num_patches: int) -> tuple[Tensor, Tensor]:
         part_map, part_conf = batch["part_map"], batch["part_conf"]

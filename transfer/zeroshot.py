@@ -254,6 +254,39 @@ def fit_linear_map(
     return head, {"labelset": labelset, "images": n, "ridge": ridge, "train_cosine": round(fit_cos, 4)}
 
 
+def _score_readers(
+    cfg: ZeroShotConfig,
+    readers: dict[str, tuple[Any, str]],
+    tower: Any,
+    paths: list,
+    gt: Any,
+    shared: list[str],
+    cols_prompt: list[int],
+) -> dict[str, dict]:
+    """Each reader's attribute metrics on ``paths``; with the CLIP among them, each one's agreement with it."""
+    from transfer.attributes import metrics as attr_metrics
+
+    results, embeds = {}, {}
+    for title, (embedder, key) in readers.items():
+        embeds[key] = emb = embed_files(embedder, paths, cfg.batch_size, quiet=cfg.quiet, what=key)
+        prob = tower.probabilities(emb)[:, cols_prompt].numpy()
+        scores = attr_metrics.attribute_metrics(gt, prob)
+        results[key] = {
+            "reader": title,
+            "mA": round(100 * float(scores["mA"]), 2),
+            **{k: round(100 * float(scores[k]), 2) for k in ("accuracy", "precision", "recall", "f1")},
+            "per_attribute_mA": {n: round(100 * float(v), 2) for n, v in zip(shared, scores["label_mA"], strict=True)},
+        }
+    if "clip" in embeds:  # how much of the CLIP's own zero-shot behaviour each backbone reader reproduces
+        clip_decisions = tower.probabilities(embeds["clip"])[:, cols_prompt] > 0.5
+        for key, emb in embeds.items():
+            decisions = tower.probabilities(emb)[:, cols_prompt] > 0.5
+            cosine = F.cosine_similarity(emb.float(), embeds["clip"].float(), dim=-1).mean()
+            results[key]["cosine_to_clip"] = round(float(cosine), 4)
+            results[key]["agreement_with_clip"] = round(100 * float((decisions == clip_decisions).float().mean()), 2)
+    return results
+
+
 def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     """Score attributes by text; evaluate on ``cfg.data`` or write ``cfg.images``' scores. Returns the record."""
     from pipeline.guards import resolve_device
@@ -314,24 +347,7 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
             reader, cfg.fit_root or "data", cfg.fit_corpus, cfg.fit_labelset, limit=cfg.fit_images, ridge=cfg.fit_ridge
         )
         readers[title] = (reader, key)
-    results, embeds = {}, {}
-    for title, (embedder, key) in readers.items():
-        embeds[key] = emb = embed_files(embedder, paths, cfg.batch_size, quiet=cfg.quiet, what=key)
-        prob = tower.probabilities(emb)[:, cols_prompt].numpy()
-        scores = attr_metrics.attribute_metrics(gt, prob)
-        results[key] = {
-            "reader": title,
-            "mA": round(100 * float(scores["mA"]), 2),
-            **{k: round(100 * float(scores[k]), 2) for k in ("accuracy", "precision", "recall", "f1")},
-            "per_attribute_mA": {n: round(100 * float(v), 2) for n, v in zip(shared, scores["label_mA"], strict=True)},
-        }
-    if "clip" in embeds:  # how much of the CLIP's own zero-shot behaviour each backbone reader reproduces
-        clip_decisions = tower.probabilities(embeds["clip"])[:, cols_prompt] > 0.5
-        for key, emb in embeds.items():
-            decisions = tower.probabilities(emb)[:, cols_prompt] > 0.5
-            cosine = F.cosine_similarity(emb.float(), embeds["clip"].float(), dim=-1).mean()
-            results[key]["cosine_to_clip"] = round(float(cosine), 4)
-            results[key]["agreement_with_clip"] = round(100 * float((decisions == clip_decisions).float().mean()), 2)
+    results = _score_readers(cfg, readers, tower, paths, gt, shared, cols_prompt)
     record = {
         "task": "zeroshot-attributes",
         "dataset": data.name,
