@@ -101,6 +101,75 @@ def _hold_in_front(j: dict[str, np.ndarray], p: Proportions, view: str, facing: 
             j[f"{side}_wrist"] = np.array([out * 0.045, p.shoulder_y + 0.225])
 
 
+def _side_joints(p: Proportions, facing: int, lean: float, stride: float, s: float) -> dict[str, np.ndarray]:
+    """Joints in body units of a profile view at swing ``s`` (sin of the gait phase)."""
+    j: dict[str, np.ndarray] = {}
+    f = facing
+    # A profile hides the width: both shoulders and hips sit near the centre line.
+    j["head"] = np.array([f * (lean + 0.012), p.head_h / 2])
+    j["neck"] = np.array([f * (lean * 0.8 + 0.004), p.neck_y])
+    for side, sign in (("near", 1.0), ("far", -1.0)):
+        leg = sign * s  # the two legs swing in opposition
+        thigh_a = 0.36 * stride * leg
+        knee_flex = stride * (0.12 + 0.6 * max(0.0, -leg))
+        hip = np.array([f * lean * 0.2, p.hip_y])
+        knee = hip + _rot(p.knee_y - p.hip_y, thigh_a, f)
+        ankle = knee + _rot(p.ankle_y - p.knee_y, thigh_a - knee_flex, f)
+        j[f"{side}_hip"], j[f"{side}_knee"], j[f"{side}_ankle"] = hip, knee, ankle
+        arm_a = -0.42 * stride * leg
+        shoulder = np.array([f * lean * 0.7 - sign * f * 0.004, p.shoulder_y])
+        elbow = shoulder + _rot(0.165, arm_a, f)
+        wrist = elbow + _rot(0.148, arm_a + 0.2 + 0.35 * stride * max(0.0, -leg), f)
+        j[f"{side}_shoulder"], j[f"{side}_elbow"], j[f"{side}_wrist"] = shoulder, elbow, wrist
+    # the stance foot stays on the ground: the whole body drops by what the swing shortened the legs
+    drop = p.ankle_y - max(j["near_ankle"][1], j["far_ankle"][1])
+    for name in list(j):
+        j[name] = j[name] + np.array([0.0, drop])
+    near = "right" if facing > 0 else "left"
+    far = "left" if near == "right" else "right"
+    for part in ("hip", "knee", "ankle", "shoulder", "elbow", "wrist"):
+        j[f"{near}_{part}"] = j.pop(f"near_{part}")
+        j[f"{far}_{part}"] = j.pop(f"far_{part}")
+    hc, hh = j["head"], p.head_h
+    j["nose"] = hc + np.array([f * 0.40 * hh, 0.1 * hh])
+    j["left_eye"] = hc + np.array([f * 0.27 * hh, -0.06 * hh])
+    j["right_eye"] = hc + np.array([f * 0.30 * hh, -0.06 * hh])
+    j["left_ear"] = hc + np.array([-f * 0.06 * hh, 0.02 * hh])
+    j["right_ear"] = hc + np.array([-f * 0.04 * hh, 0.02 * hh])
+    return j
+
+
+def _frontal_joints(p: Proportions, view: str, stride: float, s: float) -> dict[str, np.ndarray]:
+    """Joints in body units of a front or back view at swing ``s`` (sin of the gait phase)."""
+    j: dict[str, np.ndarray] = {}
+    # Front: the person's left is image-right (+x); back: image-left.
+    mirror = 1.0 if view == "front" else -1.0
+    j["head"] = np.array([0.0, p.head_h / 2])
+    j["neck"] = np.array([0.0, p.neck_y])
+    for side, sign in (("left", 1.0), ("right", -1.0)):
+        leg = sign * s
+        x = mirror * sign
+        hip = np.array([x * p.hip_w * 0.72, p.hip_y])
+        knee_lift = 0.02 * stride * max(0.0, leg)
+        knee = np.array([x * p.hip_w * 0.62, p.knee_y - knee_lift])
+        # the leg stepping toward the camera looks longer, the one behind shorter
+        ankle_dy = 0.018 * stride * leg * mirror - 0.03 * stride * max(0.0, leg)
+        ankle = np.array([x * p.hip_w * 0.62, p.ankle_y + ankle_dy])
+        shoulder = np.array([x * (p.shoulder_w - p.arm_r * 0.75), p.shoulder_y + 0.01])
+        swing = -leg * stride
+        elbow = shoulder + np.array([x * 0.03, 0.158 - 0.012 * abs(swing)])
+        wrist = elbow + np.array([x * 0.016 - x * 0.02 * max(0.0, swing * mirror), 0.142 - 0.03 * abs(swing)])
+        j[f"{side}_hip"], j[f"{side}_knee"], j[f"{side}_ankle"] = hip, knee, ankle
+        j[f"{side}_shoulder"], j[f"{side}_elbow"], j[f"{side}_wrist"] = shoulder, elbow, wrist
+    hc, hh = j["head"], p.head_h
+    j["nose"] = hc + np.array([0.0, 0.1 * hh])
+    j["left_eye"] = hc + np.array([mirror * 0.17 * hh, -0.05 * hh])
+    j["right_eye"] = hc + np.array([-mirror * 0.17 * hh, -0.05 * hh])
+    j["left_ear"] = hc + np.array([mirror * 0.36 * hh, 0.02 * hh])
+    j["right_ear"] = hc + np.array([-mirror * 0.36 * hh, 0.02 * hh])
+    return j
+
+
 def skeleton(
     look: Look,
     view: str,
@@ -121,67 +190,8 @@ def skeleton(
     p = proportions(look)
     lean = 0.035 if look.age == "elderly" else 0.0
     stride *= 0.6 if look.age == "elderly" else 1.0
-    j: dict[str, np.ndarray] = {}
     s = math.sin(phase)
-    if view == "side":
-        f = facing
-        # A profile hides the width: both shoulders and hips sit near the centre line.
-        j["head"] = np.array([f * (lean + 0.012), p.head_h / 2])
-        j["neck"] = np.array([f * (lean * 0.8 + 0.004), p.neck_y])
-        for side, sign in (("near", 1.0), ("far", -1.0)):
-            leg = sign * s  # the two legs swing in opposition
-            thigh_a = 0.36 * stride * leg
-            knee_flex = stride * (0.12 + 0.6 * max(0.0, -leg))
-            hip = np.array([f * lean * 0.2, p.hip_y])
-            knee = hip + _rot(p.knee_y - p.hip_y, thigh_a, f)
-            ankle = knee + _rot(p.ankle_y - p.knee_y, thigh_a - knee_flex, f)
-            j[f"{side}_hip"], j[f"{side}_knee"], j[f"{side}_ankle"] = hip, knee, ankle
-            arm_a = -0.42 * stride * leg
-            shoulder = np.array([f * lean * 0.7 - sign * f * 0.004, p.shoulder_y])
-            elbow = shoulder + _rot(0.165, arm_a, f)
-            wrist = elbow + _rot(0.148, arm_a + 0.2 + 0.35 * stride * max(0.0, -leg), f)
-            j[f"{side}_shoulder"], j[f"{side}_elbow"], j[f"{side}_wrist"] = shoulder, elbow, wrist
-        # the stance foot stays on the ground: the whole body drops by what the swing shortened the legs
-        drop = p.ankle_y - max(j["near_ankle"][1], j["far_ankle"][1])
-        for name in list(j):
-            j[name] = j[name] + np.array([0.0, drop])
-        near = "right" if facing > 0 else "left"
-        far = "left" if near == "right" else "right"
-        for part in ("hip", "knee", "ankle", "shoulder", "elbow", "wrist"):
-            j[f"{near}_{part}"] = j.pop(f"near_{part}")
-            j[f"{far}_{part}"] = j.pop(f"far_{part}")
-        hc, hh = j["head"], p.head_h
-        j["nose"] = hc + np.array([f * 0.40 * hh, 0.1 * hh])
-        j["left_eye"] = hc + np.array([f * 0.27 * hh, -0.06 * hh])
-        j["right_eye"] = hc + np.array([f * 0.30 * hh, -0.06 * hh])
-        j["left_ear"] = hc + np.array([-f * 0.06 * hh, 0.02 * hh])
-        j["right_ear"] = hc + np.array([-f * 0.04 * hh, 0.02 * hh])
-    else:
-        # Front: the person's left is image-right (+x); back: image-left.
-        mirror = 1.0 if view == "front" else -1.0
-        j["head"] = np.array([0.0, p.head_h / 2])
-        j["neck"] = np.array([0.0, p.neck_y])
-        for side, sign in (("left", 1.0), ("right", -1.0)):
-            leg = sign * s
-            x = mirror * sign
-            hip = np.array([x * p.hip_w * 0.72, p.hip_y])
-            knee_lift = 0.02 * stride * max(0.0, leg)
-            knee = np.array([x * p.hip_w * 0.62, p.knee_y - knee_lift])
-            # the leg stepping toward the camera looks longer, the one behind shorter
-            ankle_dy = 0.018 * stride * leg * mirror - 0.03 * stride * max(0.0, leg)
-            ankle = np.array([x * p.hip_w * 0.62, p.ankle_y + ankle_dy])
-            shoulder = np.array([x * (p.shoulder_w - p.arm_r * 0.75), p.shoulder_y + 0.01])
-            swing = -leg * stride
-            elbow = shoulder + np.array([x * 0.03, 0.158 - 0.012 * abs(swing)])
-            wrist = elbow + np.array([x * 0.016 - x * 0.02 * max(0.0, swing * mirror), 0.142 - 0.03 * abs(swing)])
-            j[f"{side}_hip"], j[f"{side}_knee"], j[f"{side}_ankle"] = hip, knee, ankle
-            j[f"{side}_shoulder"], j[f"{side}_elbow"], j[f"{side}_wrist"] = shoulder, elbow, wrist
-        hc, hh = j["head"], p.head_h
-        j["nose"] = hc + np.array([0.0, 0.1 * hh])
-        j["left_eye"] = hc + np.array([mirror * 0.17 * hh, -0.05 * hh])
-        j["right_eye"] = hc + np.array([-mirror * 0.17 * hh, -0.05 * hh])
-        j["left_ear"] = hc + np.array([mirror * 0.36 * hh, 0.02 * hh])
-        j["right_ear"] = hc + np.array([-mirror * 0.36 * hh, 0.02 * hh])
+    j = _side_joints(p, facing, lean, stride, s) if view == "side" else _frontal_joints(p, view, stride, s)
     if look.holds_object:
         _hold_in_front(j, p, view, facing)
     if jitter is not None:
