@@ -273,22 +273,11 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
         loader.generator.manual_seed(cfg.seed + epoch)
         losses = []
         for ids, imgs in loader:
-            lr = _lr_at(step, total_steps, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = _lr_at(step, total_steps, cfg)
             x = (imgs.to(device, non_blocking=True).float() - mean) / std
-            with torch.autocast(device_type="cuda" if use_bf16 else "cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                texts = [sample_caption(captions[i], text_rng, cfg.caption_phrases) for i in ids.tolist()]
-                img_f, txt_f, scale = model(x, tokenizer(texts).to(device))[:3]
-                loss = loss_fn(img_f, txt_f, scale)
-            if not torch.isfinite(loss):
-                raise ClaspError(f"clip-train: loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():  # CLIP's clamp: temperature at most 100
-                model.logit_scale.clamp_(0, math.log(100))
-            losses.append(loss.item())
+            texts = [sample_caption(captions[i], text_rng, cfg.caption_phrases) for i in ids.tolist()]
+            losses.append(_step(model, optimizer, loss_fn, x, tokenizer(texts).to(device), step, cfg.lr, use_bf16))
             step += 1
             if cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s:
                 stopped = True
@@ -312,24 +301,7 @@ def train_clip(cfg: ClipTrainConfig) -> Path:
             break
         _save_state(out, model, optimizer, epoch + 1, history)
 
-    weights = out / WEIGHTS_FILE
-    with atomic_path(weights) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    write_json_atomic(
-        out / OPEN_CLIP_CONFIG, {"arch": cfg.arch, "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
-    )
-    write_json_atomic(
-        out / "train_log.json",
-        {
-            "config": to_dict(cfg),
-            "pairs": len(images),
-            "pairs_sha256": digest,
-            "epochs": history,
-            "stopped_by_time_limit": stopped,
-        },
-    )
-    (out / STATE_FILE).unlink(missing_ok=True)
-    return weights
+    return _write_outputs(out, cfg, model, model_cfg, preprocess_cfg, len(images), digest, history, stopped)
 
 
 def _pairs_digest(pairs: str) -> str:
@@ -384,3 +356,59 @@ def _maybe_resume(
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return int(state["epoch"]), list(state["history"])
+
+
+def _step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: ClipLoss,
+    x: torch.Tensor,
+    tokens: torch.Tensor,
+    step: int,
+    lr: float,
+    use_bf16: bool,
+) -> float:
+    """One optimizer step on an image-caption batch; returns its loss (a non-finite loss stops the run)."""
+    with torch.autocast(device_type="cuda" if use_bf16 else "cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        img_f, txt_f, scale = model(x, tokens)[:3]
+        loss = loss_fn(img_f, txt_f, scale)
+    if not torch.isfinite(loss):
+        raise ClaspError(f"clip-train: loss became {loss.item()} at step {step}; lower --lr (now {lr})")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():  # CLIP's clamp: temperature at most 100
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss.item()
+
+
+def _write_outputs(
+    out: Path,
+    cfg: ClipTrainConfig,
+    model: torch.nn.Module,
+    model_cfg: dict,
+    preprocess_cfg: dict,
+    num_pairs: int,
+    digest: str,
+    history: list[dict],
+    stopped: bool,
+) -> Path:
+    """The weights, the open_clip config beside them and the training log; the resume state goes."""
+    weights = out / WEIGHTS_FILE
+    with atomic_path(weights) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_json_atomic(
+        out / OPEN_CLIP_CONFIG, {"arch": cfg.arch, "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    )
+    write_json_atomic(
+        out / "train_log.json",
+        {
+            "config": to_dict(cfg),
+            "pairs": num_pairs,
+            "pairs_sha256": digest,
+            "epochs": history,
+            "stopped_by_time_limit": stopped,
+        },
+    )
+    (out / STATE_FILE).unlink(missing_ok=True)
+    return weights
