@@ -130,27 +130,8 @@ def compose_scene(
 
     cast = [(pid, look) for pid, look in people]
     cast += [(-1, random_look(rng)) for _ in range(int(rng.integers(extra[0], extra[1] + 1)))]
-    # people's feet rows and heights (perspective: height grows linearly below the horizon)
     span = height * max_person / max(1.0, height - horizon)  # height per row below the horizon at the bottom
-    placed = []
-    for pid, look in cast:
-        for _ in range(20):
-            feet = _feet_row(rng, horizon, height, near=0.3)
-            tall = (feet - horizon) * span * float(rng.uniform(0.9, 1.08))
-            if tall >= min_person:
-                break
-        else:
-            feet, tall = height - 1.0, float(min_person)
-        placed.append((feet, tall, pid, look, float(rng.uniform(0.04, 0.96)) * width))
-    tiny = []
-    if rng.random() < crowd_p:
-        cx, n = float(rng.uniform(0.1, 0.9)) * width, int(rng.integers(3, 7))
-        tall = float(rng.uniform(8.0, max(9.0, min_person / 2)))
-        row = horizon + tall / max(span, 1e-6)
-        for _ in range(n):
-            x = cx + float(rng.normal(0, tall * 0.6))
-            tiny.append((row + float(rng.normal(0, 1)), tall, -2, random_look(rng), x))
-    order = sorted(placed + tiny, key=lambda p: p[0])  # far (small feet row) first
+    order = _place_cast(rng, cast, horizon, height, width, span, min_person, crowd_p)
 
     persons: list[ScenePerson] = []
     full_masks: list[tuple[int, np.ndarray]] = []
@@ -194,6 +175,49 @@ def compose_scene(
         instance[occ], parts[occ], lip[occ] = -1, 0, 0
         crowd_mask &= ~occ
 
+    _finish_persons(persons, full_masks, instance, width, height)
+    ignore = [_box(crowd_mask)] if crowd_mask.any() else []
+    return Scene(rgb=rgb, persons=persons, instance=instance, parts=parts, lip=lip, ignore=ignore)
+
+
+def _place_cast(
+    rng: np.random.Generator,
+    cast: list[tuple[int, Look]],
+    horizon: float,
+    height: int,
+    width: int,
+    span: float,
+    min_person: int,
+    crowd_p: float,
+) -> list[tuple[float, float, int, Look, float]]:
+    """(feet row, height, pid, look, centre x) of everyone, far first; pid -2 marks the tiny crowd members."""
+    # people's feet rows and heights (perspective: height grows linearly below the horizon)
+    # people's feet rows and heights (perspective: height grows linearly below the horizon)
+    placed = []
+    for pid, look in cast:
+        for _ in range(20):
+            feet = _feet_row(rng, horizon, height, near=0.3)
+            tall = (feet - horizon) * span * float(rng.uniform(0.9, 1.08))
+            if tall >= min_person:
+                break
+        else:
+            feet, tall = height - 1.0, float(min_person)
+        placed.append((feet, tall, pid, look, float(rng.uniform(0.04, 0.96)) * width))
+    tiny = []
+    if rng.random() < crowd_p:
+        cx, n = float(rng.uniform(0.1, 0.9)) * width, int(rng.integers(3, 7))
+        tall = float(rng.uniform(8.0, max(9.0, min_person / 2)))
+        row = horizon + tall / max(span, 1e-6)
+        for _ in range(n):
+            x = cx + float(rng.normal(0, tall * 0.6))
+            tiny.append((row + float(rng.normal(0, 1)), tall, -2, random_look(rng), x))
+    return sorted(placed + tiny, key=lambda p: p[0])  # far (small feet row) first
+
+
+def _finish_persons(
+    persons: list[ScenePerson], full_masks: list[tuple[int, np.ndarray]], instance: np.ndarray, width: int, height: int
+) -> None:
+    """Boxes, visible area and keypoint visibility of each person once everything in front is drawn."""
     for index, full in full_masks:
         person = persons[index]
         visible = instance == index
@@ -211,5 +235,3 @@ def compose_scene(
                 kps[k] = 0.0
             elif v == 2 and instance[int(y), int(x)] != index:
                 kps[k, 2] = 1.0
-    ignore = [_box(crowd_mask)] if crowd_mask.any() else []
-    return Scene(rgb=rgb, persons=persons, instance=instance, parts=parts, lip=lip, ignore=ignore)
