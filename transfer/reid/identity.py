@@ -4,6 +4,7 @@ random erasing), the BNNeck model's ID (label smoothing) + batch-hard triplet lo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -39,8 +40,14 @@ class ReidLossConfig:
     triplet_weight: float = 1.0
 
 
-def transforms(backbone: FeatureBackbone, cfg: IdentityBatchConfig, *, train: bool) -> Any:
-    """Bicubic resize to ``img_size``; in training also flip, pad + random crop and random erasing."""
+def transforms(
+    backbone: FeatureBackbone, cfg: Any, *, train: bool, erasing: Callable[[float], Any] | None = None
+) -> Any:
+    """Bicubic resize to ``img_size``; in training also flip, pad + random crop and random erasing.
+
+    ``cfg``: an ``IdentityBatchConfig`` or any config with ``img_size, flip_prob, padding_px, erasing_prob``;
+    ``erasing(p)`` builds the erasing op (default: timm's per-pixel random erasing, as TransReID).
+    """
     import torchvision.transforms as T
     from timm.data.random_erasing import RandomErasing
 
@@ -50,7 +57,8 @@ def transforms(backbone: FeatureBackbone, cfg: IdentityBatchConfig, *, train: bo
         ops += [T.RandomHorizontalFlip(cfg.flip_prob), T.Pad(cfg.padding_px), T.RandomCrop(size)]
     ops += [T.ToTensor(), T.Normalize(backbone.mean, backbone.std)]
     if train and cfg.erasing_prob > 0:
-        ops.append(RandomErasing(probability=cfg.erasing_prob, mode="pixel", max_count=1, device="cpu"))
+        make = erasing or (lambda p: RandomErasing(probability=p, mode="pixel", max_count=1, device="cpu"))
+        ops.append(make(cfg.erasing_prob))
     return T.Compose(ops)
 
 

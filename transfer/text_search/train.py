@@ -78,16 +78,13 @@ class TextSearchConfig(FineTuneConfig):
 
 
 def transforms(backbone: FeatureBackbone, cfg: TextDataConfig, *, train: bool) -> Any:
+    """The re-ID transforms, with IRRA's erasing: torchvision's, filling with 0 (the mean after Normalize)."""
     import torchvision.transforms as T
 
-    size = tuple(cfg.img_size)
-    ops: list[Any] = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)]
-    if train:
-        ops += [T.RandomHorizontalFlip(cfg.flip_prob), T.Pad(cfg.padding_px), T.RandomCrop(size)]
-    ops += [T.ToTensor(), T.Normalize(backbone.mean, backbone.std)]
-    if train and cfg.erasing_prob > 0:
-        ops.append(T.RandomErasing(p=cfg.erasing_prob, scale=(0.02, 0.4), value=0))  # 0 = the mean after Normalize
-    return T.Compose(ops)
+    from transfer.reid.identity import transforms as identity_transforms
+
+    erasing = lambda p: T.RandomErasing(p=p, scale=(0.02, 0.4), value=0)  # noqa: E731
+    return identity_transforms(backbone, cfg, train=train, erasing=erasing)
 
 
 class TextSearchTask(FineTuneTask[TextSearchConfig, TextSearchData]):
