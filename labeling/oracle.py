@@ -104,7 +104,12 @@ def write_gt_labelset(
     gt_path = Path(gt_path)
     if not gt_path.is_file():
         raise ClaspError(f"{gt_path} not found: ground-truth labels need the synthetic world's gt.parquet")
-    identity = f"{source}:{gt_path.stat().st_size}:{gt_path.stat().st_mtime_ns}"
+    # by content: a regenerated, identical world maps to the same set (a file time would give it a new id)
+    digest = hashlib.sha1()
+    with gt_path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    identity = f"{source}:{digest.hexdigest()}"
     noisy = attr_flip > 0 or part_noise > 0
     if noisy:
         identity += f":flip={attr_flip}:parts={part_noise}:seed={noise_seed}"

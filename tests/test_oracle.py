@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers.labels import label_cfg, write_clip_dir
@@ -54,6 +56,24 @@ def test_gt_labelset_mirrors_the_clip_set_and_holds_the_truth(
         expected, _ = cell_parts(mask, (gh, gw), 9)
         assert np.frombuffer(row["part_map"], np.uint8).reshape(gh, gw).tolist() == expected.tolist()
         assert row["fg_ratio"] == pytest.approx((expected > 0).mean())
+
+
+def test_gt_labelset_id_follows_the_truth_content_not_its_file_time(
+    ingested: tuple[Path, str], synth_world: Path, tmp_path: Path
+) -> None:
+    root, corpus = ingested
+    clip = write_clip_dir(tmp_path / "clip")
+    source = run_labeling(label_cfg(root, corpus, clip, resolution=(64, 32))).labelset
+    gt = tmp_path / "gt.parquet"
+    gt.write_bytes((synth_world / "gt.parquet").read_bytes())
+    first = write_gt_labelset(root, corpus, source, gt)
+    os.utime(gt, ns=(1, 1))  # a regenerated identical world: same bytes, another file time
+    assert write_gt_labelset(root, corpus, source, gt) == first
+    table = pq.read_table(gt)
+    flipped = pa.array([[1 - v for v in a] for a in table.column("attributes").to_pylist()],
+                       type=table.schema.field("attributes").type)  # fmt: skip
+    pq.write_table(table.set_column(table.schema.get_field_index("attributes"), "attributes", flipped), gt)
+    assert write_gt_labelset(root, corpus, source, gt) != first  # other truth, other set
 
 
 def test_gt_labelset_needs_a_complete_source(ingested: tuple[Path, str], synth_world: Path) -> None:
