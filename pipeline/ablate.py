@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.ablate_checks import DEFAULT_MARGINS, check_instrument, checks_markdown
 from pipeline.config import load_config, save_config, to_dict
 from pipeline.errors import ClaspError
 from pipeline.formats import write_json_atomic
@@ -88,6 +89,8 @@ class AblationConfig:
         ]
     )
     seeds: list[int] = field(default_factory=lambda: [0])
+    # positive control (pipeline.ablate_checks): least gain of gt_labels over random_init, per metric name
+    control_margins: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MARGINS))
     quiet: bool = True  # stage progress bars off; the runner prints one line per step
 
 
@@ -274,6 +277,13 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
                 log(f"transfer: {run.task}/{run.dataset} {variant.name} seed {seed}: {run.metric} = {value:.4f}")
 
     table = _summarise(rows, cfg)
+    gt_names = [v.name for v in cfg.variants if v.labels == "gt" and v.pretrain and not v.backbone]
+    checks = check_instrument(table, [(column(r), r.metric) for r in cfg.transfers], gt_names, label_quality,
+                              cfg.control_margins)  # fmt: skip
+    for c in checks["positive_control"]:
+        log(f"check: positive control on {c['column']}: {'passes' if c['passed'] else 'FAILS'} ({c['reason']})")
+    for d in checks["dose_response"]:
+        log(f"check: dose-response on {d['column']}: {'monotone' if d['monotone'] else 'NOT monotone'}")
     results = {
         "labelset": labelset,
         "gt_labelset": gt_labelset,
@@ -281,9 +291,10 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
         "label_quality": label_quality,  # per variant: its labels against the truth (clasp audit --gt)
         "rows": rows,
         "table": table,
+        "checks": checks,
     }
     write_json_atomic(out / "results.json", results)
-    md = _markdown(table, cfg, labelset, label_quality)
+    md = _markdown(table, cfg, labelset, label_quality) + checks_markdown(checks)
     (out / "results.md").write_text(md)
     _plot(table, cfg, out / "results.png", label_quality)
     print(md)
