@@ -12,7 +12,8 @@
 # Interface (benchmarks/gpu_all.sh calls this as its part 3):
 #   env OUT         output folder (default runs/gpu_ablation); the world, runs, results.{md,json,png} go there
 #   env TINY=1      tiny sizes on CPU (no GPU needed), same code path; `--dry-run` only writes the config
-#   env IDENTITIES  world size (default 6300 identities = 50,400 corpus images + Market/PA-100K layouts)
+#   env IDENTITIES  corpus people, one image each as in configs/ablation_synthetic.yaml (default 50,400; attributes
+#                   generalise only across many people), plus a 750-person Market-1501 and a PA-100K layout
 #   env STEPS       pre-training steps per variant (default 300), BATCH images per step (default 128)
 #   env PYTHON      interpreter (default .venv/bin/python if present, else python3)
 # Exit status 0 only when the table was written. Every step is resumable (`clasp ablate`): rerun to continue.
@@ -29,10 +30,10 @@ if [[ -z "${PYTHON:-}" ]]; then PYTHON=$([[ -x .venv/bin/python ]] && echo .venv
 OUT=${OUT:-runs/gpu_ablation}
 CORES=$(nproc)
 if [[ "${TINY:-0}" == 1 ]]; then
-    IDENTITIES=${IDENTITIES:-6}; STEPS=${STEPS:-2}; BATCH=${BATCH:-4}; PA100K=40; CLIP_S=20; PRECISION=no
+    IDENTITIES=${IDENTITIES:-48}; MARKET=6; STEPS=${STEPS:-2}; BATCH=${BATCH:-4}; PA100K=40; CLIP_S=20; PRECISION=no
     ARCH=vit_micro_conv; IMG="[128,64]"; WORKERS=0; DINO_DIM=256
 else
-    IDENTITIES=${IDENTITIES:-6300}; STEPS=${STEPS:-300}; BATCH=${BATCH:-128}; PA100K=5000; CLIP_S=60; PRECISION=bf16
+    IDENTITIES=${IDENTITIES:-50400}; MARKET=750; STEPS=${STEPS:-300}; BATCH=${BATCH:-128}; PA100K=5000; CLIP_S=60; PRECISION=bf16
     ARCH=vit_small_conv; IMG="[256,128]"; WORKERS=$(( CORES > 2 ? CORES - 2 : 1 )); DINO_DIM=65536
 fi
 EPOCHS=$(( (STEPS + 19) / 20 ))
@@ -40,7 +41,8 @@ mkdir -p "$OUT"
 cat > "$OUT/config.yaml" <<EOF
 # written by benchmarks/gpu_ablation.sh (TINY=${TINY:-0}); rerun the script to continue an interrupted run
 out: $OUT
-synth_overrides: [identities=$IDENTITIES, pa100k_images=$PA100K, "dense=[]", workers=$CORES]
+synth_overrides: [identities=$IDENTITIES, tracks_per_identity=1, frames_per_track=1, market_identities=$MARKET,
+  pa100k_images=$PA100K, "dense=[]", workers=$CORES]
 images_per_shard: 2048
 clip_train_overrides: [epochs=100, time_limit_s=$CLIP_S, workers=$WORKERS, batch_size=256]
 label_overrides: [workers=$WORKERS]
