@@ -50,8 +50,13 @@ def positive_control(table: list[dict[str, Any]], col: str, margin: float, min_s
         "gain": gain,
         "seed_std": noise,
         "over_pixels": None if px is None else gt["mean"] - px["mean"],
-        "reason": "; ".join(failures) or "passes",
+        "reason": "; ".join(failures) or _passing(gain, noise, None if px is None else gt["mean"] - px["mean"]),
     }
+
+
+def _passing(gain: float, noise: float, over_pixels: float | None) -> str:
+    text = f"{100 * gain:+.2f} points over {FLOOR_RANDOM}, seed std {100 * noise:.2f}"
+    return text + ("" if over_pixels is None else f", {100 * over_pixels:+.2f} over {FLOOR_PIXELS}")
 
 
 def dose_response(
