@@ -29,12 +29,18 @@ def test_cell_parts_takes_the_majority_class_and_its_share() -> None:
     assert share.tolist() == [[0.75, 1.0], [1.0, 1.0]]
 
 
+@pytest.fixture
+def clip_labelset(ingested: tuple[Path, str], tmp_path: Path) -> str:
+    """A complete CLIP label set of the ingested corpus (the set a ground-truth twin mirrors)."""
+    root, corpus = ingested
+    return run_labeling(label_cfg(root, corpus, write_clip_dir(tmp_path / "clip"), resolution=(64, 32))).labelset
+
+
 def test_gt_labelset_mirrors_the_clip_set_and_holds_the_truth(
-    ingested: tuple[Path, str], synth_world: Path, tmp_path: Path
+    ingested: tuple[Path, str], synth_world: Path, clip_labelset: str
 ) -> None:
     root, corpus = ingested
-    clip = write_clip_dir(tmp_path / "clip")
-    source = run_labeling(label_cfg(root, corpus, clip, resolution=(64, 32))).labelset
+    source = clip_labelset
     set_id = write_gt_labelset(root, corpus, source, synth_world / "gt.parquet")
     assert set_id.startswith("gt-")
     assert write_gt_labelset(root, corpus, source, synth_world / "gt.parquet") == set_id  # reused
@@ -59,11 +65,10 @@ def test_gt_labelset_mirrors_the_clip_set_and_holds_the_truth(
 
 
 def test_gt_labelset_id_follows_the_truth_content_not_its_file_time(
-    ingested: tuple[Path, str], synth_world: Path, tmp_path: Path
+    ingested: tuple[Path, str], synth_world: Path, clip_labelset: str, tmp_path: Path
 ) -> None:
     root, corpus = ingested
-    clip = write_clip_dir(tmp_path / "clip")
-    source = run_labeling(label_cfg(root, corpus, clip, resolution=(64, 32))).labelset
+    source = clip_labelset
     gt = tmp_path / "gt.parquet"
     gt.write_bytes((synth_world / "gt.parquet").read_bytes())
     first = write_gt_labelset(root, corpus, source, gt)
@@ -107,10 +112,10 @@ def test_degrade_mask_shifts_boundaries_and_swaps_classes() -> None:
 
 
 def test_noisy_gt_labelset_flips_attributes_at_the_asked_rate(
-    ingested: tuple[Path, str], synth_world: Path, tmp_path: Path
+    ingested: tuple[Path, str], synth_world: Path, clip_labelset: str
 ) -> None:
     root, corpus = ingested
-    source = run_labeling(label_cfg(root, corpus, write_clip_dir(tmp_path / "clip"), resolution=(64, 32))).labelset
+    source = clip_labelset
     clean = write_gt_labelset(root, corpus, source, synth_world / "gt.parquet")
     noisy = write_gt_labelset(root, corpus, source, synth_world / "gt.parquet", attr_flip=0.3, part_noise=0.5)
     assert noisy != clean and noisy.startswith("gt-")
