@@ -24,17 +24,21 @@ CONTROL, FLOOR_RANDOM, FLOOR_PIXELS = "gt_labels", "random_init", "raw_pixels"
 DEFAULT_MARGINS = {"mAP": 0.03, "mA": 0.05}
 
 
-def _cell(table: list[dict[str, Any]], variant: str, col: str) -> dict[str, float] | None:
+def table_cell(table: list[dict[str, Any]], variant: str, col: str) -> dict[str, float] | None:
+    """The ``{mean, std, n}`` cell of ``variant`` in column ``col``, None when the row or cell is missing."""
     return next((e[col] for e in table if e["variant"] == variant and col in e), None)
 
 
-def positive_control(table: list[dict[str, Any]], col: str, margin: float, min_seeds: int = 3) -> dict[str, Any]:
-    """Verdict of the positive control on one table column (values are fractions, as in the table)."""
-    gt, rnd, px = _cell(table, CONTROL, col), _cell(table, FLOOR_RANDOM, col), _cell(table, FLOOR_PIXELS, col)
+def positive_control(table: list[dict[str, Any]], col: str, margin: float, min_seeds: int = 3) -> dict[str, Any] | None:
+    """Verdict of the positive control on one table column (values are fractions, as in the table); None when
+    the table has no gt_labels or random_init cell there (nothing to judge)."""
+    gt, rnd = table_cell(table, CONTROL, col), table_cell(table, FLOOR_RANDOM, col)
     if gt is None or rnd is None:
-        return {"column": col, "passed": False, "reason": f"needs both {CONTROL} and {FLOOR_RANDOM} rows"}
+        return None
+    px = table_cell(table, FLOOR_PIXELS, col)
     gain = gt["mean"] - rnd["mean"]
     noise = math.sqrt((gt["std"] ** 2 + rnd["std"] ** 2) / 2)
+    over_pixels = None if px is None else gt["mean"] - px["mean"]
     failures = []
     if min(gt["n"], rnd["n"]) < min_seeds:
         failures.append(f"{min(gt['n'], rnd['n'])} seed(s), {min_seeds} needed")
@@ -42,15 +46,15 @@ def positive_control(table: list[dict[str, Any]], col: str, margin: float, min_s
         failures.append(f"gain over {FLOOR_RANDOM} {100 * gain:+.2f} < {100 * margin:.1f} points")
     if gain <= 2 * noise:
         failures.append(f"gain {100 * gain:+.2f} not above twice the seed std ({200 * noise:.2f})")
-    if px is not None and gt["mean"] <= px["mean"]:
+    if over_pixels is not None and over_pixels <= 0:
         failures.append(f"{CONTROL} {100 * gt['mean']:.2f} not above {FLOOR_PIXELS} {100 * px['mean']:.2f}")
     return {
         "column": col,
         "passed": not failures,
         "gain": gain,
         "seed_std": noise,
-        "over_pixels": None if px is None else gt["mean"] - px["mean"],
-        "reason": "; ".join(failures) or _passing(gain, noise, None if px is None else gt["mean"] - px["mean"]),
+        "over_pixels": over_pixels,
+        "reason": "; ".join(failures) or _passing(gain, noise, over_pixels),
     }
 
 
@@ -66,7 +70,7 @@ def dose_response(
     points = [
         (label_quality[name]["attribute_mA"], name, cell)
         for name in gt_variants
-        if name in label_quality and (cell := _cell(table, name, col)) is not None
+        if name in label_quality and (cell := table_cell(table, name, col)) is not None
     ]
     if len(points) < 3:
         return {"column": col, "monotone": None, "reason": f"{len(points)} ground-truth label levels, 3 needed"}
@@ -94,12 +98,8 @@ def check_instrument(
     margins: dict[str, float],
 ) -> dict[str, list[dict[str, Any]]]:
     """Both verdicts for every ``(column, metric)`` of the table; empty lists when the rows are not there."""
-    have = {e["variant"] for e in table}
-    control = [
-        positive_control(table, col, margins.get(metric, 0.0))
-        for col, metric in columns
-        if CONTROL in have and FLOOR_RANDOM in have
-    ]
+    verdicts = (positive_control(table, col, margins.get(metric, 0.0)) for col, metric in columns)
+    control = [v for v in verdicts if v is not None]
     dose = [dose_response(table, col, gt_variants, label_quality) for col, _ in columns if label_quality]
     return {"positive_control": control, "dose_response": [d for d in dose if d["monotone"] is not None]}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.ablate_checks import table_cell
+
 if TYPE_CHECKING:  # the runner imports this module
     from pipeline.ablate import AblationConfig, TransferRun
 
@@ -87,7 +89,7 @@ def plot_results(
                 ax.annotate(e["variant"], (x, 100 * e[col]["mean"]), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")  # fmt: skip
             for floor, style in (("random_init", ":"), ("raw_pixels", "--")):  # the floors, for reading the points
-                cell = next((e[col] for e in table if e["variant"] == floor and col in e), None)
+                cell = table_cell(table, floor, col)
                 if cell is not None:
                     ax.axhline(100 * cell["mean"], color="grey", linestyle=style, linewidth=1, label=floor)
             ax.legend(fontsize=6, loc="lower right")
